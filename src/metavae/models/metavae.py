@@ -1,0 +1,180 @@
+"""The MetaVAE: one inference network q(z | D, x) for a family of distributions, and one decoder
+per training distribution. With no summary network it is a plain VAE, q(z | x), one decoder."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..distributions import Bernoulli, make_latent
+from ..nets.mlp import BatchedMLP, mlp
+from ..nets.sets import MeanPool
+from .. import objectives
+
+
+class LossOutput(dict):
+    """A training loss and the numbers worth logging beside it."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self["loss"]
+
+
+class MetaVAE(nn.Module):
+    """q(z | D, x) = head([query_encoder(x), summary(D)]); p_k(x | z) = decoder member k.
+
+    Parts are injected, so the same class serves MLP and convolutional variants:
+      * ``query_encoder``: (M, *event) -> (M, F) features of the query (default: flatten);
+      * ``summary``: a set encoder (..., N, *event) -> (..., S), or None for a plain VAE;
+      * ``head``: (M, F + S) -> latent parameters;
+      * ``decoder``: a bank (K, ..., dz) -> (K, ..., likelihood params), one member per
+        training distribution (or one shared member).
+    With ``center`` the query and its context are expressed relative to the context's mean,
+    which makes inference translation-invariant: an inductive bias for point-cloud families
+    (e.g. clustering), where a distribution's location carries no information about z.
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        head: nn.Module,
+        decoder: nn.Module,
+        latent,
+        likelihood,
+        summary: nn.Module | None = None,
+        query_encoder: nn.Module | None = None,
+        center: bool = False,
+        config: dict | None = None,
+    ):
+        super().__init__()
+        self.center = center
+        self.event_shape = tuple(event_shape)
+        self.query_encoder = query_encoder if query_encoder is not None else nn.Flatten()
+        self.summary, self.head, self.decoder = summary, head, decoder
+        self.latent, self.likelihood = latent, likelihood
+        self.config = dict(config or {})  # how to rebuild this model (see `build_model`)
+
+    @property
+    def uses_context(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def n_decoders(self) -> int:
+        return self.decoder.n
+
+    # -- inference --------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple:
+        ev = self.event_shape
+        if tuple(x.shape[x.dim() - len(ev):]) != ev or x.dim() < len(ev):
+            raise ValueError(f"queries must end in the event shape {ev}, got shape {tuple(x.shape)}")
+        lead = tuple(x.shape[: x.dim() - len(ev)])
+        if not self.uses_context:
+            return lead, None
+        if context is None:
+            raise ValueError("this MetaVAE needs a context set D for every query; got context=None")
+        if tuple(context.shape[context.dim() - len(ev):]) != ev:
+            raise ValueError(
+                f"context elements must have the queries' event shape {ev}, got context shape {tuple(context.shape)}"
+            )
+        c_lead = tuple(context.shape[: context.dim() - len(ev)])
+        if len(c_lead) == 1:
+            c_lead = (1,) * len(lead) + c_lead  # one set (N, *event) for every query
+        sets = c_lead[:-1]
+        if len(sets) != len(lead) or any(s not in (1, q) for s, q in zip(sets, lead)):
+            raise ValueError(
+                f"context shape {tuple(context.shape)} does not match queries {tuple(x.shape)}: expected "
+                f"{lead + ('N',) + ev} (a set per query), sizes of 1 to share a set, or {('N',) + ev}"
+            )
+        return lead, sets
+
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Parameters of q(z | D, x) for queries x (*lead, *event) -> (*lead, latent params)."""
+        lead, sets = self._check(x, context)
+        h = self.query_encoder(x.reshape(-1, *self.event_shape))
+        if sets is not None:
+            # Summarise each distinct set once, then broadcast it to the queries that share it.
+            context = context.reshape(*sets, *context.shape[-len(self.event_shape) - 1:])
+            if self.center:
+                m = context.mean(dim=len(sets), keepdim=True)
+                context = context - m
+                h = self.query_encoder((x - m.squeeze(len(sets))).reshape(-1, *self.event_shape))
+            s = self.summary(context)
+            h = torch.cat([h, s.expand(*lead, s.shape[-1]).reshape(h.shape[0], -1)], dim=-1)
+        params = self.head(h)
+        return params.reshape(*lead, params.shape[-1])
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The posterior mean of q(z | D, x): a representation that needs no decoder, so it works
+        for distributions never seen in training. ``context`` is a set per query
+        (*lead, N, *event), a set shared along dims of size 1, or one set (N, *event) for all."""
+        return self.latent.mean(self.encode(x, context))
+
+    # -- generation -------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
+        """Likelihood parameters of p_k(x | z) for z (K, ..., dz); row k uses decoder dist[k]."""
+        if dist is not None and self.n_decoders > 1:
+            dist = dist.cpu()
+            if len(dist) == self.n_decoders and torch.equal(dist, torch.arange(self.n_decoders)):
+                dist = None  # every decoder in order: no weight gather needed
+            elif int(dist.max()) >= self.n_decoders:
+                raise ValueError(f"distribution index {int(dist.max())} has no decoder (model has {self.n_decoders})")
+        return self.decoder(z, dist)
+
+    # -- objectives -------------------------------------------------------------------------
+    def loss(self, batch) -> LossOutput:
+        """Negative MetaELBO of a batch (the training and validation loss)."""
+        ctx = batch.context if self.uses_context else None
+        per_point = objectives.elbo(self, batch.x, ctx, batch.dist)
+        return LossOutput(loss=-per_point.mean(dim=1).mean(dim=0))
+
+    def log_likelihood(self, batch, k: int = 10) -> torch.Tensor:
+        ctx = batch.context if self.uses_context else None
+        return objectives.iw_log_likelihood(self, batch.x, ctx, batch.dist, k)
+
+
+def build_mlp_metavae(
+    event_shape: Sequence[int],
+    n_decoders: int,
+    z_dim: int = 40,
+    latent: str = "gaussian",
+    likelihood=None,
+    hidden: Sequence[int] = (400, 400),
+    summary: Sequence[int] | None = None,
+    decoder_hidden: Sequence[int] | None = None,
+    summary_act: str = "leaky_relu",
+    act: str = "relu",
+    use_context: bool = True,
+    center: bool = False,
+) -> MetaVAE:
+    """The paper's MLP MetaVAE (PROTOCOL section 2) by default, for any flat event.
+
+    Defaults for 784-dim images reproduce the reference's layer sizes: summary 784-784-400-400
+    (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary`` lists the
+    summary net's layer sizes after the input (default ``(D, 400, 400)``).
+    """
+    if n_decoders < 1:
+        raise ValueError(f"need at least one decoder, got n_decoders={n_decoders}")
+    likelihood = likelihood if likelihood is not None else Bernoulli()
+    D = int(torch.Size(event_shape).numel())
+    lat = make_latent(latent, z_dim)
+    summary_sizes = list(summary) if summary is not None else [D, 400, 400]
+    set_net = MeanPool(mlp([D, *summary_sizes], summary_act), event_dim=len(event_shape)) if use_context else None
+    s_dim = summary_sizes[-1] if use_context else 0
+    head = mlp([D + s_dim, *hidden, lat.n_params], act)
+    dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)
+    decoder = BatchedMLP(n_decoders, [z_dim, *dec_hidden, likelihood.n_params(D)], act)
+    config = dict(
+        kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
+        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=list(hidden),
+        summary=summary_sizes, decoder_hidden=dec_hidden, summary_act=summary_act, act=act, use_context=use_context,
+        center=center,
+    )
+    return MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,
+                   config=config)
+
+
+def build_vae(event_shape: Sequence[int], **kwargs) -> MetaVAE:
+    """A plain VAE: the MetaVAE with no context and one shared decoder."""
+    return build_mlp_metavae(event_shape, n_decoders=1, use_context=False, **kwargs)

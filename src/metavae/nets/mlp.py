@@ -1,0 +1,89 @@
+"""Plain MLPs, and a bank of K MLPs evaluated in one batched call (one per distribution)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "tanh": nn.Tanh,
+}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(sizes: Sequence[int], act: str = "relu", final_act: bool = False) -> nn.Sequential:
+    """Linear layers of the given sizes with an activation between them (and after, if asked)."""
+    if len(sizes) < 2:
+        raise ValueError(f"an MLP needs at least input and output sizes, got {list(sizes)}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or final_act:
+            layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+class BatchedLinear(nn.Module):
+    """K independent linear layers stored as one (K, in, out) weight.
+
+    Applied to a (K, M, in) input with one `baddbmm`, so K per-distribution decoders cost one
+    kernel call instead of a Python loop over distributions. With K=1 the single layer is
+    shared by every distribution (broadcast), which is how a plain VAE's decoder is built.
+    """
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n, self.in_features, self.out_features = n, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, h: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
+        """h: (K, M, in) -> (K, M, out); ``dist`` picks which members serve the K rows."""
+        w, b = self.weight, self.bias
+        if self.n == 1:
+            w, b = w.expand(h.shape[0], -1, -1), b.expand(h.shape[0], -1, -1)
+        elif dist is not None:
+            w, b = w[dist], b[dist]
+        return torch.baddbmm(b, h, w)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BatchedMLP(nn.Module):
+    """K MLPs of identical shape evaluated together: (K, ..., in) -> (K, ..., out)."""
+
+    def __init__(self, n: int, sizes: Sequence[int], act: str = "relu"):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"a decoder needs at least input and output sizes, got {list(sizes)}")
+        self.n = n
+        self.layers = nn.ModuleList(BatchedLinear(n, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.act = activation(act)
+
+    def forward(self, z: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
+        K, mid = z.shape[0], z.shape[1:-1]
+        if self.n > 1 and dist is None and K != self.n:
+            raise ValueError(
+                f"batch holds {K} distributions but the model has {self.n} decoders; "
+                "pass the distributions' indices (batch.dist) to pick decoders"
+            )
+        h = z.reshape(K, -1, z.shape[-1])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, dist)
+            if i < len(self.layers) - 1:
+                h = self.act(h)
+        return h.reshape(K, *mid, h.shape[-1])

@@ -1,0 +1,35 @@
+"""ELBO, MetaELBO and the importance-weighted estimate of log p(x), for any model with
+``encode``, ``decode``, ``latent`` and ``likelihood`` (MetaVAE, and the VAE as its no-context case).
+
+Shapes: x (K, B, *event), context (K, B, N, *event) or None; results are per point, (K, B).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _log_lik(model, x, z, dist):
+    """log p(x | z_s) for every drawn z: z (K, B, S, dz) -> (K, B, S)."""
+    params = model.decode(z, dist)
+    return model.likelihood.log_prob(params, x.flatten(2).unsqueeze(2))
+
+
+def elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
+    """E_q[log p(x|z)] - KL(q(z|D,x) || p(z)), per point (K, B)."""
+    params = model.encode(x, context)
+    z, w = model.latent.draw(params, n_samples)
+    return (w * _log_lik(model, x, z, dist)).sum(-1) - model.latent.kl(params)
+
+
+def meta_elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
+    """The MetaELBO: the mean over distributions of each distribution's mean ELBO under its
+    own decoder. A scalar to maximise."""
+    return elbo(model, x, context, dist, n_samples).mean(dim=1).mean(dim=0)
+
+
+def iw_log_likelihood(model, x, context=None, dist=None, k: int = 10) -> torch.Tensor:
+    """The k-sample importance-weighted lower bound on log p(x) (Burda et al.), per point (K, B).
+    It is >= the ELBO and tightens as k grows; with an enumerable latent it is exact."""
+    params = model.encode(x, context)
+    z, corr = model.latent.importance(params, k)
+    return torch.logsumexp(_log_lik(model, x, z, dist) + corr, dim=-1)

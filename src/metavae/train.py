@@ -1,0 +1,293 @@
+"""One Trainer for every model: Adam, epochs, validation, best/last checkpoints, exact resume.
+
+A model only needs ``loss(batch) -> {"loss": scalar, ...}``. Every source of randomness
+(parameter init aside) goes through states saved in the checkpoint: torch's global RNG (latent
+samples), the data generator (queries and contexts), numpy and Python. A run killed mid-epoch
+and restarted from its last checkpoint therefore ends with the same weights as one that was
+never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.meta import MetaDataset
+
+CHECKPOINT_VERSION = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N'; a clear error where the device is unknown or absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device '{name}': use cpu or cuda[:N]") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device '{name}': use cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) exist")
+    return device
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over the target:
+    a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 100
+    context_size: int = 10
+    lr: float = 2e-4
+    steps_per_epoch: int | None = None  # default: one pass over the largest distribution
+    val_steps: int | None = None  # default: one pass over the val part
+    exclude_query: bool = False  # draw contexts from the other points only
+    shared_context: bool = False  # one context set per distribution and step, shared by its B queries
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_size < 0:
+            raise ValueError(f"context_size must be >= 0, got {self.context_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("steps_per_epoch", "val_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {v}")
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # completed epochs
+    step: int = 0
+    best_val: float = math.inf
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` (a MetaDataset) and writes into ``out_dir``: ``last.pt``
+    (everything needed to resume), ``best.pt`` (lowest validation loss) and ``metrics.jsonl``
+    (one line per epoch). With ``out_dir=None`` nothing is written and nothing resumes."""
+
+    def __init__(self, model: torch.nn.Module, dataset: MetaDataset, config: TrainConfig, out_dir=None,
+                 progress: bool = True, desc: str = "train"):
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.data = dataset.to(self.device)
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.progress, self.desc = progress, desc
+        uses_context = getattr(model, "uses_context", True)
+        self.context_size = config.context_size if uses_context else 0
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.gen = torch.Generator(device=self.device)
+        self.state = _State()
+        self.steps_per_epoch = config.steps_per_epoch or dataset.steps_per_epoch(config.batch_size)
+        self._fresh = True
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path | None:
+        return None if self.out is None else self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path | None:
+        return None if self.out is None else self.out / "best.pt"
+
+    def _rng_state(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "data": self.gen.get_state(),
+        }
+
+    def _set_rng_state(self, s: dict) -> None:
+        torch.set_rng_state(s["torch"])
+        if s.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+        np.random.set_state(s["numpy"])
+        random.setstate(s["python"])
+        self.gen.set_state(s["data"])
+
+    def _model_config(self) -> dict:
+        return dict(getattr(self.model, "config", {}) or {})
+
+    def save(self) -> None:
+        if self.out is None:
+            return
+        atomic_save(
+            {
+                "version": CHECKPOINT_VERSION,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "state": asdict(self.state),
+                "rng": self._rng_state(),
+                "train_config": asdict(self.cfg),
+                "model_config": self._model_config(),
+            },
+            self.last_path,
+        )
+        lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
+        atomic_write_text(lines, self.out / "metrics.jsonl")
+
+    def resume(self) -> bool:
+        """Load ``last.pt`` if there is one; True if training continues from it."""
+        if self.last_path is None or not self.last_path.exists():
+            return False
+        try:
+            ckpt = torch.load(self.last_path, map_location=self.device, weights_only=False)
+        except Exception as e:  # a corrupt file names itself rather than dying deep in pickle
+            raise RuntimeError(f"cannot read checkpoint {self.last_path}: {e}") from e
+        if ckpt.get("model_config") != self._model_config():
+            raise ValueError(
+                f"checkpoint {self.last_path} was written by a different model configuration; "
+                "use another --out or delete it to start afresh"
+            )
+        saved = {k: v for k, v in ckpt["train_config"].items() if k not in ("epochs", "device")}
+        now = {k: v for k, v in asdict(self.cfg).items() if k not in ("epochs", "device")}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"checkpoint {self.last_path} used other training settings ({', '.join(diff)})")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = _State(**ckpt["state"])
+        self._set_rng_state(ckpt["rng"])
+        self._fresh = False
+        return True
+
+    # -- loop -------------------------------------------------------------------------------
+    def _train_batches(self):
+        def epoch():
+            return self.data.epoch(self.cfg.batch_size, self.context_size, "train", self.gen,
+                                   self.cfg.exclude_query, self.cfg.shared_context)
+
+        it = epoch()
+        for _ in range(self.steps_per_epoch):
+            try:
+                yield next(it)
+            except StopIteration:  # steps_per_epoch longer than one pass: start another pass
+                it = epoch()
+                yield next(it)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over the val part, with contexts and latent noise from a fixed seed so that
+        epochs are compared on the same draws (and training's random streams are untouched)."""
+        if "val" not in self.data.parts:
+            return None
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        total, n = 0.0, 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 2)
+            batches = self.data.epoch(self.cfg.batch_size, self.context_size, "val", gen,
+                                      shared_context=self.cfg.shared_context)
+            for i, batch in enumerate(batches):
+                if self.cfg.val_steps is not None and i >= self.cfg.val_steps:
+                    break
+                total += float(self.model.loss(batch)["loss"])
+                n += 1
+        self.model.train()
+        return total / max(n, 1)
+
+    def fit(self, resume: bool = True) -> list[dict]:
+        """Train up to ``config.epochs`` epochs (continuing a saved run when ``resume``), then load
+        the best weights by validation loss (the last ones if there is no val part)."""
+        if resume:
+            self.resume()
+        if self._fresh:
+            seed_everything(self.cfg.seed)
+            self.gen.manual_seed(self.cfg.seed)
+            self._fresh = False
+        total = self.cfg.epochs * self.steps_per_epoch
+        bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
+                   dynamic_ncols=True, leave=False)
+        running = None
+        self.model.train()
+        while self.state.epoch < self.cfg.epochs:
+            t0, epoch_loss = time.time(), 0.0
+            for batch in self._train_batches():
+                out = self.model.loss(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {float(loss)} at step {self.state.step}; lower the lr")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                value = float(loss.detach())
+                epoch_loss += value
+                running = value if running is None else 0.98 * running + 0.02 * value
+                self.state.step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{running:.4g}")
+            val = self.validate()
+            record = {"epoch": self.state.epoch + 1, "step": self.state.step,
+                      "train_loss": epoch_loss / self.steps_per_epoch, "val_loss": val,
+                      "seconds": round(time.time() - t0, 3)}
+            self.state.epoch += 1
+            score = val if val is not None else record["train_loss"]
+            if score < self.state.best_val:
+                self.state.best_val, self.state.best_epoch = score, self.state.epoch
+                if self.best_path is not None:
+                    atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
+                                 "epoch": self.state.epoch, "val_loss": val}, self.best_path)
+                elif self.out is None:
+                    self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            record["best"] = self.state.best_epoch == self.state.epoch
+            self.state.history.append(record)
+            self.save()
+        bar.close()
+        self.load_best()
+        return self.state.history
+
+    def load_best(self) -> None:
+        if self.best_path is not None and self.best_path.exists():
+            self.model.load_state_dict(torch.load(self.best_path, map_location=self.device, weights_only=False)["model"])
+        elif getattr(self, "_best_weights", None) is not None:
+            self.model.load_state_dict(self._best_weights)
