@@ -19,8 +19,8 @@ PARTS = ("train", "val", "test")
 class Batch:
     """A query batch with one context set per query, all distributions stacked on dim 0.
 
-    ``x``: (K, B, *event); ``context``: (K, B, N, *event) or None (no context, e.g. a VAE);
-    ``labels``: (K, B) or None; ``dist``: (K,) indices of the distributions in the dataset,
+    ``x``: (K, B, *event); ``context``: (K, B, N, *event), (K, 1, N, *event) when the B queries
+    share one set, or None (no context, e.g. a VAE); ``labels``: (K, B, ...) or None; ``dist``: (K,) indices of the distributions in the dataset,
     used by models with one decoder per training distribution.
     """
 
@@ -56,12 +56,17 @@ class Part:
         for k, t in enumerate(tensors):
             self.data[k, : len(t)] = t
         self.labels = None
-        if labels is not None:
-            self.labels = torch.full((len(tensors), n_max), -1, dtype=torch.long)
+        if labels is not None:  # class ids (padded with -1) or float targets (e.g. a true parameter)
+            labels = [torch.as_tensor(y) for y in labels]
+            dtype = torch.float32 if any(y.is_floating_point() for y in labels) else torch.long
+            shapes = {tuple(y.shape[1:]) for y in labels}
+            if len(shapes) != 1:
+                raise ValueError(f"{name}: label tensors disagree on shape after the first dim: {sorted(shapes)}")
+            self.labels = torch.full((len(tensors), n_max, *shapes.pop()), -1, dtype=dtype)
             for k, (t, y) in enumerate(zip(tensors, labels)):
                 if len(y) != len(t):
                     raise ValueError(f"{name}: distribution {k} has {len(t)} points but {len(y)} labels")
-                self.labels[k, : len(y)] = torch.as_tensor(y, dtype=torch.long)
+                self.labels[k, : len(y)] = y.to(dtype)
 
     @property
     def n_distributions(self) -> int:
@@ -138,6 +143,10 @@ class Part:
         out = self.data[rows, flat]
         return out.reshape(*idx.shape, *self.event_shape)
 
+    def gather_labels(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(idx.shape[0], device=idx.device).view(-1, *([1] * (idx.dim() - 1)))
+        return self.labels[rows.to(self.labels.device), idx.to(self.labels.device)]
+
     def batch(self, query_idx: torch.Tensor, context_size: int, generator, exclude_query: bool = False,
               shared_context: bool = False) -> Batch:
         """Queries at ``query_idx`` (K, B) with context sets (K, B, N, ...), or with
@@ -151,7 +160,7 @@ class Part:
             context = as_float(self.gather(self.sample_context(owner, context_size, generator, exclude_query)))
         labels = None
         if self.labels is not None:
-            labels = self.labels.gather(1, query_idx.to(self.labels.device))
+            labels = self.gather_labels(query_idx)
         return Batch(x, context, labels, torch.arange(self.n_distributions, device=x.device))
 
     def permutations(self, generator: torch.Generator | None) -> torch.Tensor:
