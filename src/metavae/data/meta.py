@@ -188,8 +188,12 @@ class MetaDataset:
         names: Sequence[str] | None = None,
     ):
         tensors = _check_distributions(distributions, "distributions")
-        if labels is not None and len(labels) != len(tensors):
-            raise ValueError(f"got {len(tensors)} distributions but {len(labels)} label tensors")
+        if labels is not None:
+            if len(labels) != len(tensors):
+                raise ValueError(f"got {len(tensors)} distributions but {len(labels)} label tensors")
+            for k, (t, y) in enumerate(zip(tensors, labels)):
+                if len(y) != len(t):
+                    raise ValueError(f"distribution {k} has {len(t)} points but {len(y)} labels")
         for frac, what in ((val_fraction, "val_fraction"), (test_fraction, "test_fraction")):
             if not 0 <= frac < 1:
                 raise ValueError(f"{what} must be in [0, 1), got {frac}")

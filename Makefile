@@ -1,0 +1,25 @@
+# Each target sets itself up on a fresh machine: a virtualenv, torch==2.13.0 (never a newer one),
+# then this package with its test extras. Override TORCH to pick another build, e.g.
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.metavae-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: mixture-of-Gaussians clustering, a few minutes on 2 CPU cores
+	$(BIN)/metavae run mog
+
+test: $(STAMP)  ## the test suite (offline, CPU)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

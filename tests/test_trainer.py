@@ -1,0 +1,87 @@
+"""Trainer: loss falls, best checkpoint = lowest val loss, atomic files, exact resume, errors."""
+import json
+
+import pytest
+import torch
+
+from metavae import MetaDataset, Trainer, TrainConfig, build_mlp_metavae, seed_everything
+from metavae.train import resolve_device
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    dists = [torch.randn(120, 4, generator=g) * 0.3 + k for k in range(3)]
+    return MetaDataset(dists, seed=0)
+
+
+def _model():
+    seed_everything(0)
+    return build_mlp_metavae((4,), 3, z_dim=2, hidden=(16,), summary=(16, 16), likelihood=None)
+
+
+def _cfg(epochs, **kw):
+    base = dict(epochs=epochs, batch_size=16, context_size=5, lr=3e-3, steps_per_epoch=6, seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _gaussian_model():
+    from metavae import Gaussian
+
+    seed_everything(0)
+    return build_mlp_metavae((4,), 3, z_dim=2, hidden=(16,), summary=(16, 16), likelihood=Gaussian(0.1))
+
+
+def test_loss_falls_and_files_are_written(tmp_path):
+    hist = Trainer(_gaussian_model(), _data(), _cfg(4), out_dir=tmp_path, progress=False).fit()
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    best = min(lines, key=lambda r: r["val_loss"])
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == best["epoch"]  # lowest, not highest
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = Trainer(_gaussian_model(), _data(), _cfg(3), out_dir=tmp_path / "a", progress=False)
+    straight.fit()
+    # "crash" after 2 epochs: a new process would build a fresh model and trainer, then resume
+    Trainer(_gaussian_model(), _data(), _cfg(2), out_dir=tmp_path / "b", progress=False).fit()
+    seed_everything(123)  # whatever the new process's RNG state, the checkpoint restores it
+    resumed = Trainer(_gaussian_model(), _data(), _cfg(3), out_dir=tmp_path / "b", progress=False)
+    resumed.fit()
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["state"]["history"][-1]["train_loss"] == b["state"]["history"][-1]["train_loss"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    Trainer(_gaussian_model(), _data(), _cfg(1), out_dir=tmp_path, progress=False).fit()
+    with pytest.raises(ValueError, match="other training settings \\(lr\\)"):
+        Trainer(_gaussian_model(), _data(), _cfg(2, lr=1e-2), out_dir=tmp_path, progress=False).fit()
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint .*last.pt"):
+        Trainer(_gaussian_model(), _data(), _cfg(1), out_dir=tmp_path, progress=False).fit()
+
+
+@pytest.mark.parametrize("name,match", [("tpu", "unsupported device|unknown device"), ("banana", "unknown device")])
+def test_unknown_device(name, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")
+def test_cuda_absent_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"context_size": -1}, "context_size")])
+def test_bad_config_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(**{"epochs": 1, **kw})
