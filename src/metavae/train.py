@@ -8,10 +8,12 @@ never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +47,36 @@ def resolve_device(name: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) exist")
     return device
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when not launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes files (checkpoints, metrics, reports) in a multi-process run."""
+    return distributed_env()[0] == 0
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group once (gloo on CPU, nccl on CUDA); (rank, world) to use."""
+    rank, _, world = distributed_env()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
+class _LossModule(torch.nn.Module):
+    """DDP synchronises gradients only through ``forward``: route ``model.loss`` through it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -81,6 +113,8 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     device: str = "cpu"
+    amp: str | None = None  # "bf16": autocast the forward pass to bfloat16
+    compile: bool = False  # torch.compile the loss (pays a one-off compile time)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -90,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"context_size must be >= 0, got {self.context_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.amp not in (None, "bf16"):
+            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
         for name in ("steps_per_epoch", "val_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -113,11 +149,24 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, dataset: MetaDataset, config: TrainConfig, out_dir=None,
                  progress: bool = True, desc: str = "train"):
         self.cfg = config
-        self.device = resolve_device(config.device)
+        device = resolve_device(config.device)
+        _, local_rank, world = distributed_env()
+        if world > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
+        self.device = device
+        self.rank, self.world = init_distributed(device)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
         self.model = model.to(self.device)
+        self._step_module = _LossModule(self.model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._step_module = torch.nn.parallel.DistributedDataParallel(self._step_module, device_ids=ids)
+        if config.compile:
+            self._step_module = torch.compile(self._step_module)
         self.data = dataset.to(self.device)
         self.out = Path(out_dir) if out_dir is not None else None
-        self.progress, self.desc = progress, desc
+        self.progress, self.desc = progress and self.rank == 0, desc
         uses_context = getattr(model, "uses_context", True)
         self.context_size = config.context_size if uses_context else 0
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -156,7 +205,7 @@ class Trainer:
         return dict(getattr(self.model, "config", {}) or {})
 
     def save(self) -> None:
-        if self.out is None:
+        if self.out is None or self.rank != 0:
             return
         atomic_save(
             {
@@ -212,6 +261,25 @@ class Trainer:
                 it = epoch()
                 yield next(it)
 
+    def _shard(self, batch):
+        """This rank's contiguous slice of the B queries of every distribution. Every rank drew the
+        same global batch from the same generator, so the ranks' slices partition it exactly and
+        DDP's gradient average equals the single-process gradient of the global batch."""
+        if self.world == 1:
+            return batch
+        b = batch.x.shape[1] // self.world
+        sl = slice(self.rank * b, (self.rank + 1) * b)
+        ctx = batch.context
+        if ctx is not None and ctx.shape[1] != 1:  # a shared set (K, 1, N, ...) goes to every rank
+            ctx = ctx[:, sl]
+        labels = None if batch.labels is None else batch.labels[:, sl]
+        return type(batch)(batch.x[:, sl], ctx, labels, batch.dist)
+
+    def _autocast(self):
+        if self.cfg.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def validate(self) -> float | None:
         """Mean loss over the val part, with contexts and latent noise from a fixed seed so that
@@ -245,27 +313,33 @@ class Trainer:
             self._fresh = False
         total = self.cfg.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         running = None
         self.model.train()
         while self.state.epoch < self.cfg.epochs:
-            t0, epoch_loss = time.time(), 0.0
-            for batch in self._train_batches():
-                out = self.model.loss(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {self.state.step}; lower the lr")
+            t0 = time.time()
+            loss_sum = torch.zeros((), device=self.device)
+            for i, batch in enumerate(self._train_batches()):
+                with self._autocast():
+                    loss = self._step_module(self._shard(batch))["loss"]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.optimizer.step()
-                value = float(loss.detach())
-                epoch_loss += value
-                running = value if running is None else 0.98 * running + 0.02 * value
+                loss_sum += loss.detach().float()
                 self.state.step += 1
                 bar.update(1)
-                bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{running:.4g}")
+                if i % 25 == 24 or i == self.steps_per_epoch - 1:  # host syncs only every few steps
+                    value = float(loss_sum) / (i + 1)
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"loss became {value} by step {self.state.step}; lower the lr")
+                    running = value
+                    bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{running:.4g}", refresh=False)
+            if self.world > 1:  # log the global batch's loss, as a single process would
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= self.world
+            epoch_loss = float(loss_sum)
             val = self.validate()
             record = {"epoch": self.state.epoch + 1, "step": self.state.step,
                       "train_loss": epoch_loss / self.steps_per_epoch, "val_loss": val,
@@ -274,7 +348,7 @@ class Trainer:
             score = val if val is not None else record["train_loss"]
             if score < self.state.best_val:
                 self.state.best_val, self.state.best_epoch = score, self.state.epoch
-                if self.best_path is not None:
+                if self.best_path is not None and self.rank == 0:
                     atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
                                  "epoch": self.state.epoch, "val_loss": val}, self.best_path)
                 elif self.out is None:
@@ -282,6 +356,8 @@ class Trainer:
             record["best"] = self.state.best_epoch == self.state.epoch
             self.state.history.append(record)
             self.save()
+            if self.world > 1:
+                torch.distributed.barrier()  # every rank sees the new checkpoint before going on
         bar.close()
         self.load_best()
         return self.state.history
