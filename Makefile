@@ -23,3 +23,6 @@ test: $(STAMP)  ## the test suite (offline, CPU)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: $(STAMP)  ## training-step benchmarks vs the machine's matmul peak -> benchmarks/results.json
+	$(BIN)/python benchmarks/bench.py

@@ -116,3 +116,19 @@ def test_context_larger_than_distribution_fails_clearly():
     ds = MetaDataset([torch.zeros(10, 2), torch.zeros(50, 2)], val_fraction=0, test_fraction=0)
     with pytest.raises(ValueError, match="context size 20 exceeds the 10 points available in distribution 0"):
         ds.sample(4, 20)
+
+
+def test_pooled_context_draws_distinct_members_of_one_distinct_pool():
+    ds = MetaDataset(_tagged([300, 400]), val_fraction=0.0, test_fraction=0.0)
+    b = ds.sample(12, 6, generator=torch.Generator().manual_seed(0), pool_size=20)
+    pool, index = b.context.pool, b.context.index
+    assert pool.shape == (2, 20, 3) and index.shape == (2, 12, 6)
+    for k in range(2):
+        assert set(pool[k, :, 0].tolist()) == {float(k)}
+        assert len(set(pool[k, :, 1].tolist())) == 20  # the pool has no repeats
+        for q in range(12):
+            assert len(set(index[k, q].tolist())) == 6  # nor does any query's set
+    sets = b.context.materialize()
+    assert sets.shape == (2, 12, 6, 3) and torch.equal(sets[1, 3, 2], pool[1, index[1, 3, 2]])
+    with pytest.raises(ValueError, match="smaller than the context size"):
+        ds.sample(4, 6, pool_size=5)

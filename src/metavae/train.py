@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.meta import MetaDataset
+from .data.meta import MetaDataset, PooledContext
 
 CHECKPOINT_VERSION = 1
 
@@ -68,6 +68,17 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with PyTorch's default betas/eps (the paper's optimiser). The fused kernel updates each
+    parameter in one pass instead of about ten elementwise passes: 6x faster on a CPU for the
+    6.2M-parameter MLP MetaVAE, where the unfused update cost a third of a training step."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 class _LossModule(torch.nn.Module):
     """DDP synchronises gradients only through ``forward``: route ``model.loss`` through it."""
 
@@ -110,6 +121,7 @@ class TrainConfig:
     val_steps: int | None = None  # default: one pass over the val part
     exclude_query: bool = False  # draw contexts from the other points only
     shared_context: bool = False  # one context set per distribution and step, shared by its B queries
+    context_pool: int | None = None  # draw each query's context from P points embedded once per step
     grad_clip: float | None = None
     seed: int = 0
     device: str = "cpu"
@@ -169,7 +181,7 @@ class Trainer:
         self.progress, self.desc = progress and self.rank == 0, desc
         uses_context = getattr(model, "uses_context", True)
         self.context_size = config.context_size if uses_context else 0
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = make_optimizer(self.model.parameters(), config.lr)
         self.gen = torch.Generator(device=self.device)
         self.state = _State()
         self.steps_per_epoch = config.steps_per_epoch or dataset.steps_per_epoch(config.batch_size)
@@ -251,7 +263,7 @@ class Trainer:
     def _train_batches(self):
         def epoch():
             return self.data.epoch(self.cfg.batch_size, self.context_size, "train", self.gen,
-                                   self.cfg.exclude_query, self.cfg.shared_context)
+                                   self.cfg.exclude_query, self.cfg.shared_context, self.cfg.context_pool)
 
         it = epoch()
         for _ in range(self.steps_per_epoch):
@@ -270,7 +282,9 @@ class Trainer:
         b = batch.x.shape[1] // self.world
         sl = slice(self.rank * b, (self.rank + 1) * b)
         ctx = batch.context
-        if ctx is not None and ctx.shape[1] != 1:  # a shared set (K, 1, N, ...) goes to every rank
+        if isinstance(ctx, PooledContext):
+            ctx = ctx.select(sl)
+        elif ctx is not None and ctx.shape[1] != 1:  # a shared set (K, 1, N, ...) goes to every rank
             ctx = ctx[:, sl]
         labels = None if batch.labels is None else batch.labels[:, sl]
         return type(batch)(batch.x[:, sl], ctx, labels, batch.dist)

@@ -16,11 +16,34 @@ PARTS = ("train", "val", "test")
 
 
 @dataclass
+class PooledContext:
+    """Context sets drawn from one pool per distribution: ``pool`` (K, P, *event) holds P distinct
+    points, ``index`` (K, B, N) picks each query's N pool members (distinct per query). A model
+    embeds the P pool points once per step instead of B*N context points."""
+
+    pool: torch.Tensor
+    index: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "PooledContext":
+        return PooledContext(self.pool.to(device, non_blocking=non_blocking),
+                             self.index.to(device, non_blocking=non_blocking))
+
+    def select(self, queries: slice) -> "PooledContext":
+        return PooledContext(self.pool, self.index[:, queries])
+
+    def materialize(self) -> torch.Tensor:
+        """The explicit context sets (K, B, N, *event), for models that need them."""
+        K, B, N = self.index.shape
+        rows = torch.arange(K, device=self.index.device).view(K, 1)
+        return self.pool[rows, self.index.reshape(K, B * N)].reshape(K, B, N, *self.pool.shape[2:])
+
+
+@dataclass
 class Batch:
     """A query batch with one context set per query, all distributions stacked on dim 0.
 
     ``x``: (K, B, *event); ``context``: (K, B, N, *event), (K, 1, N, *event) when the B queries
-    share one set, or None (no context, e.g. a VAE); ``labels``: (K, B, ...) or None; ``dist``: (K,) indices of the distributions in the dataset,
+    share one set, a `PooledContext`, or None (no context, e.g. a VAE); ``labels``: (K, B, ...) or None; ``dist``: (K,) indices of the distributions in the dataset,
     used by models with one decoder per training distribution.
     """
 
@@ -148,20 +171,36 @@ class Part:
         return self.labels[rows.to(self.labels.device), idx.to(self.labels.device)]
 
     def batch(self, query_idx: torch.Tensor, context_size: int, generator, exclude_query: bool = False,
-              shared_context: bool = False) -> Batch:
-        """Queries at ``query_idx`` (K, B) with context sets (K, B, N, ...), or with
-        ``shared_context`` one set per distribution (K, 1, N, ...) that all B queries share."""
+              shared_context: bool = False, pool_size: int | None = None) -> Batch:
+        """Queries at ``query_idx`` (K, B) with context sets (K, B, N, ...); with ``shared_context``
+        one set per distribution (K, 1, N, ...) that all B queries share; with ``pool_size`` P a
+        `PooledContext`: each query's N points are drawn from P pool points per distribution."""
         x = as_float(self.gather(query_idx))
         context = None
         if context_size > 0:
-            if shared_context and exclude_query:
-                raise ValueError("exclude_query needs a context set per query; it cannot be combined with shared_context")
-            owner = query_idx[:, :1] if shared_context else query_idx
-            context = as_float(self.gather(self.sample_context(owner, context_size, generator, exclude_query)))
+            if (shared_context or pool_size) and exclude_query:
+                raise ValueError("exclude_query needs a context set per query drawn from the whole part; "
+                                 "it cannot be combined with shared_context or a context pool")
+            if shared_context and pool_size:
+                raise ValueError("choose shared_context or a context pool, not both")
+            if pool_size:
+                context = self._pooled_context(query_idx, context_size, pool_size, generator)
+            else:
+                owner = query_idx[:, :1] if shared_context else query_idx
+                context = as_float(self.gather(self.sample_context(owner, context_size, generator, exclude_query)))
         labels = None
         if self.labels is not None:
             labels = self.gather_labels(query_idx)
         return Batch(x, context, labels, torch.arange(self.n_distributions, device=x.device))
+
+    def _pooled_context(self, query_idx, size: int, pool_size: int, generator) -> PooledContext:
+        if pool_size < size:
+            raise ValueError(f"context pool size {pool_size} is smaller than the context size {size}")
+        K, B = query_idx.shape
+        pool = self.sample_context(query_idx[:, :1], pool_size, generator).squeeze(1)  # (K, P) distinct
+        keys = torch.rand((K, B, pool_size), generator=generator, device=self.data.device).to(query_idx.device)
+        index = keys.topk(size, dim=-1, largest=False, sorted=False).indices  # N distinct members per query
+        return PooledContext(as_float(self.gather(pool)), index)
 
     def permutations(self, generator: torch.Generator | None) -> torch.Tensor:
         """One random order per distribution (K, max_n); padded slots sort last."""
@@ -293,12 +332,13 @@ class MetaDataset:
         generator: torch.Generator | None = None,
         exclude_query: bool = False,
         shared_context: bool = False,
+        pool_size: int | None = None,
     ) -> Batch:
         """One batch of B random queries per distribution with their context sets."""
         p = self.part(part)
         u = torch.rand((len(p.lengths), batch_size), generator=generator, device=p.data.device)
         idx = (u * p.lengths.unsqueeze(1)).long()
-        return p.batch(idx, context_size, generator, exclude_query, shared_context)
+        return p.batch(idx, context_size, generator, exclude_query, shared_context, pool_size)
 
     def steps_per_epoch(self, batch_size: int, part: str = "train") -> int:
         return -(-int(self.part(part).lengths.max()) // batch_size)
@@ -311,6 +351,7 @@ class MetaDataset:
         generator: torch.Generator | None = None,
         exclude_query: bool = False,
         shared_context: bool = False,
+        pool_size: int | None = None,
     ) -> Iterator[Batch]:
         """One pass over the largest distribution, each distribution in its own random order.
 
@@ -323,7 +364,7 @@ class MetaDataset:
         for s in range(self.steps_per_epoch(batch_size, part)):
             pos = torch.arange(s * batch_size, (s + 1) * batch_size, device=perm.device).unsqueeze(0)
             idx = perm.gather(1, pos % lengths)
-            yield p.batch(idx, context_size, generator, exclude_query, shared_context)
+            yield p.batch(idx, context_size, generator, exclude_query, shared_context, pool_size)
 
 
 def _check_distributions(tensors, what: str) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ..train import atomic_write_text
+from ..train import atomic_write_text, is_main_process
 
 
 def resolve_preset(presets: dict, name: str | None, overrides: dict | None = None):
@@ -50,14 +50,17 @@ def _clean(obj):
 
 
 def write_metrics(out: Path, metrics: dict) -> Path:
+    """metrics.json (NaN/inf become null, so the file is valid JSON); rank 0 only under torchrun."""
     path = Path(out) / "metrics.json"
-    atomic_write_text(json.dumps(_clean(metrics), indent=2) + "\n", path)
+    if is_main_process():
+        atomic_write_text(json.dumps(_clean(metrics), indent=2) + "\n", path)
     return path
 
 
 def write_report(out: Path, text: str) -> Path:
     path = Path(out) / "report.md"
-    atomic_write_text(text.rstrip() + "\n", path)
+    if is_main_process():
+        atomic_write_text(text.rstrip() + "\n", path)
     return path
 
 
@@ -77,10 +80,11 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    if is_main_process():
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        tmp.replace(path)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..data.meta import PooledContext
 from ..distributions import Bernoulli, make_latent
 from ..nets.mlp import BatchedMLP, mlp
 from ..nets.sets import MeanPool
@@ -88,8 +89,10 @@ class MetaVAE(nn.Module):
             )
         return lead, sets
 
-    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """Parameters of q(z | D, x) for queries x (*lead, *event) -> (*lead, latent params)."""
+        if isinstance(context, PooledContext):
+            return self._encode_pooled(x, context)
         lead, sets = self._check(x, context)
         h = self.query_encoder(x.reshape(-1, *self.event_shape))
         if sets is not None:
@@ -103,6 +106,17 @@ class MetaVAE(nn.Module):
             h = torch.cat([h, s.expand(*lead, s.shape[-1]).reshape(h.shape[0], -1)], dim=-1)
         params = self.head(h)
         return params.reshape(*lead, params.shape[-1])
+
+    def _encode_pooled(self, x: torch.Tensor, context: PooledContext) -> torch.Tensor:
+        if self.center or not hasattr(self.summary, "pooled"):
+            return self.encode(x, context.materialize())
+        K, B = x.shape[:2]
+        if context.index.shape[:2] != (K, B):
+            raise ValueError(f"context pool index {tuple(context.index.shape)} does not match queries {tuple(x.shape)}")
+        h = self.query_encoder(x.reshape(-1, *self.event_shape))
+        s = self.summary.pooled(context.pool, context.index)
+        params = self.head(torch.cat([h, s.reshape(K * B, -1)], dim=-1))
+        return params.reshape(K, B, -1)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

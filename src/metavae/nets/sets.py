@@ -25,3 +25,13 @@ class MeanPool(nn.Module):
         h = self.pre(context.reshape(-1, *context.shape[len(lead):]))
         h = h.reshape(*lead, *h.shape[1:]).mean(dim=len(lead) - 1)
         return self.post(h)
+
+    def pooled(self, pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Summaries (K, B, S) of the sets ``pool[k, index[k, b]]``: ``pre`` runs once on the P pool
+        points (K, P, *event), then each query averages the features of its N members."""
+        K, P = pool.shape[:2]
+        h = self.pre(pool.reshape(K * P, *pool.shape[2:]))
+        h = h.reshape(K, P, -1)
+        B, N = index.shape[1:]
+        sel = h.gather(1, index.reshape(K, B * N, 1).expand(-1, -1, h.shape[-1]))
+        return self.post(sel.reshape(K, B, N, -1).mean(dim=2))

@@ -1,0 +1,197 @@
+"""Training-step benchmarks against the machine's own matmul peak.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--quick]
+
+Measures, for the MetaVAE on transformed-MNIST-sized data (MLP, K=9, B=100, N=10) and the
+convolutional MetaVAE (32x32): training steps per second (context sampling included), query and
+context images per second, FLOPs per step counted by torch's FlopCounterMode (forward and
+backward matmuls/convs), achieved FLOP/s, and the dense fp32 matmul FLOP/s of a large `torch.mm`
+measured in the same run, so ``fraction_of_peak = achieved / peak``. Also peak resident memory,
+the time of one epoch of the paper preset (60,000 images / B steps, extrapolated from the mean
+step time), and a sweep of step time over K, B and N (figure `step_time_sweep.png`).
+Results are merged into `benchmarks/results.json` under the device's name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from metavae import MetaDataset, build_mlp_metavae
+from metavae.train import atomic_write_text, make_optimizer, resolve_device
+
+HERE = Path(__file__).resolve().parent
+PAPER_TRAIN_IMAGES = 60_000
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, n=2048, reps=10) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def make_data(K, event, n, device):
+    g = torch.Generator().manual_seed(0)
+    dists = [torch.randint(0, 256, (n, *event), generator=g, dtype=torch.uint8) for _ in range(K)]
+    return MetaDataset(dists, val_fraction=0, test_fraction=0).to(device)
+
+
+def conv_model(K):
+    """The convolutional MetaVAE, where the models package provides one."""
+    try:
+        from metavae.models import make_model
+    except ImportError:
+        return None
+    return make_model("metavae", arch="conv", event_shape=(1, 32, 32), n_distributions=K)
+
+
+def time_steps(model, data, B, N, device, steps, pool=None, amp=None):
+    """Mean seconds per full training step (sampling, forward, backward, Adam) and FLOPs per step."""
+    opt = make_optimizer(model.parameters(), 2e-4)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        batch = data.sample(B, N, generator=g, pool_size=pool)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = model.loss(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for _ in range(2):
+        step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), statistics.mean(times), flops
+
+
+def record(name, model, data, K, B, N, device, peak, steps, pool=None, amp=None):
+    med, mean, flops = time_steps(model, data, B, N, device, steps, pool, amp)
+    achieved = flops / med
+    row = {
+        "K": K, "B": B, "N": N, "context_pool": pool, "amp": amp,
+        "step_ms": round(med * 1e3, 2),
+        "steps_per_s": round(1 / med, 3),
+        "query_images_per_s": round(K * B / med, 1),
+        "context_images_per_s": round(K * B * N / med, 1),
+        "gflop_per_step": round(flops / 1e9, 3),
+        "achieved_gflops": round(achieved / 1e9, 2),
+        "peak_gflops": round(peak / 1e9, 2),
+        "fraction_of_peak": round(achieved / peak, 3),
+        "paper_epoch_s": round(mean * -(-PAPER_TRAIN_IMAGES // B), 1),
+        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    print(f"{name:22s} {row['step_ms']:9.1f} ms/step  {row['achieved_gflops']:7.1f} GFLOP/s "
+          f"({row['fraction_of_peak']:.2f} of peak)  epoch {row['paper_epoch_s']:.0f} s", flush=True)
+    return row
+
+
+def sweep(device, peak, steps):
+    """Step time of the MLP MetaVAE as K, B and N vary around (9, 100, 10)."""
+    base = {"K": 9, "B": 100, "N": 10}
+    grid = {"K": [1, 3, 9, 18], "B": [25, 50, 100, 200], "N": [1, 5, 10, 20]}
+    out = {}
+    for axis, values in grid.items():
+        out[axis] = []
+        for v in values:
+            p = {**base, axis: v}
+            data = make_data(p["K"], (784,), 2000, device)
+            model = build_mlp_metavae((784,), p["K"]).to(device)
+            med, _, _ = time_steps(model, data, p["B"], p["N"], device, steps)
+            out[axis].append({"value": v, "step_ms": round(med * 1e3, 2)})
+            print(f"  sweep {axis}={v}: {med * 1e3:.1f} ms", flush=True)
+    return out
+
+
+def plot_sweep(sweep_result, path: Path, device_name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, (axis, rows) in zip(axes, sweep_result.items()):
+        ax.plot([r["value"] for r in rows], [r["step_ms"] for r in rows], "o-")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("ms per training step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MLP MetaVAE step time around K=9, B=100, N=10 ({device_name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and no sweep (smoke test)")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    steps = 2 if args.quick else args.steps
+    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
+    peak = matmul_peak(device)
+    print(f"device {name}: dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+
+    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_gflops": round(peak / 1e9, 2)}
+    K, B, N = 9, 100, 10
+    data = make_data(K, (784,), 6000, device)
+    res["metavae_mlp"] = record("metavae_mlp", build_mlp_metavae((784,), K).to(device), data, K, B, N, device, peak,
+                                steps)
+    res["metavae_mlp_pool100"] = record("metavae_mlp_pool100", build_mlp_metavae((784,), K).to(device), data, K, B,
+                                        N, device, peak, steps, pool=100)
+    if device.type == "cuda":
+        res["metavae_mlp_bf16"] = record("metavae_mlp_bf16", build_mlp_metavae((784,), K).to(device), data, K, B, N,
+                                         device, peak, steps, amp="bf16")
+    model = conv_model(3)
+    if model is not None:
+        cdata = make_data(3, (1, 32, 32), 2000, device)
+        res["metavae_conv"] = record("metavae_conv", model.to(device), cdata, 3, 32, 10, device, peak, steps)
+    else:
+        res["metavae_conv"] = None
+        print("metavae_conv: skipped (no convolutional MetaVAE in this checkout)")
+    if not args.quick:
+        res["sweep"] = sweep(device, peak, max(3, steps // 3))
+        plot_sweep(res["sweep"], args.out.with_name(f"step_time_sweep_{name}.png"), name)
+
+    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+    merged[name] = res
+    atomic_write_text(json.dumps(merged, indent=2) + "\n", args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
