@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments import get_experiment, list_experiments
+from .experiments import get_experiment, get_report, list_experiments
 from .experiments.common import resolve_preset
 
 
@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep = sub.add_parser("report", help="gather finished runs into the paper's tables and figures")
+    rep.add_argument("benchmark", help="mnist")
+    rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
     return p
 
 
@@ -48,7 +52,8 @@ def run_command(args) -> int:
         flags = ", ".join("--" + u.replace("_", "-") for u in unsupported)
         raise ValueError(f"experiment '{args.experiment}' does not take {flags}")
     cfg = resolve_preset(exp.PRESETS, args.preset, _overrides(args.set))
-    out = args.out or Path("runs") / args.experiment
+    default = getattr(exp, "default_out", None)
+    out = args.out or (default(**options) if default else Path("runs") / args.experiment)
     t0 = time.time()
     metrics = exp.run(cfg, out=out, device=args.device, seed=args.seed, progress=not args.quiet, **options)
     print((out / "report.md").read_text() if (out / "report.md").exists() else json.dumps(metrics, indent=2))
@@ -62,6 +67,13 @@ def main(argv=None) -> int:
         if args.command == "list":
             for name, desc in list_experiments():
                 print(f"{name:16s} {desc}")
+            return 0
+        if args.command == "report":
+            result = get_report(args.benchmark)(args.runs, args.out)
+            out = args.out or args.runs / f"{args.benchmark}-report"
+            print((out / "report.md").read_text())
+            if result["missing"]:
+                print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)
             return 0
         return run_command(args)
     except (ValueError, FileNotFoundError) as e:

@@ -174,7 +174,9 @@ def build_mlp_metavae(
     D = int(torch.Size(event_shape).numel())
     lat = make_latent(latent, z_dim)
     summary_sizes = list(summary) if summary is not None else [D, 400, 400]
-    set_net = MeanPool(mlp([D, *summary_sizes], summary_act), event_dim=len(event_shape)) if use_context else None
+    set_net = None
+    if use_context:  # each element is flattened, so any event shape (e.g. 28x28 images) works
+        set_net = MeanPool(nn.Sequential(nn.Flatten(), mlp([D, *summary_sizes], summary_act)), event_dim=len(event_shape))
     s_dim = summary_sizes[-1] if use_context else 0
     head = mlp([D + s_dim, *hidden, lat.n_params], act)
     dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)

@@ -1,0 +1,351 @@
+"""The Variational Homoencoder (Hewitt et al. 2018), optionally with a VampPrior on c, and the
+machinery it shares with the Neural Statistician (`statistician.py`).
+
+Both models have a global latent c per set and a local latent z per element:
+  q(c | D)      statistic network: mean-pooled element features -> (mu_c, logvar_c)
+  q(z | x, c)   inference network
+  p(z | c)      latent decoder
+  p(x | z, c)   observation decoder, one shared by every distribution
+The VHE objective is the paper's Eq. 13, per query x with its own context set D of N elements:
+  loss(x, D) = -log p(x | z, c) + KL(q(z|x,c) || p(z|c)) + (1/N) KL(q(c|D) || p(c)),
+with c ~ q(c|D) and z ~ q(z|x,c) one reparameterised sample each; averaged over the queries and
+distributions. The reference drops the 1/N (``context_kl_weight=1.0`` reproduces it).
+
+VampPrior (``prior="vampprior"``): p(c) = (1/M) sum_m q(c | U_m), U_m a learned pseudo-dataset of
+``n_pseudo`` pseudo-inputs (M = 500 components of 10, MLP and conv alike: the reference's conv
+version silently used 10), pseudo-inputs hardtanh(0, 1) of weights initialised N(0.05, 0.01^2)
+and encoded by the model's own statistic network. KL(q(c|D) || p(c)) is the single-sample estimate
+log q(c|D) - log p(c) at the sampled c, with the normalising constants of the full c dimension
+(the reference's helper took the constant from a size-1 axis, an offset of about -274.8 nats).
+
+Differences from the reference, all deliberate:
+  * 1/N on the context KL (Eq. 13);
+  * ``embed`` uses the *mean* of q(c|D), so embeddings are deterministic (the reference samples c);
+  * conv variants: GroupNorm/LayerNorm instead of BatchNorm (see `metavae.nets.conv`);
+  * the MLP VHE's statistic network is affine in the elements (Lin(784->400), no nonlinearity,
+    then mean): we take the mean first and apply the same affine map after, identical in value
+    and parameters, ten times cheaper for N = 10;
+  * likelihoods take logits (exact) where the reference clamps sigmoid means.
+Init as the reference: Xavier-normal weights with gain sqrt(2), zero biases.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributions import LOG_2PI, Bernoulli, GaussianLatent
+from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
+from ..nets.sets import MeanPool
+from .metavae import LossOutput
+
+
+# --- densities -----------------------------------------------------------------------------
+def gaussian_kl(mu_q, logvar_q, mu_p=None, logvar_p=None) -> torch.Tensor:
+    """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) of diagonal Gaussians, summed over the last
+    dim; the prior defaults to N(0, I)."""
+    if mu_p is None:
+        return 0.5 * (mu_q.pow(2) + logvar_q.exp() - 1.0 - logvar_q).sum(-1)
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1.0).sum(-1)
+
+
+def gaussian_log_prob(x, mu, logvar) -> torch.Tensor:
+    """log N(x; mu, diag(e^logvar)) summed over the last dim, with the full constant."""
+    return -0.5 * ((x - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+def mixture_log_prob(c: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log (1/M) sum_m N(c; mu_m, diag(e^logvar_m)) for c (..., D) and M components (M, D).
+
+    The quadratic form is expanded into two matrix products, c^2 . prec^T - 2 c . (mu prec)^T +
+    sum mu^2 prec, so the (points x M x D) tensor is never built (900 x 500 x 300 floats at K=9,
+    B=100); they are accumulated in float64, where the expansion loses nothing that matters.
+    """
+    shape, D, M = c.shape[:-1], c.shape[-1], mu.shape[0]
+    c2 = c.reshape(-1, D).double()
+    mu, logvar = mu.double(), logvar.double()
+    prec = torch.exp(-logvar)
+    quad = (c2 * c2) @ prec.T - 2.0 * (c2 @ (mu * prec).T) + (mu * mu * prec).sum(-1)
+    log_comp = -0.5 * (quad + logvar.sum(-1) + D * LOG_2PI)
+    return (torch.logsumexp(log_comp, dim=-1) - math.log(M)).to(c.dtype).reshape(shape)
+
+
+# --- small modules -------------------------------------------------------------------------
+class TwoInput(nn.Module):
+    """body(ELU(cat[fc_a(a), fc_b(b)])), b broadcast over a's leading dims (e.g. one c per set)."""
+
+    def __init__(self, a_dim: int, b_dim: int, hidden: int, body: nn.Module):
+        super().__init__()
+        self.fc_a, self.fc_b, self.act, self.body = nn.Linear(a_dim, hidden), nn.Linear(b_dim, hidden), nn.ELU(), body
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc_a(a), self.fc_b(b)
+        lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+        return self.body(self.act(torch.cat([a.expand(*lead, -1), b.expand(*lead, -1)], dim=-1)))
+
+
+class ScalarAffine(nn.Module):
+    """y = w x + b with scalar w, b: stands in for the conv Neural Statistician's "global"
+    BatchNorm1d(1) layers, which are such a map at evaluation; 2 parameters each, as BatchNorm(1).
+    (A per-sample normalisation over the 80 or 600 parameter outputs would constrain the posterior
+    family, so we keep only the affine part; see `metavae.nets.conv` on normalisation.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
+
+class TrunkHead(nn.Module):
+    """Adapts the conv decoder trunk (first dim = rows) to any (..., features) input."""
+
+    def __init__(self, trunk: ConvDecoderTrunk):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        lead = h.shape[:-1]
+        return self.trunk(h.reshape(1, -1, h.shape[-1])).reshape(*lead, -1)
+
+
+class VampPrior(nn.Module):
+    """Pseudo-datasets U (M, P, *event): hardtanh(0, 1) of weights initialised N(mean, std^2).
+    The weights are the reference's bias-free Lin(M -> P*D) applied to an identity (same values,
+    same parameter count, no matrix product)."""
+
+    def __init__(self, n_components: int, n_pseudo: int, event_shape: Sequence[int], mean: float = 0.05,
+                 std: float = 0.01):
+        super().__init__()
+        if n_components < 1 or n_pseudo < 1:
+            raise ValueError(f"VampPrior needs >= 1 component and pseudo-input, got {n_components}, {n_pseudo}")
+        self.n_components, self.n_pseudo = n_components, n_pseudo
+        self.weight = nn.Parameter(torch.empty(n_components, n_pseudo, *event_shape))
+        self.mean, self.std = mean, std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(self.mean, self.std)
+
+    def pseudo_inputs(self) -> torch.Tensor:
+        return F.hardtanh(self.weight, 0.0, 1.0)
+
+
+# --- the shared model ----------------------------------------------------------------------
+def context_sets(x: torch.Tensor, context: torch.Tensor, event_shape: tuple):
+    """Check shapes; return (lead, sets, context reshaped to (*sets, N, *event)).
+
+    ``context`` is a set per query (*lead, N, *event), sets shared along dims of size 1, or one
+    set (N, *event) for every query."""
+    ne = len(event_shape)
+    if x.dim() < ne or tuple(x.shape[x.dim() - ne:]) != event_shape:
+        raise ValueError(f"queries must end in the event shape {event_shape}, got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[: x.dim() - ne])
+    if context.dim() < ne + 1 or tuple(context.shape[context.dim() - ne:]) != event_shape:
+        raise ValueError(f"context must be (..., N, *{event_shape}), got shape {tuple(context.shape)}")
+    c_lead = tuple(context.shape[: context.dim() - ne])
+    if len(c_lead) == 1:
+        c_lead = (1,) * len(lead) + c_lead
+    sets = c_lead[:-1]
+    if len(sets) != len(lead) or any(s not in (1, q) for s, q in zip(sets, lead)):
+        raise ValueError(
+            f"context shape {tuple(context.shape)} does not match queries {tuple(x.shape)}: expected "
+            f"{lead + ('N',) + event_shape} (a set per query), sizes of 1 to share a set, or {('N',) + event_shape}"
+        )
+    if c_lead[-1] < 1:
+        raise ValueError("a context set needs at least one element")
+    return lead, sets, context.reshape(*sets, c_lead[-1], *event_shape)
+
+
+class HierarchicalVAE(nn.Module):
+    """A global c per set and a local z per element (the common part of NS and VHE)."""
+
+    uses_context = True
+    n_decoders = 1
+
+    def __init__(self, event_shape, features, statistic, inference, latent_prior, obs_decoder, likelihood,
+                 c_dim: int, z_dim: int, vampprior: VampPrior | None = None, config: dict | None = None):
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+        self.features, self.statistic, self.inference = features, statistic, inference
+        self.latent_prior, self.obs_decoder, self.vampprior = latent_prior, obs_decoder, vampprior
+        self.likelihood, self.c_dim, self.z_dim = likelihood, c_dim, z_dim
+        self.latent = GaussianLatent(z_dim)  # z parameters are (mu, logvar), as the MetaVAE's
+        self.config = dict(config or {})
+
+    # -- parts ------------------------------------------------------------------------------
+    def element_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(*lead, *event) -> (*lead, F)."""
+        lead = x.shape[: x.dim() - len(self.event_shape)]
+        return self.features(x.reshape(-1, *self.event_shape)).reshape(*lead, -1)
+
+    def context_params(self, context: torch.Tensor) -> torch.Tensor:
+        """Parameters (mu_c, logvar_c) of q(c | D): sets (*sets, N, *event) -> (*sets, 2 c_dim)."""
+        return self.statistic(self.element_features(context))
+
+    def prior_components(self) -> torch.Tensor:
+        """VampPrior components (M, 2 c_dim): the statistic network on each pseudo-dataset."""
+        return self.context_params(self.vampprior.pseudo_inputs())
+
+    def context_kl(self, c_mu, c_logvar, c=None, eps=None) -> torch.Tensor:
+        """KL(q(c|D) || p(c)): analytic for p(c) = N(0, I) (shape of the sets); for the VampPrior
+        the single-sample estimate log q(c|D) - log p(c) at c = mu + sigma * eps (shape of c)."""
+        if self.vampprior is None:
+            return gaussian_kl(c_mu, c_logvar)
+        log_q = -0.5 * (eps.pow(2) + c_logvar + LOG_2PI).sum(-1)
+        comp_mu, comp_logvar = self.prior_components().chunk(2, dim=-1)
+        return log_q - mixture_log_prob(c, comp_mu, comp_logvar)
+
+    def sample_c(self, c_params: torch.Tensor, shape) -> tuple:
+        """c = mu + sigma * eps with eps of ``shape`` (+ c_dim): one sample per query or per set."""
+        c_mu, c_logvar = c_params.chunk(2, dim=-1)
+        eps = torch.randn(*shape, self.c_dim, dtype=c_mu.dtype, device=c_mu.device)
+        return c_mu + torch.exp(0.5 * c_logvar) * eps, eps, c_mu, c_logvar
+
+    def local_terms(self, x: torch.Tensor, hx: torch.Tensor, c: torch.Tensor) -> tuple:
+        """log p(x | z, c) and KL(q(z|x,c) || p(z|c)) per query, z one reparameterised sample."""
+        mu, logvar = self.inference(hx, c).chunk(2, dim=-1)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        p_mu, p_logvar = self.latent_prior(c).chunk(2, dim=-1)
+        kl_z = gaussian_kl(mu, logvar, p_mu, p_logvar)
+        flat = x.flatten(start_dim=x.dim() - len(self.event_shape))
+        rec = self.likelihood.log_prob(self.obs_decoder(z, c), flat)
+        return rec, kl_z
+
+    # -- inference --------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Parameters (mu_z, logvar_z) of q(z | x, c) at c = the *mean* of q(c | D):
+        deterministic (the reference samples c)."""
+        if context is None:
+            raise ValueError(f"{type(self).__name__} needs a context set D for every query; got context=None")
+        lead, sets, context = context_sets(x, context, self.event_shape)
+        c_mu = self.context_params(context)[..., : self.c_dim]
+        return self.inference(self.element_features(x), c_mu)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The posterior mean mu_z(x, E[c | D]) (*lead, z_dim)."""
+        return self.latent.mean(self.encode(x, context))
+
+    def extra_repr(self) -> str:
+        prior = "vampprior" if self.vampprior is not None else "gaussian"
+        return f"c_dim={self.c_dim}, z_dim={self.z_dim}, prior={prior}"
+
+
+class HomoEncoder(HierarchicalVAE):
+    """The Variational Homoencoder: every query with its own context set; objective Eq. 13."""
+
+    def __init__(self, *args, context_kl_weight: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.context_kl_weight = context_kl_weight  # None: 1/N (Eq. 13); 1.0: the reference
+
+    def loss(self, batch) -> LossOutput:
+        """Mean over the K x B queries of -log p(x|z,c) + KL_z + w KL_c, w = 1/N (Eq. 13).
+        c is sampled per query (from its own set's q(c|D), or a shared set's)."""
+        x, context = batch.x, batch.context
+        if context is None:
+            raise ValueError("the VHE needs a context set per query: train with context_size >= 1")
+        ne = len(self.event_shape)
+        K, B = x.shape[:2]
+        if context.dim() != ne + 3:
+            raise ValueError(f"batch context must be (K, B or 1, N, *event), got {tuple(context.shape)}")
+        N = context.shape[2]
+        c, eps, c_mu, c_logvar = self.sample_c(self.context_params(context), (K, B))
+        rec, kl_z = self.local_terms(x, self.element_features(x), c)
+        kl_c = self.context_kl(c_mu, c_logvar, c, eps).expand(K, B)
+        w = self.context_kl_weight if self.context_kl_weight is not None else 1.0 / N
+        loss = (-rec + kl_z + w * kl_c).mean()
+        return LossOutput(loss=loss, nll=-rec.detach().mean(), kl_z=kl_z.detach().mean(),
+                          kl_c=kl_c.detach().mean(), kl_c_weight=w)
+
+
+# --- builders ------------------------------------------------------------------------------
+def build_parts(event_shape, arch: str, c_dim: int, z_dim: int, hidden: int, hidden_statistic: int | None,
+                decoder_hidden: int, channels, groups: int, likelihood, statistician: bool) -> dict:
+    """The networks of NS / VHE (PROTOCOL 3.5-3.6 for conv, 4.1-4.2 for MLP)."""
+    D = math.prod(event_shape)
+    n_out = likelihood.n_params(D)
+    hs = hidden_statistic or hidden
+    lin, elu = nn.Linear, nn.ELU
+    if arch == "mlp":
+        features = nn.Flatten()
+        Fd = D
+        if statistician:  # PrePool Lin + ELU per element, mean, PostPool Lin
+            statistic = MeanPool(nn.Sequential(lin(Fd, hs), elu()), lin(hs, 2 * c_dim))
+        else:  # affine PrePool: pool first, then the same Lin, then PostPool (identical values)
+            statistic = MeanPool(nn.Identity(), nn.Sequential(lin(Fd, hs), lin(hs, 2 * c_dim)))
+        inference = TwoInput(Fd, c_dim, hidden, nn.Sequential(lin(2 * hidden, hidden), elu(), lin(hidden, 2 * z_dim)))
+        latent_prior = nn.Sequential(lin(c_dim, hidden), elu(), lin(hidden, hidden), elu(), lin(hidden, 2 * z_dim))
+        obs = TwoInput(z_dim, c_dim, hidden, nn.Sequential(lin(2 * hidden, decoder_hidden), elu(),
+                                                           lin(decoder_hidden, n_out)))
+    elif arch == "conv":
+        img = image_shape(event_shape)
+        features = ConvEncoder(event_shape, channels, groups)
+        Fd = features.out_features
+        extra = (lambda: [ScalarAffine()]) if statistician else (lambda: [])
+        statistic = MeanPool(
+            nn.Sequential(lin(Fd, hs), nn.LayerNorm(hs), elu()),
+            nn.Sequential(lin(hs, hs), nn.LayerNorm(hs), elu(), lin(hs, hs), nn.LayerNorm(hs), elu(),
+                          lin(hs, 2 * c_dim), *extra()),
+        )
+        inference = TwoInput(Fd, c_dim, hidden, nn.Sequential(FCResBlock(2 * hidden, 6), lin(2 * hidden, 2 * z_dim),
+                                                              *extra()))
+        latent_prior = nn.Sequential(lin(c_dim, hidden), elu(), FCResBlock(hidden, 3), lin(hidden, 2 * z_dim), *extra())
+        trunk = ConvDecoderTrunk(1, img, n_out // D, channels, groups)
+        obs = TwoInput(z_dim, c_dim, hidden, nn.Sequential(lin(2 * hidden, 2 * hidden), elu(),
+                                                           lin(2 * hidden, trunk.in_features), TrunkHead(trunk)))
+    else:
+        raise ValueError(f"unknown architecture '{arch}'; choose 'mlp' or 'conv'")
+    return dict(features=features, statistic=statistic, inference=inference, latent_prior=latent_prior,
+                obs_decoder=obs)
+
+
+def build_homoencoder(
+    event_shape: Sequence[int],
+    arch: str = "mlp",
+    prior: str = "gaussian",
+    c_dim: int = 300,
+    z_dim: int = 40,
+    hidden: int = 400,
+    hidden_statistic: int | None = None,
+    decoder_hidden: int = 4096,
+    channels: Sequence[int] = DEFAULT_CHANNELS,
+    groups: int = GROUPS,
+    n_components: int = 500,
+    n_pseudo: int = 10,
+    pseudo_mean: float = 0.05,
+    pseudo_std: float = 0.01,
+    context_kl_weight: float | None = None,
+    likelihood=None,
+) -> HomoEncoder:
+    """The VHE (``prior="gaussian"``) or VHE + VampPrior (``prior="vampprior"``).
+
+    MLP (PROTOCOL 4.2/4.3): 8,284,104 parameters; + 500*10*784 = 3,920,000 pseudo-input weights
+    for the VampPrior (12,204,104), as PROTOCOL 12. Conv (3.5/3.7): 16,577,161; VampPrior +500*10*H*W
+    (5,120,000 at 32x32). ``decoder_hidden`` is the MLP observation decoder's wide layer (4096).
+    ``context_kl_weight``: None for Eq. 13's 1/N, 1.0 for the reference's objective.
+    """
+    if prior not in ("gaussian", "vampprior"):
+        raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")
+    likelihood = likelihood if likelihood is not None else Bernoulli()
+    parts = build_parts(tuple(event_shape), arch, c_dim, z_dim, hidden, hidden_statistic, decoder_hidden, channels,
+                        groups, likelihood, statistician=False)
+    config = dict(
+        kind="homoencoder", event_shape=list(event_shape), arch=arch, prior=prior, c_dim=c_dim, z_dim=z_dim,
+        hidden=hidden, hidden_statistic=hidden_statistic, decoder_hidden=decoder_hidden, channels=list(channels),
+        groups=groups, n_components=n_components, n_pseudo=n_pseudo, pseudo_mean=pseudo_mean, pseudo_std=pseudo_std,
+        context_kl_weight=context_kl_weight, likelihood=likelihood.name,
+        likelihood_variance=getattr(likelihood, "variance", None),
+    )
+    model = HomoEncoder(event_shape, **parts, likelihood=likelihood, c_dim=c_dim, z_dim=z_dim,
+                        context_kl_weight=context_kl_weight, config=config)
+    reference_init(model)
+    if prior == "vampprior":
+        model.vampprior = VampPrior(n_components, n_pseudo, event_shape, pseudo_mean, pseudo_std)
+    return model
