@@ -25,7 +25,7 @@ from torch import nn
 
 from ..distributions import Bernoulli, make_latent
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape
-from ..nets.mlp import BatchedLinear, mlp
+from ..nets.mlp import BatchedLinear, check_bank_rows, mlp
 from ..nets.sets import MeanPool
 from .metavae import MetaVAE
 
@@ -66,11 +66,7 @@ class ConvDecoderBank(nn.Module):
 
     def forward(self, z: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
         K, mid = z.shape[0], z.shape[1:-1]
-        if self.n > 1 and dist is None and K != self.n:
-            raise ValueError(
-                f"batch holds {K} distributions but the model has {self.n} decoders; "
-                "pass the distributions' indices (batch.dist) to pick decoders"
-            )
+        check_bank_rows(self.n, K, dist)
         h = z.reshape(K, -1, z.shape[-1])
         h = self.fc[1](self.fc[0](h, dist), dist)  # Lin -> Lin (no activation between, as the reference)
         h = self.fc[2](self.act(h), dist)

@@ -63,6 +63,16 @@ class BatchedLinear(nn.Module):
         return f"n={self.n}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+def check_bank_rows(n: int, rows: int, dist) -> None:
+    """A bank of ``n`` decoders serves a batch of ``rows`` distributions in order, unless ``dist``
+    names the member for each row."""
+    if n > 1 and dist is None and rows != n:
+        raise ValueError(
+            f"batch holds {rows} distributions but the model has {n} decoders; "
+            "pass the distributions' indices (batch.dist) to pick decoders"
+        )
+
+
 class BatchedMLP(nn.Module):
     """K MLPs of identical shape evaluated together: (K, ..., in) -> (K, ..., out)."""
 
@@ -76,11 +86,7 @@ class BatchedMLP(nn.Module):
 
     def forward(self, z: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
         K, mid = z.shape[0], z.shape[1:-1]
-        if self.n > 1 and dist is None and K != self.n:
-            raise ValueError(
-                f"batch holds {K} distributions but the model has {self.n} decoders; "
-                "pass the distributions' indices (batch.dist) to pick decoders"
-            )
+        check_bank_rows(self.n, K, dist)
         h = z.reshape(K, -1, z.shape[-1])
         for i, layer in enumerate(self.layers):
             h = layer(h, dist)
