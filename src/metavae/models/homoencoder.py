@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.meta import PooledContext
 from ..distributions import LOG_2PI, Bernoulli, GaussianLatent
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import MeanPool
@@ -251,6 +252,8 @@ class HomoEncoder(HierarchicalVAE):
         x, context = batch.x, batch.context
         if context is None:
             raise ValueError("the VHE needs a context set per query: train with context_size >= 1")
+        if isinstance(context, PooledContext):  # no shared pre-pool work to reuse here: plain sets
+            context = context.materialize()
         ne = len(self.event_shape)
         K, B = x.shape[:2]
         if context.dim() != ne + 3:
