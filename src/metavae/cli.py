@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="gather finished runs into the paper's tables and figures")
-    rep.add_argument("benchmark", help="mnist")
+    rep.add_argument("benchmark", help="mnist or norb")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
     return p

@@ -68,9 +68,13 @@ def embed_images(model, images: torch.Tensor, context_size: int, generator: torc
     return torch.cat(out)
 
 
-def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device, progress=True):
+def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device, progress=True,
+                 spread: dict | None = None):
     """Linear-probe test accuracy per unseen value: embed the value's train part (contexts from its
-    train part) and test part (contexts from its test part), fit on train, score on test."""
+    train part) and test part (contexts from its test part), fit on train, score on test.
+    ``spread``, if given, receives per value the mean over dimensions of the standard deviation of
+    the test embeddings across images (about 1 for a latent dimension in use under an N(0, I)
+    prior; near 0 when the posterior has collapsed onto the prior)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator(device=device).manual_seed(seed + 5)
@@ -80,31 +84,51 @@ def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, see
         ztr = embed_images(model, tr_x, cfg.context_size, gen, cfg.embed_chunk, device)
         zte = embed_images(model, te_x, cfg.context_size, gen, cfg.embed_chunk, device)
         acc[v] = fit_probe(ztr.numpy(), tr_y.numpy(), zte.numpy(), te_y.numpy())[1]
+        if spread is not None:
+            spread[v] = float(zte.std(dim=0).mean())
     return acc
 
 
-def invariance_distances(model, test_by_axis: dict, base: dict, cfg: InvarianceConfig, seed: int, device) -> dict:
-    """Table 1: for each axis, the mean over test images and non-base values v of
+def invariance_distances(model, test_by_axis: dict, base: dict, cfg: InvarianceConfig, seed: int, device,
+                         pairs: dict | None = None) -> dict:
+    """Table 1: for each axis, the mean over non-base values v of the mean over test images of
     ||mu(T_v x) - mu(T_base x)||_2, each embedding with a context from its own value's test set.
-    ``test_by_axis[axis][v]`` are the same images (same order) under value v."""
+
+    Without ``pairs``, ``test_by_axis[axis][v]`` are the same images (same order) under value v
+    (transformed MNIST). With ``pairs[axis][v] = (iv, ib)``, index tensors into value v's and the
+    base value's images, the groups may hold different images and row iv[j] of v corresponds to
+    row ib[j] of the base (small NORB: same toy, camera and other factors); every group is
+    embedded whole (its contexts drawn from all of it), then the pairs are compared."""
     gen = torch.Generator(device=device).manual_seed(seed + 7)
     out = {}
     for axis, by_value in test_by_axis.items():
         ref = embed_images(model, by_value[base[axis]], cfg.context_size, gen, cfg.embed_chunk, device)
-        dists = [(embed_images(model, imgs, cfg.context_size, gen, cfg.embed_chunk, device) - ref).norm(dim=1).mean()
-                 for v, imgs in by_value.items() if v != base[axis]]
+        dists = []
+        for v, imgs in by_value.items():
+            if v == base[axis]:
+                continue
+            z = embed_images(model, imgs, cfg.context_size, gen, cfg.embed_chunk, device)
+            if pairs is None:
+                dists.append((z - ref).norm(dim=1).mean())
+            else:
+                iv, ib = pairs[axis][v]
+                if len(iv) == 0:
+                    raise ValueError(f"Table 1: no image of {axis} value {v} corresponds to one of the base value")
+                dists.append((z[iv] - ref[ib]).norm(dim=1).mean())
         out[axis] = float(torch.stack(dists).mean())
     return out
 
 
 def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, names: list, cfg: InvarianceConfig,
-                  out: Path, seed: int, device: str, progress: bool):
+                  out: Path, seed: int, device: str, progress: bool, model_kwargs: dict | None = None):
     """Build ``model_name`` and train it through the one Trainer on the seen distributions, with
-    the seen values' test parts as validation (the reference's protocol)."""
+    the seen values' test parts as validation (the reference's protocol). ``model_kwargs`` go to
+    `make_model` (e.g. conv ``channels``, ``hidden``, ``c_dim``, ``n_components``)."""
     data = MetaDataset.from_parts(train=train_sets, val=val_sets, names=names)
     seed_everything(seed)
     event = tuple(train_sets[0].shape[1:])
-    model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim)
+    model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
+                       **(model_kwargs or {}))
     pool = cfg.context_pool if model_name == "metavae" else None
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
                      context_pool=pool, seed=seed, device=device)
@@ -127,21 +151,24 @@ def accuracy_figure(path: Path, panels: list, title: str) -> None:
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    order = ["metavae", "vhe-vampprior", "vhe", "ns", "vae"]
+    names = order + sorted({n for panel in panels for n in panel["curves"]} - set(order))
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per model in every panel
     for ax, panel in zip(axes.flat, panels):
         values = list(panel["values"])
         pos = {v: i for i, v in enumerate(values)}
         for v in panel["seen"]:
             ax.axvspan(pos[v] - 0.5, pos[v] + 0.5, color="#dddddd", lw=0)
-        for name, accs in panel["curves"].items():
+        for name, accs in sorted(panel["curves"].items(), key=lambda kv: names.index(kv[0])):
             xs = [pos[v] for v in values if v in accs]
-            ax.plot(xs, [accs[v] for v in values if v in accs], "o-", ms=3, label=name)
+            ax.plot(xs, [accs[v] for v in values if v in accs], "o-", ms=3, label=name, color=color[name])
         ax.set_xticks(range(len(values)), [str(v) for v in values], rotation=90, fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_title(panel["title"], fontsize=10)
         ax.set_ylabel("probe accuracy")
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
     fig.suptitle(title + " (grey: seen values)")
     fig.tight_layout()
     save_figure(fig, path)
