@@ -8,6 +8,7 @@ architecture (the experiments' ``--model`` option). Every model has ``loss(batch
 """
 from ..distributions import make_likelihood
 from .conv_metavae import build_conv_metavae, build_conv_vae
+from .expfam import build_expfam_metavae
 from .homoencoder import HierarchicalVAE, HomoEncoder, build_homoencoder
 from .metavae import LossOutput, MetaVAE, build_mlp_metavae, build_vae
 from .statistician import NeuralStatistician, build_statistician
@@ -17,6 +18,7 @@ BUILDERS = {
     "conv_metavae": build_conv_metavae,
     "homoencoder": build_homoencoder,
     "statistician": build_statistician,
+    "expfam_metavae": build_expfam_metavae,
 }
 
 MODEL_NAMES = ("metavae", "ns", "vhe", "vhe-vampprior", "vae")

@@ -1,0 +1,401 @@
+"""Demo: inference for classical mechanics (paper section "Demo: Inference for Classical Mechanics").
+
+A box with friction mu ~ U(0.0001, 1) slides down an inclined plane of length L and angle A; we
+observe its noisy descent time. Meta-compiled inference (Eq. 14) fits q(mu | D, x) on 25 training
+simulators (L in {2..10}, A in {20..60}) by minimising -log q(mu_true | D, x), where the context D
+holds *observations only* of the same simulator. The baseline is compiled inference q(mu | x) on the
+one simulator L=10, A=45. Both are scored on the 304 simulators L = 1..19, A = 5..80 against the
+exact Bayes posterior mean, the floor no method can beat.
+
+Inputs: a descent time t enters as 1/t^2 with a censored flag (a box that never slides has
+t = 1e5, which is no time at all). 1/t^2 is proportional to the box's acceleration, hence affine in
+the friction, and scales as 1/L. For the MetaVAE it is standardised by the mean and standard
+deviation of the context's sliding boxes, which removes the plane's length and puts every
+simulator's sliding boxes on one scale; what the network must still learn from D is the range of
+frictions that slide (from the censored fraction) and how much to trust a time where the noise
+matters. The single-simulator baseline, with no context, is standardised with fixed constants.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import physics as P
+from ..data.meta import MetaDataset
+from ..models.compiled import build_compiled_inference
+from ..train import Trainer, TrainConfig, resolve_device, seed_everything
+from .common import config_dict, markdown_table, save_figure, write_metrics, write_report
+
+DESCRIPTION = "Inclined plane: meta-compiled inference of friction over 25 simulators vs one, on 304 unseen, vs Bayes"
+OPTIONS: set[str] = set()
+REGION = (20, 70)  # the paper's claim: MSE < 0.001 for A in [20, 70] (and L in [2, 20])
+PAPER_CLAIM = 0.001
+
+
+@dataclass(frozen=True)
+class PhysicsConfig:
+    train_samples: int = 1000  # simulations per training simulator (the reference's count)
+    val_samples: int = 1000
+    test_samples: int = 1000  # queries per test simulator (the reference's count)
+    context_pool: int = 1000  # separate observations per test simulator that contexts are drawn from
+    eval_contexts: int = 20  # context sets per test simulator, each shared by test_samples / eval_contexts queries
+    context_size: int = 256  # |D|: observed times of the same simulator (no friction values)
+    batch_size: int = 64  # queries per simulator and step
+    epochs: int = 8
+    steps_per_epoch: int = 300
+    lr: float = 1e-3
+    hidden: tuple = (64, 64)
+    summary: tuple = (64, 64, 64)
+    query: tuple = ()  # optional MLP on the query features before the head
+    standardize: bool = True  # 1/t^2 standardised on the context's sliding boxes (see StandardizeOnContext)
+    grad_clip: float | None = 10.0
+    baseline_epochs: int = 8  # the single-simulator baseline trains this long with the same steps
+
+
+PRESETS = {
+    "quick": PhysicsConfig(),
+    "paper": PhysicsConfig(epochs=30, baseline_epochs=30, lr=5e-4),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+def features(x: torch.Tensor) -> torch.Tensor:
+    """Observed times (...) -> features (..., 2): [1 / t^2 (0 if censored), censored flag].
+
+    For a sliding box 1/t^2 ~ a / (2L) is affine in the friction (a = g sin A - g cos A mu), up to
+    the Euler step and the noise; a censored time (1e5, no time at all) becomes the flag.
+    """
+    censored = x == P.CENSORED_TIME
+    inv_sq = torch.where(censored, torch.zeros_like(x), x.clamp(min=1e-3) ** -2)
+    return torch.stack([inv_sq, censored.to(inv_sq.dtype)], dim=-1).float()
+
+
+class StandardizeOnContext(nn.Module):
+    """Standardise feature 0 of the query and of its context by the mean and standard deviation of
+    the context's uncensored elements (flag, feature 1, = 0); censored elements keep 0. Parameter-free.
+
+    1/t^2 scales as 1/L, so this removes the plane's length. And because mu ~ U(0, min(1, tan A)) on
+    the boxes that slide and 1/t^2 is affine in mu, the standardised value alone gives the friction
+    relative to the sliding range: what is left to learn is that range (from the censored fraction)
+    and how much to shrink where the timing noise matters.
+    """
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None):
+        if context is None:
+            return x, None
+        v, flag = context[..., 0], context[..., 1]
+        w = 1 - flag
+        n = w.sum(-1)
+        mean = (v * w).sum(-1) / n.clamp(min=1)
+        var = (w * (v - mean.unsqueeze(-1)) ** 2).sum(-1) / (n - 1).clamp(min=1)
+        std = torch.where(n > 1, var.sqrt().clamp(min=1e-6), torch.ones_like(var))
+        xq = torch.stack([(x[..., 0] - mean) / std * (1 - x[..., 1]), x[..., 1]], dim=-1)
+        xc = torch.stack([(v - mean.unsqueeze(-1)) / std.unsqueeze(-1) * w, flag], dim=-1)
+        return xq, xc
+
+
+class FixedStandardize(nn.Module):
+    """The no-context baseline's version: feature 0 standardised with constants (its training
+    simulator's uncensored mean and standard deviation), stored as buffers."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor, context=None):
+        return torch.stack([(x[..., 0] - self.mean) / self.std * (1 - x[..., 1]), x[..., 1]], dim=-1), None
+
+
+def _model(cfg: PhysicsConfig, data: MetaDataset | None = None):
+    """The MetaVAE (``data=None``) or the no-context baseline standardised on ``data``."""
+    if data is None:
+        pre = StandardizeOnContext() if cfg.standardize else None
+        return build_compiled_inference(2, z_dim=1, hidden=cfg.hidden, summary=cfg.summary, query=cfg.query or None,
+                                        preprocess=pre)
+    part = data.part("train")
+    v = part.data[..., 0][part.data[..., 1] == 0]
+    return build_compiled_inference(2, z_dim=1, hidden=cfg.hidden, summary=None, query=cfg.query or None,
+                                    preprocess=FixedStandardize(v.mean(), v.std()))
+
+
+def _dataset(sims, cfg: PhysicsConfig, gen: torch.Generator) -> MetaDataset:
+    n = cfg.train_samples + cfg.val_samples
+    x, mu, _ = P.simulate_many(sims, n, gen)
+    feats, labels = features(x), mu.unsqueeze(-1)
+    cut = cfg.train_samples
+    return MetaDataset.from_parts(
+        train=list(feats[:, :cut]), val=list(feats[:, cut:]),
+        train_labels=list(labels[:, :cut]), val_labels=list(labels[:, cut:]),
+        names=[f"L={L},A={A}" for L, A in sims],
+    )
+
+
+def _train(name, model, data, cfg, epochs, out, device, seed, progress):
+    tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
+                     steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip, seed=seed,
+                     device=device)
+    Trainer(model, data, tc, out_dir=out / "checkpoints" / name, progress=progress, desc=name).fit()
+    return model.to("cpu").eval()
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model, x: torch.Tensor, pool: torch.Tensor | None, context_size: int, n_sets: int,
+            gen: torch.Generator) -> torch.Tensor:
+    """Posterior means (S, n) for queries x (S, n) of S simulators. The n queries of a simulator are
+    split into ``n_sets`` groups, each sharing one context set of ``context_size`` observations drawn
+    without replacement from that simulator's ``pool`` (S, m) of other observations."""
+    S, n = x.shape
+    fx = features(x)
+    if not model.uses_context:
+        return model.embed(fx).squeeze(-1)
+    if n % n_sets:
+        raise ValueError(f"test_samples ({n}) must be a multiple of eval_contexts ({n_sets})")
+    idx = torch.rand(S, n_sets, pool.shape[1], generator=gen).argsort(-1)[..., :context_size]
+    ctx = features(torch.gather(pool.unsqueeze(1).expand(-1, n_sets, -1), 2, idx))  # (S, G, N, 2)
+    q = fx.reshape(S, n_sets, n // n_sets, 2)
+    return model.embed(q, ctx.unsqueeze(2)).reshape(S, n)
+
+
+def bayes_posterior_means(x: torch.Tensor, sims) -> torch.Tensor:
+    return torch.stack([P.posterior_mean(x[k].double(), L, A) for k, (L, A) in enumerate(sims)]).float()
+
+
+def region_mask(sims, region=REGION) -> np.ndarray:
+    return np.array([region[0] <= A <= region[1] for _, A in sims])
+
+
+def run(cfg: PhysicsConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    meta_data = _dataset(P.TRAIN_SIMULATORS, cfg, gen)
+    base_data = _dataset([P.BASELINE_SIMULATOR], cfg, gen)
+    # Test simulations come from their own stream, so they do not depend on the training settings.
+    tgen = torch.Generator().manual_seed(seed + 10_000)
+    sims = P.TEST_SIMULATORS
+    tx, tmu, _ = P.simulate_many(sims, cfg.test_samples, tgen)
+    pool, _, _ = P.simulate_many(sims, cfg.context_pool, tgen)
+
+    seed_everything(seed + 1)
+    meta = _train("metavae", _model(cfg), meta_data, cfg, cfg.epochs, out, device, seed, progress)
+    seed_everything(seed + 2)
+    vae = _train("vae", _model(cfg, base_data), base_data, cfg, cfg.baseline_epochs, out, device, seed, progress)
+    train_seconds = time.time() - t0
+
+    egen = torch.Generator().manual_seed(seed + 20_000)
+    preds = {
+        "metavae": predict(meta, tx, pool, cfg.context_size, cfg.eval_contexts, egen),
+        "vae": predict(vae, tx, None, cfg.context_size, cfg.eval_contexts, egen),
+        "bayes": bayes_posterior_means(tx, sims),
+    }
+    per_sim = {k: ((p - tmu) ** 2).mean(1).double().numpy() for k, p in preds.items()}
+    mask = region_mask(sims)
+
+    def summary(sel):
+        mse = {k: float(v[sel].mean()) for k, v in per_sim.items()}
+        ratio = {k: mse[k] / mse["bayes"] for k in ("metavae", "vae")}
+        return mse, ratio
+
+    mse, ratio = summary(np.ones(len(sims), dtype=bool))
+    r_mse, r_ratio = summary(mask)
+    trained = np.array([(L, A) in set(P.TRAIN_SIMULATORS) for L, A in sims])
+    u_mse, u_ratio = summary(mask & ~trained)
+    grid = [[int(L), int(A), float(per_sim["metavae"][i]), float(per_sim["vae"][i]), float(per_sim["bayes"][i])]
+            for i, (L, A) in enumerate(sims)]
+    metrics = {
+        "mse": mse,
+        "ratio_to_bayes": ratio,
+        "region": {"A": list(REGION), "mse": r_mse, "ratio_to_bayes": r_ratio,
+                   "pass": bool(r_ratio["metavae"] <= 1.5 and r_mse["metavae"] < r_mse["vae"])},
+        "region_unseen_only": {"A": list(REGION), "mse": u_mse, "ratio_to_bayes": u_ratio},
+        "grid": grid,
+        "grid_columns": ["L", "A", "metavae", "vae", "bayes"],
+        "censored_floor": {str(A): _floor(A) for A in range(5, 85, 5)},
+        "paper": {"claim": f"MSE < {PAPER_CLAIM} for A in [20, 70], L in [2, 20]"},
+        "config": config_dict(cfg),
+        "seed": seed,
+        "device": str(dev),
+        "train_seconds": round(train_seconds, 1),
+    }
+    write_metrics(out, metrics)
+    _figures(out, sims, per_sim)
+    write_report(out, _report(metrics, cfg, sims, per_sim))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- figures and report
+def _floor(A: float) -> float:
+    """The censoring floor, with the rounding residue of tan(45 deg) = 0.999... shown as 0."""
+    f = P.censored_mse_floor(A)
+    return 0.0 if f < 1e-12 else f
+
+
+def _as_grid(sims, values) -> np.ndarray:
+    Ls = sorted({L for L, _ in sims})
+    As = sorted({A for _, A in sims})
+    g = np.full((len(Ls), len(As)), np.nan)
+    for (L, A), v in zip(sims, values):
+        g[Ls.index(L), As.index(A)] = v
+    return g
+
+
+def _figures(out: Path, sims, per_sim: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    Ls = sorted({L for L, _ in sims})
+    As = sorted({A for _, A in sims})
+    grids = {k: _as_grid(sims, v) for k, v in per_sim.items()}
+    vmin = max(min(np.nanmin(g) for g in grids.values()), 1e-6)
+    vmax = max(np.nanmax(g) for g in grids.values())
+    norm = LogNorm(vmin=vmin, vmax=vmax)
+    titles = {"metavae": "MetaVAE (25 simulators, context D)", "vae": "VAE (one simulator, L=10, A=45)",
+              "bayes": "Bayes-optimal (exact posterior mean)"}
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6))
+    fig.subplots_adjust(left=0.04, right=0.9, wspace=0.18, top=0.85)
+    for ax, key in zip(axes, ("metavae", "vae", "bayes")):
+        im = ax.imshow(grids[key], origin="lower", cmap="viridis_r", norm=norm, aspect="auto",
+                       extent=(As[0] - 2.5, As[-1] + 2.5, Ls[0] - 0.5, Ls[-1] + 0.5))
+        for L, A in P.TRAIN_SIMULATORS:
+            ax.add_patch(Rectangle((A - 2.5, L - 0.5), 5, 1, fill=False, ec="white", lw=0.8))
+        ax.axvline(REGION[0] - 2.5, color="red", ls="--", lw=1)
+        ax.axvline(REGION[1] + 2.5, color="red", ls="--", lw=1)
+        ax.set_title(f"{titles[key]}\nmean MSE {np.nanmean(grids[key]):.4f}")
+        ax.set_xlabel("angle A (degrees)")
+        ax.set_ylabel("length L")
+        ax.set_xticks(As[::2])
+        ax.set_yticks([L for L in Ls if L == 1 or L % 3 == 0])
+    fig.colorbar(im, cax=fig.add_axes((0.92, 0.11, 0.012, 0.74)),
+                 label="MSE of friction (one log colour scale; lighter is better)")
+    fig.suptitle("Friction MSE on 304 simulators (white boxes: the 25 training simulators; red: A in [20, 70])")
+    save_figure(fig, out / "heatmaps.png")
+
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    ratio = grids["metavae"] / grids["bayes"]
+    im = ax.imshow(ratio, origin="lower", cmap="magma_r", norm=LogNorm(vmin=1, vmax=max(2.0, np.nanmax(ratio))),
+                   aspect="auto", extent=(As[0] - 2.5, As[-1] + 2.5, Ls[0] - 0.5, Ls[-1] + 0.5))
+    for L, A in P.TRAIN_SIMULATORS:
+        ax.add_patch(Rectangle((A - 2.5, L - 0.5), 5, 1, fill=False, ec="tab:blue", lw=0.8))
+    ax.set_xticks(As[::2])
+    ax.set_yticks([L for L in Ls if L == 1 or L % 3 == 0])
+    ax.set_xlabel("angle A (degrees)")
+    ax.set_ylabel("length L")
+    ax.set_title("MetaVAE MSE / Bayes-optimal MSE (1 = optimal)")
+    fig.colorbar(im, ax=ax)
+    save_figure(fig, out / "ratio_to_bayes.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style in (("metavae", "-o"), ("vae", "--s"), ("bayes", "-k")):
+        ax.semilogy(As, np.nanmean(grids[key], axis=0), style, label=key, ms=4)
+    ax.semilogy(As, [_floor(A) or np.nan for A in As], ":", color="grey", label="censoring floor")
+    ax.axhline(PAPER_CLAIM, color="red", lw=0.8, ls="--", label="paper's claim (< 0.001)")
+    ax.axvspan(*REGION, color="green", alpha=0.08)
+    ax.set_xlabel("angle A (degrees)")
+    ax.set_ylabel("MSE, mean over L = 1..19")
+    ax.legend()
+    save_figure(fig, out / "mse_vs_angle.png")
+
+
+def _report(m: dict, cfg: PhysicsConfig, sims, per_sim) -> str:
+    def row(name, block):
+        return [name, block["mse"]["metavae"], block["mse"]["vae"], block["mse"]["bayes"],
+                block["ratio_to_bayes"]["metavae"], block["ratio_to_bayes"]["vae"]]
+
+    headers = ["simulators", "MetaVAE MSE", "VAE MSE", "Bayes MSE", "MetaVAE / Bayes", "VAE / Bayes"]
+    rows = [row("all 304", m), row(f"A in [{REGION[0]}, {REGION[1]}] (209)", m["region"]),
+            row(f"A in [{REGION[0]}, {REGION[1]}], unseen only", m["region_unseen_only"])]
+    As = sorted({A for _, A in sims})
+    grids = {k: _as_grid(sims, v) for k, v in per_sim.items()}
+    by_angle = [[A, float(np.nanmean(grids["metavae"][:, j])), float(np.nanmean(grids["vae"][:, j])),
+                 float(np.nanmean(grids["bayes"][:, j])), _floor(A)] for j, A in enumerate(As)]
+    verdict = "holds" if m["region"]["pass"] else "does NOT hold"
+    claim = [(L, A) for i, (L, A) in enumerate(sims) if REGION[0] <= A <= REGION[1] and L >= 2]
+    idx = {sim: i for i, sim in enumerate(sims)}
+    n_bayes = sum(per_sim["bayes"][idx[s]] < PAPER_CLAIM for s in claim)
+    n_meta = sum(per_sim["metavae"][idx[s]] < PAPER_CLAIM for s in claim)
+    n_both = sum(per_sim["metavae"][idx[s]] < PAPER_CLAIM and per_sim["bayes"][idx[s]] < PAPER_CLAIM for s in claim)
+    return f"""# Inference for classical mechanics (inclined plane)
+
+MSE between the true friction and the posterior mean, averaged over {cfg.test_samples} fresh simulations per
+simulator, on the 304 simulators L = 1..19, A = 5..80 (step 5). "Bayes" is the exact posterior mean
+E[mu | x] given the true (L, A): the floor no method can beat.
+
+{markdown_table(headers, rows)}
+
+Acceptance check (MetaVAE at most 1.5x Bayes over A in [20, 70], and below the VAE): **{verdict}**
+(ratio {m['region']['ratio_to_bayes']['metavae']:.3f}).
+
+Paper: "less than 0.001 MSE for A in [20, 70] and L in [2, 20]" for the MetaVAE, and a VAE trained on
+L=10, A=45 that is much worse. The MetaVAE-vs-VAE ordering reproduces; the 0.001 level cannot: with
+mu ~ U(0.0001, 1) every box with mu >= tan A never slides, and its friction is then only known to lie
+in [tan A, 1]. That alone costs P(censored) (1 - tan A)^2 / 12 (the "censoring floor" below), e.g.
+{P.censored_mse_floor(20):.4f} at A = 20 and {P.censored_mse_floor(30):.4f} at A = 30; the exact Bayes MSE over
+A in [20, 70] is {m['region']['mse']['bayes']:.4f}. Of the {len(claim)} simulators the claim covers (A in [20, 70], L >= 2),
+the Bayes-optimal MSE is below 0.001 on {n_bayes}; the MetaVAE's is below 0.001 on {n_meta} ({n_both} of them where Bayes is too).
+
+![heatmaps](heatmaps.png)
+
+![mse vs angle](mse_vs_angle.png)
+
+![ratio to Bayes](ratio_to_bayes.png)
+
+Per angle (mean over L = 1..19):
+
+{markdown_table(["A", "MetaVAE", "VAE", "Bayes", "censoring floor"], by_angle)}
+
+## Setup
+- Simulator of PROTOCOL section 9 (Euler steps dt = 0.005, noise 0.02 s, censored time 1e5), computed in
+  closed form (tests show it equals the stepwise loop); friction mu ~ U(0.0001, 1).
+- Training: the 25 simulators L in {{2, 4, 6, 8, 10}}, A in {{20, 30, 40, 50, 60}}, {cfg.train_samples} simulations each
+  for training and {cfg.val_samples} for validation (best epoch by validation loss). The baseline trains on the
+  single simulator L = 10, A = 45 with the same network minus the context.
+- Objective (Eq. 14, meta-compiled inference): minimise -log N(mu_true; m(D, x), s^2(D, x)); the context D
+  holds {cfg.context_size} observed times of the same simulator and no friction values.
+- Inputs: 1/t^2 and a censored flag (t = 1e5 becomes 1/t^2 = 0, flag 1). The MetaVAE standardises 1/t^2 of
+  the query and of D by the mean and standard deviation of D's sliding boxes (standardize = {cfg.standardize}):
+  1/t^2 ~ a / (2L) is affine in the friction and scales as 1/L, so this removes the length and the part of the
+  angle that only rescales the times. The VAE standardises with the constants of its one training simulator.
+- Networks: set summary = mean pooling of an MLP {list(cfg.summary)} (ReLU); head MLP {list(cfg.hidden)} on
+  [query features, summary] -> (m, log s^2); Adam lr {cfg.lr}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps,
+  {cfg.batch_size} queries per simulator per step, one context set per simulator and step.
+- Evaluation: per test simulator, {cfg.eval_contexts} context sets of {cfg.context_size} observations drawn from
+  {cfg.context_pool} separate simulations of that simulator, each shared by {cfg.test_samples // cfg.eval_contexts} queries.
+
+## Design notes (from trial runs, seed 0, 5 epochs each; not recomputed by this command)
+- Inputs matter most. With log(t) centred on the mean log(t) of D (instead of 1/t^2 standardised on D), the
+  MetaVAE/Bayes ratio over A in [20, 70] was 1.42-1.65: the network had to extrapolate to the unseen angles
+  65-70 (3-4x Bayes there). Standardising 1/t^2 makes every simulator's sliding boxes look alike, and the ratio
+  fell to 1.06.
+- |D| matters next: with standardised 1/t^2 the ratio was 1.63 with 20 context observations (the reference's
+  count), 1.20 with 64 and 1.06 with 256 (the default): D must pin down the spread of 1/t^2 and the censored
+  fraction.
+- The VAE's estimates are not clipped to the prior's [0, 1]; on unseen simulators they stray far outside it,
+  hence MSEs above the prior variance 1/12.
+
+## Differences from the paper/reference
+- Context D = observations only, as the paper says; the reference also fed the true friction of the
+  context's simulations (a leak of the answer's distribution), which we do not.
+- Inputs are normalised (1/t^2 standardised on D, censored flag); the reference fed raw times, including
+  the 1e5 of censored runs.
+- The loss is averaged over the 25 simulators; the reference summed it.
+- Mean pooling divides by the set size (the reference divided the sum by the batch size).
+- Context size {cfg.context_size} (reference: 20 (x, z) pairs); network sizes, lr and steps are ours (reference:
+  summary 2-2-2-2, encoder 3-10-10-2, Adam 2e-4, batch 64, 10 epochs).
+- The reference's scripts do not run (undefined names, mislabelled result rows); the test grid here is the
+  reference's (L = 1..19, A = 5..80), not the paper's looser "L in [1, 20], A in [5, 85]".
+- The Bayes-optimal MSE and the censoring floor are our additions: they show why the paper's "< 0.001"
+  cannot hold where boxes stop (A <= 45 degrees).
+"""
