@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from metavae import Gaussian, build_mlp_metavae, elbo, iw_log_likelihood, meta_elbo
 from metavae.data.meta import Batch

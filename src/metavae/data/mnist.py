@@ -16,6 +16,7 @@ import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -139,7 +140,13 @@ def download_file(filename: str, dest_dir: str | os.PathLike, mirrors=MIRRORS,
     """
     if md5 is None and filename not in MD5:
         raise ValueError(f"no known md5 for {filename!r}; known files: {sorted(MD5)}")
-    expected = md5 or MD5[filename]
+    return fetch_verified(filename, dest_dir, mirrors, md5 or MD5[filename], _fetch)
+
+
+def fetch_verified(filename: str, dest_dir: str | os.PathLike, mirrors: Sequence[str], expected: str,
+                   fetch) -> Path:
+    """Try each mirror in turn: download to a temp file, check its md5, rename it into place.
+    Shared by every data set's downloader (MNIST, smallNORB); ``fetch(url, dest)`` does the I/O."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / filename
@@ -151,7 +158,7 @@ def download_file(filename: str, dest_dir: str | os.PathLike, mirrors=MIRRORS,
         tmp = Path(tmp_name)
         try:
             logger.info("downloading %s", url)
-            _fetch(url, tmp)
+            fetch(url, tmp)
             got = _md5(tmp)
             if got != expected:
                 failures.append(f"{url}: md5 mismatch (got {got}, expected {expected})")

@@ -32,8 +32,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import struct
 import tempfile
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ import torch
 
 from . import mnist as _mnist
 from .meta import MetaDataset
-from .transforms import SPLIT_ALIASES, _round_pass_, _scale_matrices
+from .transforms import _round_pass_, _scale_matrices, resolve_split  # same split names
 
 __all__ = [
     "AXES",
@@ -272,29 +272,7 @@ def download_file(filename: str, dest_dir: str | os.PathLike, mirrors: Sequence[
     """Fetch one official file into dest_dir, md5-checked, via a temp file and atomic rename."""
     if md5 is None and filename not in MD5:
         raise ValueError(f"no known md5 for {filename!r}; known files: {sorted(MD5)}")
-    expected = md5 or MD5[filename]
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for mirror in mirrors:
-        url = mirror + filename
-        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{filename}.", suffix=".part")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            logger.info("downloading %s", url)
-            _fetch(url, tmp)
-            got = _mnist._md5(tmp)
-            if got != expected:
-                failures.append(f"{url}: md5 mismatch (got {got}, expected {expected})")
-                continue
-            os.replace(tmp, dest_dir / filename)
-            return dest_dir / filename
-        except OSError as exc:  # URLError, HTTPError and timeouts are all OSErrors
-            failures.append(f"{url}: {exc}")
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise _mnist.DownloadError(f"could not download {filename} into {dest_dir}: " + "; ".join(failures))
+    return _mnist.fetch_verified(filename, dest_dir, mirrors, md5 or MD5[filename], _fetch)
 
 
 def _locate(folder: Path, name: str, download: bool, from_cache: bool) -> Path:
@@ -485,16 +463,6 @@ def _check_axis(axis: str) -> str:
     if axis not in AXES:
         raise ValueError(f"unknown NORB axis {axis!r}; expected one of {AXES}")
     return axis
-
-
-def resolve_split(name: str) -> str:
-    """Map a split name (paper's or reference code's, any case) to the paper's name."""
-    key = str(name).strip().lower()
-    key = SPLIT_ALIASES.get(key, key)
-    if key not in SPLITS["elevation"]:
-        known = sorted(SPLITS["elevation"]) + sorted(SPLIT_ALIASES)
-        raise ValueError(f"unknown meta-split {name!r}; expected one of {known}")
-    return key
 
 
 def get_split(axis: str, split: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

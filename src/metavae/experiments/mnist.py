@@ -5,11 +5,10 @@ also measures Table 1's invariance distances."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 
 from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
