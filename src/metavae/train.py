@@ -239,7 +239,8 @@ class Trainer:
         if self.last_path is None or not self.last_path.exists():
             return False
         try:
-            ckpt = torch.load(self.last_path, map_location=self.device, weights_only=False)
+            # to the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device
+            ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
         except Exception as e:  # a corrupt file names itself rather than dying deep in pickle
             raise RuntimeError(f"cannot read checkpoint {self.last_path}: {e}") from e
         if ckpt.get("model_config") != self._model_config():
@@ -247,8 +248,9 @@ class Trainer:
                 f"checkpoint {self.last_path} was written by a different model configuration; "
                 "use another --out or delete it to start afresh"
             )
-        saved = {k: v for k, v in ckpt["train_config"].items() if k not in ("epochs", "device")}
-        now = {k: v for k, v in asdict(self.cfg).items() if k not in ("epochs", "device")}
+        runtime = ("epochs", "device", "amp", "compile")  # may change between launches
+        saved = {k: v for k, v in ckpt["train_config"].items() if k not in runtime}
+        now = {k: v for k, v in asdict(self.cfg).items() if k not in runtime}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise ValueError(f"checkpoint {self.last_path} used other training settings ({', '.join(diff)})")
