@@ -43,8 +43,9 @@ class Batch:
     """A query batch with one context set per query, all distributions stacked on dim 0.
 
     ``x``: (K, B, *event); ``context``: (K, B, N, *event), (K, 1, N, *event) when the B queries
-    share one set, a `PooledContext`, or None (no context, e.g. a VAE); ``labels``: (K, B, ...) or None; ``dist``: (K,) indices of the distributions in the dataset,
-    used by models with one decoder per training distribution.
+    share one set, a `PooledContext`, or None (no context, e.g. a VAE); ``labels``: (K, B, ...)
+    or None; ``dist``: (K,) indices of the distributions in the dataset, used by models with one
+    decoder per training distribution. It stays on the CPU, so choosing decoders needs no sync.
     """
 
     x: torch.Tensor
@@ -54,7 +55,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.x), move(self.context), move(self.labels), move(self.dist))
+        return Batch(move(self.x), move(self.context), move(self.labels), self.dist)  # dist: CPU, picks decoders
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,7 @@ class Part:
         labels = None
         if self.labels is not None:
             labels = self.gather_labels(query_idx)
-        return Batch(x, context, labels, torch.arange(self.n_distributions, device=x.device))
+        return Batch(x, context, labels, torch.arange(self.n_distributions))  # dist stays on the CPU
 
     def _pooled_context(self, query_idx, size: int, pool_size: int, generator) -> PooledContext:
         if pool_size < size:
