@@ -8,6 +8,7 @@ image's embedding moves when only the transformation changes.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,3 +173,27 @@ def accuracy_figure(path: Path, panels: list, title: str) -> None:
     fig.suptitle(title + " (grey: seen values)")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: str = "") -> tuple:
+    """Table 2 (contiguous mean unseen accuracy per axis and model) and Table 1 (the interleaved
+    MetaVAE's invariance distances per axis) from finished runs ``found[(axis, split, model)]``,
+    written as table1.json / table2.json; also the commands that would make the missing runs."""
+    from ..train import atomic_write_text
+
+    table2, table1, missing = {}, {}, []
+    for axis in axes:
+        table2[axis] = {}
+        for model in models:
+            m = found.get((axis, "contiguous", model))
+            table2[axis][model] = None if m is None else m["mean_unseen_accuracy"]
+            if m is None:
+                missing.append(f"metavae run {experiment}-{axis} --split contiguous --model {model}{flag}")
+        m = found.get((axis, "interleaved", "metavae"))
+        table1[axis] = None if m is None else m.get("invariance_distance")
+        if m is None:
+            missing.append(f"metavae run {experiment}-{axis} --split interleaved --model metavae{flag}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(table1, indent=2) + "\n", out / "table1.json")
+    atomic_write_text(json.dumps(table2, indent=2) + "\n", out / "table2.json")
+    return table1, table2, missing

@@ -14,7 +14,7 @@ from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
-from .invariance import PROBE, InvarianceConfig, accuracy_figure, invariance_distances, probe_unseen, train_on_seen
+from .invariance import PROBE, InvarianceConfig, gather_tables, accuracy_figure, invariance_distances, probe_unseen, train_on_seen
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
 BASE = {"rotation": 0, "scale": 1.0, "shear": 0}  # the untransformed value of each axis
@@ -148,23 +148,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     for path in sorted(runs.glob("mnist-*/*/*/metrics.json")):
         m = json.loads(path.read_text())
         found[(m["axis"], m["split"], m["model"])] = m
-    table2, missing = {}, []
-    for key in AXES:
-        table2[key] = {}
-        for model in ("metavae", "vhe-vampprior", "vhe", "ns"):
-            m = found.get((key, "contiguous", model))
-            table2[key][model] = None if m is None else m["mean_unseen_accuracy"]
-            if m is None:
-                missing.append(f"metavae run mnist-{key} --split contiguous --model {model}")
-    table1 = {}
-    for key in AXES:
-        m = found.get((key, "interleaved", "metavae"))
-        table1[key] = None if m is None else m.get("invariance_distance")
-        if m is None:
-            missing.append(f"metavae run mnist-{key} --split interleaved --model metavae")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table1.json").write_text(json.dumps(table1, indent=2) + "\n")
-    (out / "table2.json").write_text(json.dumps(table2, indent=2) + "\n")
+    table1, table2, missing = gather_tables(found, AXES, ("metavae", "vhe-vampprior", "vhe", "ns"), "mnist", out)
     panels = []
     for key, axis in AXES.items():
         for split in ("interleaved", "sparse", "contiguous"):

@@ -39,7 +39,7 @@ from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, Nor
                          get_split, group_names, group_values, load_norb, norb_meta, resolve_split)
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
-from .invariance import PROBE, InvarianceConfig, accuracy_figure, invariance_distances, probe_unseen, train_on_seen
+from .invariance import (PROBE, InvarianceConfig, accuracy_figure, gather_tables, invariance_distances, probe_unseen, train_on_seen)
 
 DATA_SEED = 0  # which images a preset's per-group subset keeps (fixed across runs and models)
 DATA_LABEL = {"smallnorb": "real smallNORB", "synthnorb": "synthnorb, the synthetic stand-in, NOT real smallNORB"}
@@ -378,23 +378,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
 
 def _report_one(found: dict, data: str, out: Path) -> dict:
     flag = "" if data == "synthnorb" else " --data-dir DIR"
-    table2, missing = {}, []
-    for axis in AXES:
-        table2[axis] = {}
-        for model in TABLE2_MODELS:
-            m = found.get((axis, "contiguous", model))
-            table2[axis][model] = None if m is None else m["mean_unseen_accuracy"]
-            if m is None:
-                missing.append(f"metavae run norb-{axis} --split contiguous --model {model}{flag}")
-    table1 = {}
-    for axis in AXES:
-        m = found.get((axis, "interleaved", "metavae"))
-        table1[axis] = None if m is None else m.get("invariance_distance")
-        if m is None:
-            missing.append(f"metavae run norb-{axis} --split interleaved --model metavae{flag}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table1.json").write_text(json.dumps(table1, indent=2) + "\n")
-    (out / "table2.json").write_text(json.dumps(table2, indent=2) + "\n")
+    table1, table2, missing = gather_tables(found, AXES, TABLE2_MODELS, "norb", out, flag)
     (out / "tables.json").write_text(json.dumps({
         "data": data, "data_label": DATA_LABEL[data], "table1": table1, "table2": table2,
         "paper_table1": PAPER_TABLE1, "paper_table2": PAPER_TABLE2, "paper_data": "smallnorb",
