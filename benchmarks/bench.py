@@ -9,7 +9,11 @@ backward matmuls/convs), achieved FLOP/s, and the dense fp32 matmul FLOP/s of a 
 measured in the same run, so ``fraction_of_peak = achieved / peak``. Also peak resident memory,
 the time of one epoch of the paper preset (60,000 images / B steps, extrapolated from the mean
 step time), and a sweep of step time over K, B and N (figure `step_time_sweep.png`).
-Results are merged into `benchmarks/results.json` under the device's name.
+On the CPU it also times the authors' own step pattern re-implemented in `reference_step.py`
+(per-image PIL transforms, per-query numpy context draws, a Python loop over the K datasets), so
+every MLP row carries ``speedup_vs_reference`` measured on this machine, beside
+``speedup_vs_issue``: 350 s (the issue's figure for one authors' epoch on another machine) over
+our epoch. Results are merged into `benchmarks/results.json` under the device's name.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from metavae.train import atomic_write_text, make_optimizer, resolve_device
 
 HERE = Path(__file__).resolve().parent
 PAPER_TRAIN_IMAGES = 60_000
+ISSUE_REFERENCE_EPOCH_S = 350.0  # the authors' epoch as measured in issue #7 (another machine)
 
 
 def sync(device):
@@ -168,13 +173,13 @@ def main(argv=None):
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_gflops": round(peak / 1e9, 2)}
     K, B, N = 9, 100, 10
     data = make_data(K, (784,), 6000, device)
-    res["metavae_mlp"] = record("metavae_mlp", build_mlp_metavae((784,), K).to(device), data, K, B, N, device, peak,
-                                steps)
-    res["metavae_mlp_pool100"] = record("metavae_mlp_pool100", build_mlp_metavae((784,), K).to(device), data, K, B,
-                                        N, device, peak, steps, pool=100)
+    mlp_rows = {"metavae_mlp": {}, "metavae_mlp_pool100": {"pool": 100}, "metavae_mlp_pool50": {"pool": 50}}
     if device.type == "cuda":
-        res["metavae_mlp_bf16"] = record("metavae_mlp_bf16", build_mlp_metavae((784,), K).to(device), data, K, B, N,
-                                         device, peak, steps, amp="bf16")
+        mlp_rows["metavae_mlp_bf16"] = {"amp": "bf16"}
+    for name, kw in mlp_rows.items():
+        row = record(name, build_mlp_metavae((784,), K).to(device), data, K, B, N, device, peak, steps, **kw)
+        row["speedup_vs_issue"] = round(ISSUE_REFERENCE_EPOCH_S / row["paper_epoch_s"], 2)
+        res[name] = row
     model = conv_model(3)
     if model is not None:
         cdata = make_data(3, (1, 32, 32), 2000, device)
@@ -185,6 +190,19 @@ def main(argv=None):
     if not args.quick:
         res["sweep"] = sweep(device, peak, max(3, steps // 3))
         plot_sweep(res["sweep"], args.out.with_name(f"step_time_sweep_{name}.png"), name)
+
+    if device.type == "cpu":  # last: its 1.7 GB of context caches would inflate the other rows' peak RSS
+        sys.path.insert(0, str(HERE))
+        from reference_step import reference_step_time
+
+        ref = {k: round(v, 1) for k, v in reference_step_time(steps=max(3, steps // 2)).items()}
+        res["reference_mlp"] = ref
+        print(f"{'reference_mlp':22s} {ref['step_ms']:9.1f} ms/step  (data {ref['data_ms']:.0f} ms, "
+              f"model {ref['model_ms']:.0f} ms)  epoch {ref['paper_epoch_s']:.0f} s", flush=True)
+        for name in mlp_rows:
+            res[name]["speedup_vs_reference"] = round(ref["step_ms"] / res[name]["step_ms"], 2)
+            print(f"  {name}: {res[name]['speedup_vs_reference']:.1f}x the reference step on this machine, "
+                  f"{res[name]['speedup_vs_issue']:.1f}x the issue's 350 s epoch", flush=True)
 
     merged = json.loads(args.out.read_text()) if args.out.exists() else {}
     merged[name] = res

@@ -214,6 +214,30 @@ def test_context_kl_weight_is_one_over_n(name):
     torch.testing.assert_close(r5.loss, r10.loss, rtol=1e-9, atol=1e-8)
 
 
+@pytest.mark.parametrize("name,arch", [("vhe", "mlp"), ("vhe-vampprior", "conv")])
+def test_vhe_pooled_context_gives_the_loss_of_explicit_sets(name, arch):
+    """With a `PooledContext` the VHE embeds each pool point once; the loss (same noise) equals the
+    loss on the materialised sets, N included in the 1/N weight."""
+    from metavae.data.meta import PooledContext
+
+    torch.manual_seed(0)
+    model = small_model(name, arch).double()
+    K, B, N, P = 3, 4, 5, 9
+    x = torch.rand(K, B, *model.event_shape, dtype=torch.float64)
+    pool = torch.rand(K, P, *model.event_shape, dtype=torch.float64)
+    index = torch.rand(K, B, P).argsort(-1)[..., :N]
+    pooled = Batch(x, PooledContext(pool, index), None, torch.arange(K))
+    plain = Batch(x, pooled.context.materialize(), None, torch.arange(K))
+    torch.manual_seed(3)
+    a = model.loss(pooled)
+    torch.manual_seed(3)
+    b = model.loss(plain)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-9, atol=1e-8)
+    assert a["kl_c_weight"] == 1 / N
+    with pytest.raises(ValueError, match="context pool index"):
+        model.loss(Batch(x[:, :2], pooled.context, None, torch.arange(K)))
+
+
 def test_ns_kl_weight_is_one_over_set_size():
     torch.manual_seed(0)
     model = small_model("ns", "mlp").double()

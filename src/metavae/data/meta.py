@@ -61,7 +61,7 @@ class Batch:
 def as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 tensors are images in [0, 255] stored compactly; models see floats in [0, 1]."""
     if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
+        return torch.div(x, 255.0)  # float32; one pass instead of convert-then-divide
     return x if x.is_floating_point() else x.float()
 
 

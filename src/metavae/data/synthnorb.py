@@ -22,6 +22,8 @@ What it is, mirroring smallNORB:
   (per part) from the same distribution whatever its category, and is scaled so that its mean
   silhouette area over a set of views is a random target from one common range, so neither
   brightness nor apparent size gives the category away (tests/test_norb.py checks this).
+  Version 2 raised the contrast (ground albedo 0.55 -> 0.3, toys 0.45-0.95 instead of 0.22-0.88:
+  lighter than the ground, as NORB's painted toys) and the size (mean area 9-16%, was 8-15%).
 
 Determinism: instance shapes come from ``numpy.random.default_rng([seed, category, instance])``,
 noise from an integer hash of (seed, image id, pixel); all per-pixel arithmetic is elementwise
@@ -68,7 +70,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump when the pixels change, so stale caches are never reused.
-VERSION = 1
+VERSION = 2
 
 ELEVATIONS = tuple(range(30, 75, 5))  # degrees above the horizontal, index e -> 30 + 5e
 AZIMUTHS = tuple(range(0, 360, 20))  # turntable angle, index a -> 20a
@@ -90,10 +92,10 @@ _CAM_DIST = 6.0
 _TAN_HALF = 0.24  # half field of view: the frame spans about +-1.45 units at the target
 _AZ0 = 35.0  # camera azimuth (deg) at turntable azimuth 0: a front three-quarter view
 _BASELINE = 0.45  # stereo baseline (units; toe-in towards the target)
-_GROUND_ALBEDO = 0.55
+_GROUND_ALBEDO = 0.3
 _NOISE = 2.0  # half-width (grey levels) of the triangular sensor noise, added at the output size
 _GAMMA = 1 / 1.6
-_AREA_RANGE = (0.08, 0.15)  # mean silhouette area (fraction of the frame) drawn per instance
+_AREA_RANGE = (0.09, 0.16)  # mean silhouette area (fraction of the frame) drawn per instance
 _EPS = 2e-3
 
 
@@ -290,7 +292,7 @@ def build_object(category: int, instance: int, seed: int = 0) -> _Object:
         raise ValueError(f"category must be in 0..4 and instance in 0..9, got {category}, {instance}")
     rng = np.random.default_rng([int(seed), category, instance, VERSION])
     prims = _BUILDERS[category](rng)
-    base = rng.uniform(0.22, 0.88)
+    base = rng.uniform(0.45, 0.95)  # lighter than the ground, like NORB's painted toys; no category cue
     albedo = np.clip(base * rng.uniform(0.75, 1.2, len(prims)), 0.06, 0.95)
     target_area = rng.uniform(*_AREA_RANGE)
     box = np.array([p.box for p in prims])

@@ -36,7 +36,7 @@ class InvarianceConfig:
     context_size: int = 10
     z_dim: int = 40
     lr: float = 2e-4
-    context_pool: int | None = None  # shared context pool per distribution and step (speed option)
+    context_pool: int | None = None  # contexts drawn from P images per distribution and step (speed; every model)
     embed_chunk: int = 100  # images embedded together; the NS uses each chunk as its set
 
 
@@ -130,9 +130,8 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     event = tuple(train_sets[0].shape[1:])
     model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
                        **(model_kwargs or {}))
-    pool = cfg.context_pool if model_name == "metavae" else None
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     context_pool=pool, seed=seed, device=device)
+                     context_pool=cfg.context_pool, seed=seed, device=device)
     t0 = time.time()
     trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name)
     history = trainer.fit()

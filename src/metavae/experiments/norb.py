@@ -311,7 +311,7 @@ def differences(m: dict) -> list[str]:
                    "cameras in every group, balanced over the categories.")
     if m["model"] == "vhe-vampprior":
         out.append(f"- VampPrior with {cfg['n_components']} components (paper 500, reference conv code 10).")
-    if cfg.get("context_pool") and m["model"] == "metavae":
+    if cfg.get("context_pool") and m["model"] in ("metavae", "vhe", "vhe-vampprior"):
         out.append(f"- Training contexts drawn from a shared pool of {cfg['context_pool']} images per group and step "
                    "(each query's 10 context images are still a uniform draw; a speed option).")
     out += [

@@ -248,18 +248,25 @@ class HomoEncoder(HierarchicalVAE):
 
     def loss(self, batch) -> LossOutput:
         """Mean over the K x B queries of -log p(x|z,c) + KL_z + w KL_c, w = 1/N (Eq. 13).
-        c is sampled per query (from its own set's q(c|D), or a shared set's)."""
+        c is sampled per query (from its own set's q(c|D), or a shared set's). With a
+        `PooledContext` the element features run once per pool point (`MeanPool.pooled`)."""
         x, context = batch.x, batch.context
         if context is None:
             raise ValueError("the VHE needs a context set per query: train with context_size >= 1")
-        if isinstance(context, PooledContext):  # no shared pre-pool work to reuse here: plain sets
-            context = context.materialize()
         ne = len(self.event_shape)
         K, B = x.shape[:2]
-        if context.dim() != ne + 3:
-            raise ValueError(f"batch context must be (K, B or 1, N, *event), got {tuple(context.shape)}")
-        N = context.shape[2]
-        c, eps, c_mu, c_logvar = self.sample_c(self.context_params(context), (K, B))
+        if isinstance(context, PooledContext):  # element features once per pool point, then gathered
+            if context.index.shape[:2] != (K, B):
+                raise ValueError(f"context pool index {tuple(context.index.shape)} does not match queries "
+                                 f"{tuple(x.shape)}")
+            N = context.index.shape[2]
+            c_params = self.statistic.pooled(self.element_features(context.pool), context.index)
+        else:
+            if context.dim() != ne + 3:
+                raise ValueError(f"batch context must be (K, B or 1, N, *event), got {tuple(context.shape)}")
+            N = context.shape[2]
+            c_params = self.context_params(context)
+        c, eps, c_mu, c_logvar = self.sample_c(c_params, (K, B))
         rec, kl_z = self.local_terms(x, self.element_features(x), c)
         kl_c = self.context_kl(c_mu, c_logvar, c, eps).expand(K, B)
         w = self.context_kl_weight if self.context_kl_weight is not None else 1.0 / N

