@@ -103,9 +103,8 @@ class MetaVAE(nn.Module):
                 context = context - m
                 h = self.query_encoder((x - m.squeeze(len(sets))).reshape(-1, *self.event_shape))
             s = self.summary(context)
-            params = self._head(h, s.expand(*lead, s.shape[-1]).reshape(h.shape[0], -1))
-        else:
-            params = self.head(h)
+            h = torch.cat([h, s.expand(*lead, s.shape[-1]).reshape(h.shape[0], -1)], dim=-1)
+        params = self.head(h)
         return params.reshape(*lead, params.shape[-1])
 
     def _encode_pooled(self, x: torch.Tensor, context: PooledContext) -> torch.Tensor:
@@ -116,19 +115,8 @@ class MetaVAE(nn.Module):
             raise ValueError(f"context pool index {tuple(context.index.shape)} does not match queries {tuple(x.shape)}")
         h = self.query_encoder(x.reshape(-1, *self.event_shape))
         s = self.summary.pooled(context.pool, context.index)
-        params = self._head(h, s.reshape(K * B, -1))
+        params = self.head(torch.cat([h, s.reshape(K * B, -1)], dim=-1))
         return params.reshape(K, B, -1)
-
-    def _head(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """head(cat[h, s]). When h needs no gradient (raw pixels: the MLP MetaVAE) and the head
-        opens with a Linear, that layer runs as two matmuls, so autograd skips the input gradient
-        of the h columns (784 of 1184 inputs: ~5% of the MLP step's FLOPs). Same parameters."""
-        first = self.head[0] if isinstance(self.head, nn.Sequential) else None
-        if isinstance(first, nn.Linear) and not h.requires_grad:
-            F = h.shape[-1]
-            y = nn.functional.linear(s, first.weight[:, F:], first.bias).addmm_(h, first.weight[:, :F].t())
-            return self.head[1:](y)
-        return self.head(torch.cat([h, s], dim=-1))
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
