@@ -255,7 +255,7 @@ class HomoEncoder(HierarchicalVAE):
             raise ValueError("the VHE needs a context set per query: train with context_size >= 1")
         ne = len(self.event_shape)
         K, B = x.shape[:2]
-        if isinstance(context, PooledContext):  # element features once per pool point, then gathered
+        if isinstance(context, PooledContext):  # element features once per pool point, then averaged
             if context.index.shape[:2] != (K, B):
                 raise ValueError(f"context pool index {tuple(context.index.shape)} does not match queries "
                                  f"{tuple(x.shape)}")

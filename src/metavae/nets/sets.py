@@ -30,9 +30,9 @@ class MeanPool(nn.Module):
         """Summaries (K, B, S) of the sets ``pool[k, index[k, b]]``: ``pre`` runs once on the P pool
         points (K, P, *event), then each query averages the features of its N members.
 
-        The average is a batched matmul with a (K, B, P) membership matrix of weights 1/N: on a CPU
-        it is ~20x faster than gathering the B*N member features and reducing them (and its
-        backward is another matmul, not a scatter-add)."""
+        The average is a batched matmul with a (K, B, P) membership matrix of weights 1/N, and its
+        backward another matmul: gathering the B*N member features and reducing them (backward: a
+        scatter-add) made the pooled MLP MetaVAE step 169 ms instead of 142 ms on one CPU thread."""
         K, P = pool.shape[:2]
         h = self.pre(pool.reshape(K * P, *pool.shape[2:]))
         h = h.reshape(K, P, -1)
