@@ -28,6 +28,11 @@ class PooledContext:
         return PooledContext(self.pool.to(device, non_blocking=non_blocking),
                              self.index.to(device, non_blocking=non_blocking))
 
+    def check_queries(self, x: torch.Tensor) -> None:
+        """Raise unless ``index`` picks sets for exactly the (K, B) queries ``x`` (K, B, *event)."""
+        if self.index.shape[:2] != tuple(x.shape[:2]):
+            raise ValueError(f"context pool index {tuple(self.index.shape)} does not match queries {tuple(x.shape)}")
+
     def select(self, queries: slice) -> "PooledContext":
         return PooledContext(self.pool, self.index[:, queries])
 

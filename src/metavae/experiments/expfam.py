@@ -272,8 +272,8 @@ def run_single(cfg: ExpfamConfig, out: Path, device: str = "cpu", seed: int = 0,
     for (kind, name), model in models.items():
         curves[(kind, name)], _ = ev.curve(model, name)
         mse[kind][name] = ev.split(name, curves[(kind, name)])
-    floor = {name: ev.split(name, exact_posterior_curve(ev, name)) for name in E.TRAIN_FAMILIES}
     floor_curves = {name: exact_posterior_curve(ev, name) for name in E.TRAIN_FAMILIES}
+    floor = {name: ev.split(name, floor_curves[name]) for name in E.TRAIN_FAMILIES}
     metrics = {
         "mse": mse,
         "exact_posterior": floor,

@@ -256,9 +256,7 @@ class HomoEncoder(HierarchicalVAE):
         ne = len(self.event_shape)
         K, B = x.shape[:2]
         if isinstance(context, PooledContext):  # element features once per pool point, then averaged
-            if context.index.shape[:2] != (K, B):
-                raise ValueError(f"context pool index {tuple(context.index.shape)} does not match queries "
-                                 f"{tuple(x.shape)}")
+            context.check_queries(x)
             N = context.index.shape[2]
             c_params = self.statistic.pooled(self.element_features(context.pool), context.index)
         else:

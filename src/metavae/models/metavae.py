@@ -110,9 +110,8 @@ class MetaVAE(nn.Module):
     def _encode_pooled(self, x: torch.Tensor, context: PooledContext) -> torch.Tensor:
         if self.center or not hasattr(self.summary, "pooled"):
             return self.encode(x, context.materialize())
+        context.check_queries(x)
         K, B = x.shape[:2]
-        if context.index.shape[:2] != (K, B):
-            raise ValueError(f"context pool index {tuple(context.index.shape)} does not match queries {tuple(x.shape)}")
         h = self.query_encoder(x.reshape(-1, *self.event_shape))
         s = self.summary.pooled(context.pool, context.index)
         params = self.head(torch.cat([h, s.reshape(K * B, -1)], dim=-1))
