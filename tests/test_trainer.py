@@ -65,7 +65,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 def test_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read checkpoint .*last.pt"):
+    with pytest.raises(ValueError, match="cannot read checkpoint .*last.pt: corrupt"):
         Trainer(_gaussian_model(), _data(), _cfg(1), out_dir=tmp_path, progress=False).fit()
 
 

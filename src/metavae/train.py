@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data.meta import MetaDataset, PooledContext
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: loadable with weights_only=True; records the run it belongs to
 
 
 def seed_everything(seed: int) -> None:
@@ -127,6 +127,8 @@ class TrainConfig:
     device: str = "cpu"
     amp: str | None = None  # "bf16": autocast the forward pass to bfloat16
     compile: bool = False  # torch.compile the loss (pays a one-off compile time)
+    snapshot_steps: tuple = ()  # also keep the weights after these steps (0: at init), for learning curves
+    keep_worst: bool = False  # also keep worst.pt, the highest-validation-loss epoch (the reference's pick)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -150,7 +152,25 @@ class _State:
     step: int = 0
     best_val: float = math.inf
     best_epoch: int = -1
+    worst_val: float = -math.inf
+    worst_epoch: int = -1
     history: list = field(default_factory=list)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint read with ``weights_only=True``: tensors and plain containers only, so a file
+    planted in a run folder cannot run code. Unreadable or foreign files raise one clear error."""
+    path = Path(path)
+    try:
+        # to the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or unsafe file names itself rather than dying deep in pickle
+        why = "it holds objects other than tensors and plain data, refused unread" if "GLOBAL" in str(e) \
+            else f"corrupt or truncated ({type(e).__name__})"
+        raise ValueError(f"cannot read checkpoint {path}: {why}; delete it to start afresh") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"cannot read checkpoint {path}: not a metavae checkpoint")
+    return ckpt
 
 
 class Trainer:
@@ -159,8 +179,11 @@ class Trainer:
     (one line per epoch). With ``out_dir=None`` nothing is written and nothing resumes."""
 
     def __init__(self, model: torch.nn.Module, dataset: MetaDataset, config: TrainConfig, out_dir=None,
-                 progress: bool = True, desc: str = "train"):
+                 progress: bool = True, desc: str = "train", run_info: dict | None = None):
+        """``run_info``: what this run belongs to (experiment, options, data fingerprint...). It is
+        saved in ``last.pt``, and a resume whose ``run_info`` differs is refused, naming the keys."""
         self.cfg = config
+        self.run_info = json.loads(json.dumps(run_info or {}))  # plain JSON types: comparable after a reload
         device = resolve_device(config.device)
         _, local_rank, world = distributed_env()
         if world > 1 and device.type == "cuda" and device.index is None:
@@ -197,10 +220,12 @@ class Trainer:
         return None if self.out is None else self.out / "best.pt"
 
     def _rng_state(self) -> dict:
+        """Every RNG state as tensors, ints and tuples only, so checkpoints load with weights_only=True."""
+        name, keys, pos, has_gauss, cached = np.random.get_state()
         return {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
             "python": random.getstate(),
             "data": self.gen.get_state(),
         }
@@ -209,7 +234,8 @@ class Trainer:
         torch.set_rng_state(s["torch"])
         if s.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda"])
-        np.random.set_state(s["numpy"])
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         random.setstate(s["python"])
         self.gen.set_state(s["data"])
 
@@ -228,6 +254,7 @@ class Trainer:
                 "rng": self._rng_state(),
                 "train_config": asdict(self.cfg),
                 "model_config": self._model_config(),
+                "run_info": self.run_info,
             },
             self.last_path,
         )
@@ -238,17 +265,22 @@ class Trainer:
         """Load ``last.pt`` if there is one; True if training continues from it."""
         if self.last_path is None or not self.last_path.exists():
             return False
-        try:
-            # to the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device
-            ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a corrupt file names itself rather than dying deep in pickle
-            raise RuntimeError(f"cannot read checkpoint {self.last_path}: {e}") from e
+        ckpt = load_checkpoint(self.last_path)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {self.last_path} has format version {ckpt.get('version')}, this metavae "
+                             f"writes {CHECKPOINT_VERSION}; use another --out or delete it to start afresh")
+        saved_info = ckpt.get("run_info", {})
+        if saved_info != self.run_info:
+            diff = sorted(k for k in set(saved_info) | set(self.run_info) if saved_info.get(k) != self.run_info.get(k))
+            detail = "; ".join(f"{k}: checkpoint {saved_info.get(k)!r}, now {self.run_info.get(k)!r}" for k in diff)
+            raise ValueError(f"checkpoint {self.last_path} belongs to another run ({detail[:600]}); "
+                             "use another --out or delete it to start afresh")
         if ckpt.get("model_config") != self._model_config():
             raise ValueError(
                 f"checkpoint {self.last_path} was written by a different model configuration; "
                 "use another --out or delete it to start afresh"
             )
-        runtime = ("epochs", "device", "amp", "compile")  # may change between launches
+        runtime = ("epochs", "device", "amp", "compile", "snapshot_steps", "keep_worst")  # may change between launches
         saved = {k: v for k, v in ckpt["train_config"].items() if k not in runtime}
         now = {k: v for k, v in asdict(self.cfg).items() if k not in runtime}
         if saved != now:
@@ -327,6 +359,7 @@ class Trainer:
             seed_everything(self.cfg.seed)
             self.gen.manual_seed(self.cfg.seed)
             self._fresh = False
+            self._snapshot()
         total = self.cfg.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
                    dynamic_ncols=True, leave=False, mininterval=0.2 if sys.stderr.isatty() else 30.0)
@@ -345,6 +378,7 @@ class Trainer:
                 self.optimizer.step()
                 loss_sum += loss.detach().float()
                 self.state.step += 1
+                self._snapshot()
                 bar.update(1)
                 if i % 25 == 24 or i == self.steps_per_epoch - 1:  # host syncs only every few steps
                     value = float(loss_sum) / (i + 1)
@@ -369,6 +403,11 @@ class Trainer:
                                  "epoch": self.state.epoch, "val_loss": val}, self.best_path)
                 elif self.out is None:
                     self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.cfg.keep_worst and val is not None and val > self.state.worst_val:
+                self.state.worst_val, self.state.worst_epoch = val, self.state.epoch
+                if self.out is not None and self.rank == 0:
+                    atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
+                                 "epoch": self.state.epoch, "val_loss": val}, self.out / "worst.pt")
             record["best"] = self.state.best_epoch == self.state.epoch
             self.state.history.append(record)
             self.save()
@@ -378,8 +417,18 @@ class Trainer:
         self.load_best()
         return self.state.history
 
+    def snapshot_path(self, step: int) -> Path | None:
+        return None if self.out is None else self.out / "snapshots" / f"step-{step:07d}.pt"
+
+    def _snapshot(self) -> None:
+        """The weights after ``state.step`` steps, when that step is one of ``snapshot_steps``."""
+        if self.out is None or self.rank != 0 or self.state.step not in self.cfg.snapshot_steps:
+            return
+        atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
+                     "step": self.state.step}, self.snapshot_path(self.state.step))
+
     def load_best(self) -> None:
         if self.best_path is not None and self.best_path.exists():
-            self.model.load_state_dict(torch.load(self.best_path, map_location=self.device, weights_only=False)["model"])
+            self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
         elif getattr(self, "_best_weights", None) is not None:
             self.model.load_state_dict(self._best_weights)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +38,14 @@ class InvarianceConfig:
     lr: float = 2e-4
     context_pool: int | None = None  # contexts drawn from P images per distribution and step (speed; every model)
     embed_chunk: int = 100  # images embedded together; the NS uses each chunk as its set
+    init: str = "default"  # MetaVAE (and VAE) init: "default" (PyTorch's, the reference) or "xavier" (the baselines')
+    selection: str = "best"  # "best": lowest val loss, mean c; "reference": the reference's highest val loss, sampled c
+
+
+# Settings that change only the evaluation: a finished run may be re-scored under other values.
+EVALUATION_ONLY = ("embed_chunk", "selection", "epochs")
+# Weights kept for learning curves: after these fractions of the run's steps (0: untrained).
+SNAPSHOT_FRACTIONS = (0.0, 1 / 16, 1 / 4, 1.0)
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple:
@@ -120,22 +128,44 @@ def invariance_distances(model, test_by_axis: dict, base: dict, cfg: InvarianceC
     return out
 
 
+# Each model kind's init stream is offset from the run seed, so that kinds sharing parts (the VHE
+# and the VHE+VampPrior) do not start from bit-identical weights.
+INIT_STREAM = {"metavae": 0, "vae": 0, "ns": 0, "vhe": 0, "vhe-vampprior": 7919}
+
+
+def training_settings(cfg: InvarianceConfig) -> dict:
+    """The settings that change a run's trained weights (what a resume must match)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in EVALUATION_ONLY}
+
+
 def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, names: list, cfg: InvarianceConfig,
-                  out: Path, seed: int, device: str, progress: bool, model_kwargs: dict | None = None):
+                  out: Path, seed: int, device: str, progress: bool, model_kwargs: dict | None = None,
+                  run_info: dict | None = None):
     """Build ``model_name`` and train it through the one Trainer on the seen distributions, with
     the seen values' test parts as validation (the reference's protocol). ``model_kwargs`` go to
-    `make_model` (e.g. conv ``channels``, ``hidden``, ``c_dim``, ``n_components``)."""
+    `make_model` (e.g. conv ``channels``, ``hidden``, ``c_dim``, ``n_components``). Keeps
+    snapshots at `SNAPSHOT_FRACTIONS` of the run (learning curves) and the reference's pick.
+    Returns (model with the best weights, history, seconds, trainer)."""
     data = MetaDataset.from_parts(train=train_sets, val=val_sets, names=names)
-    seed_everything(seed)
+    seed_everything(seed + INIT_STREAM.get(model_name, 0))
     event = tuple(train_sets[0].shape[1:])
+    kwargs = dict(model_kwargs or {})
+    if model_name in ("metavae", "vae"):
+        kwargs.setdefault("init", cfg.init)
+    elif cfg.init != "default":
+        raise ValueError(f"init={cfg.init!r} applies to the MetaVAE and the VAE; the {model_name} always uses the "
+                         "reference's Xavier init")
     model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
-                       **(model_kwargs or {}))
+                       **kwargs)
+    steps = cfg.epochs * data.steps_per_epoch(cfg.batch_size)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     context_pool=cfg.context_pool, seed=seed, device=device)
+                     context_pool=cfg.context_pool, seed=seed, device=device, keep_worst=True,
+                     snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))
+    info = dict(run_info or {}, model=model_name, arch=arch, seed=seed, settings=training_settings(cfg))
     t0 = time.time()
-    trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name)
+    trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
     history = trainer.fit()
-    return model, history, time.time() - t0
+    return model, history, time.time() - t0, trainer
 
 
 def accuracy_figure(path: Path, panels: list, title: str) -> None:

@@ -30,6 +30,8 @@ PAPER_TABLE1 = {
 }
 PRESETS = {
     "quick": InvarianceConfig(),
+    # sized for a 2-core CPU: the whole split, the context pool, 10 epochs (MetaVAE ~15 min, VHE ~3x)
+    "long": InvarianceConfig(train_images=None, test_images=None, epochs=10, context_pool=50),
     "paper": InvarianceConfig(train_images=None, test_images=None, epochs=100),
 }
 OPTIONS = {"model", "split", "data_dir"}
@@ -42,6 +44,14 @@ def _load(data_dir, cfg: InvarianceConfig):
     if cfg.test_images is not None:
         te_x, te_y = te_x[: cfg.test_images], te_y[: cfg.test_images]
     return (tr_x, tr_y), (te_x, te_y)
+
+
+def data_record(data_dir, train_images, test_images) -> dict:
+    """Where a run's images came from and which they were: the folder, counts and sha256 of the
+    exact pixels used (a run can be traced to its data; a resume on other data is refused)."""
+    return {"source": str(Path(data_dir).expanduser().resolve()) if data_dir is not None else str(mnist_cache_dir()),
+            "train_images": len(train_images), "test_images": len(test_images),
+            "train_sha256": T.data_fingerprint(train_images), "test_sha256": T.data_fingerprint(test_images)}
 
 
 def _transformed(images, axis, values):
@@ -66,9 +76,10 @@ def make_run(key: str):
         out.mkdir(parents=True, exist_ok=True)
         (tr_x, tr_y), (te_x, te_y) = _load(data_dir, cfg)
         train_t, test_t = _transformed(tr_x, axis, seen + unseen), _transformed(te_x, axis, seen + unseen)
-        trained, history, seconds = train_on_seen(
+        info = {"experiment": f"mnist-{key}", "split": split, "data": data_record(data_dir, tr_x, te_x)}
+        trained, history, seconds, _ = train_on_seen(
             model, "mlp", [train_t[v] for v in seen], [test_t[v] for v in seen], [str(v) for v in seen], cfg,
-            out, seed, device, progress)
+            out, seed, device, progress, run_info=info)
         trained.to(device)
         data = {v: ((train_t[v], tr_y), (test_t[v], te_y)) for v in unseen}
         acc = probe_unseen(trained, data, unseen, cfg, seed, device, progress)

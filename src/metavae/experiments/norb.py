@@ -184,7 +184,7 @@ def make_run(axis: str):
         if cfg.context_pool is not None and cfg.context_pool > smallest:  # a pool cannot exceed a group
             cfg = replace(cfg, context_pool=smallest)
         kw = model_kwargs(model, cfg)
-        trained, history, seconds = train_on_seen(
+        trained, history, seconds, _ = train_on_seen(
             model, "conv", [x for x, _ in train], [x for x, _ in val], [names[g] for g in seen], cfg, out, seed,
             device, progress, model_kwargs=kw)
         trained.to(device)

@@ -27,7 +27,7 @@ from ..distributions import Bernoulli, make_latent
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape
 from ..nets.mlp import BatchedLinear, check_bank_rows, mlp
 from ..nets.sets import MeanPool
-from .metavae import MetaVAE
+from .metavae import MetaVAE, apply_init, check_init
 
 
 class ConvHead(nn.Module):
@@ -85,6 +85,7 @@ def build_conv_metavae(
     res_layers: int = 6,
     groups: int = GROUPS,
     use_context: bool = True,
+    init: str = "default",
 ) -> MetaVAE:
     """The conv MetaVAE of PROTOCOL 3.4 (``use_context=False``: the conv VAE, one decoder).
 
@@ -92,7 +93,9 @@ def build_conv_metavae(
     F = 4096); ``channels`` the conv trunk's three stage widths (default (64, 128, 256)).
     Parameters (K decoders): 1,921,536 encoder + 18,580,512 summary + 5,717,680 head
     + K * 3,900,065 -- PROTOCOL 12 exactly (K = 9: 61,320,313).
+    ``init``: ``default`` (PyTorch's, as the reference) or ``xavier`` (the baselines'), see `apply_init`.
     """
+    check_init(init)
     if n_decoders < 1:
         raise ValueError(f"need at least one decoder, got n_decoders={n_decoders}")
     likelihood = likelihood if likelihood is not None else Bernoulli()
@@ -111,8 +114,10 @@ def build_conv_metavae(
         kind="conv_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=hidden,
         summary=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups, use_context=use_context,
+        init=init,
     )
-    return MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config)
+    model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config)
+    return apply_init(model, init)
 
 
 def build_conv_vae(event_shape: Sequence[int], **kwargs) -> MetaVAE:

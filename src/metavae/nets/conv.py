@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mlp import BatchedLinear
+
 DEFAULT_CHANNELS = (64, 128, 256)
 GROUPS = 32
 
@@ -236,10 +238,15 @@ class FCResBlock(nn.Module):
 def reference_init(module: nn.Module) -> nn.Module:
     """The reference's init for NS / VHE / VHE+VampPrior (PROTOCOL 1.4): Xavier-normal weights with
     gain sqrt(2) and zero bias for every Linear and (non-transposed) Conv2d, banked ones included;
-    transposed convolutions and normalisation layers keep their defaults."""
+    transposed convolutions and normalisation layers keep their defaults. The MetaVAE takes it with
+    ``init="xavier"``; none of the baselines holds a `BatchedLinear` bank, so their init is unchanged."""
     gain = math.sqrt(2.0)
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, BatchedLinear):  # a bank of K Linear layers: each member as nn.Linear above
+            with torch.no_grad():
+                m.weight.normal_(0.0, gain * math.sqrt(2.0 / (m.in_features + m.out_features)))
+                m.bias.zero_()
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_normal_(m.weight, gain=gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
