@@ -19,13 +19,20 @@ import torch
 
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
-from ..train import Trainer, TrainConfig, seed_everything
+from ..train import Trainer, TrainConfig, load_checkpoint, seed_everything
 
-# The probe: one-vs-rest liblinear logistic regression with sklearn's historic defaults (C=1, L2,
-# tol 1e-4, max_iter 100). That is what the authors' sklearn (<= 0.21, 2019) ran for
-# LogisticRegression(); newer sklearn silently switched to lbfgs/multinomial, so we pin it.
+# Two linear probes read every embedding (docs/reproduction.md, "Probes"):
+# * reference: one-vs-rest liblinear logistic regression with sklearn's historic defaults (C=1, L2,
+#   tol 1e-4, max_iter 100), what the authors' sklearn (<= 0.21, 2019) ran for LogisticRegression().
+#   Kept for comparability with the paper; its fixed L2 penalty punishes embeddings of small scale.
+# * standardised: features standardised on the probe's train embeddings, multinomial logistic
+#   regression with C chosen by 3-fold cross-validation on those train embeddings only. Invariant to
+#   the embedding's scale, so it compares models whose latents have different spreads.
+PROBES = ("reference", "standardised")
 PROBE = "one-vs-rest liblinear logistic regression, C=1, tol=1e-4, max_iter=100 (sklearn <= 0.21 defaults)"
-
+STANDARDISED_PROBE = ("features standardised on the train embeddings; multinomial logistic regression, C from "
+                      "{0.01, 0.1, 1, 10} by 3-fold cross-validation on the train embeddings")
+STANDARDISED_CS = (0.01, 0.1, 1.0, 10.0)
 
 @dataclass(frozen=True)
 class InvarianceConfig:
@@ -49,7 +56,7 @@ SNAPSHOT_FRACTIONS = (0.0, 1 / 16, 1 / 4, 1.0)
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple:
-    """(train accuracy, test accuracy) of the pinned linear probe."""
+    """(train accuracy, test accuracy) of the pinned reference probe."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
@@ -58,13 +65,46 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     return float(clf.score(train_x, train_y)), float(clf.score(test_x, test_y))
 
 
+def fit_standardised_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple:
+    """(chosen C, test accuracy) of the standardised probe; nothing of the test set is used to fit it
+    (C: the best mean accuracy over 3 stratified folds of the train embeddings, the smaller C on ties)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    def fit(x, y, c):
+        return LogisticRegression(C=c, max_iter=300, tol=1e-4).fit(x, y)
+
+    scaler = StandardScaler().fit(train_x)
+    xs = scaler.transform(train_x)
+    folds = list(StratifiedKFold(n_splits=3).split(xs, train_y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        scores = [np.mean([fit(xs[a], train_y[a], c).score(xs[b], train_y[b]) for a, b in folds]) for c in STANDARDISED_CS]
+        best = STANDARDISED_CS[int(np.argmax(scores))]
+        clf = fit(xs, train_y, best)
+    return float(best), float(clf.score(scaler.transform(test_x), test_y))
+
+
+def fit_probes(train_x, train_y, test_x, test_y) -> dict:
+    """Test accuracy under both probes: {"reference": a, "standardised": b, "standardised_C": C}."""
+    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
+    c, std = fit_standardised_probe(train_x, train_y, test_x, test_y)
+    return {"reference": fit_probe(train_x, train_y, test_x, test_y)[1], "standardised": std, "standardised_C": c}
+
+
 @torch.no_grad()
 def embed_images(model, images: torch.Tensor, context_size: int, generator: torch.Generator,
-                 chunk: int = 100, device="cpu") -> torch.Tensor:
+                 chunk: int = 100, device="cpu", sample_c: bool = False) -> torch.Tensor:
     """Embeddings (n, dz) of ``images`` (n, *event) of one distribution, each image with a context
     set of ``context_size`` images drawn without replacement from the same tensor (the query may
     be among them, as in the reference). Models without separate contexts (the Neural
-    Statistician) embed each chunk of ``chunk`` images in order as one set, as the reference did."""
+    Statistician) embed each chunk of ``chunk`` images in order as one set, as the reference did.
+    ``sample_c``: models with a context latent c embed with one sample of q(c | D), as the reference's
+    baselines did, instead of its mean."""
     model.eval()
     part = Part([images], None, "embed").to(device)
     uses_context = getattr(model, "uses_context", True)
@@ -73,29 +113,122 @@ def embed_images(model, images: torch.Tensor, context_size: int, generator: torc
         idx = torch.arange(start, min(start + chunk, len(images)), device=part.data.device).unsqueeze(0)
         x = as_float(part.gather(idx))
         ctx = as_float(part.gather(part.sample_context(idx, context_size, generator))) if uses_context else None
-        out.append(model.embed(x, ctx)[0].float().cpu())
+        z = model.embed(x, ctx, sample_c=True) if sample_c else model.embed(x, ctx)
+        out.append(z[0].float().cpu())
     return torch.cat(out)
 
 
 def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device, progress=True,
-                 spread: dict | None = None):
-    """Linear-probe test accuracy per unseen value: embed the value's train part (contexts from its
-    train part) and test part (contexts from its test part), fit on train, score on test.
-    ``spread``, if given, receives per value the mean over dimensions of the standard deviation of
-    the test embeddings across images (about 1 for a latent dimension in use under an N(0, I)
-    prior; near 0 when the posterior has collapsed onto the prior)."""
+                 sample_c: bool = False) -> dict:
+    """Both probes per unseen value: embed the value's train part (contexts from its train part) and
+    test part (contexts from its test part), fit on train, score on test. Per value:
+    {"reference", "standardised", "standardised_C", "spread"}; ``spread`` is the mean over
+    dimensions of the standard deviation of the test embeddings across images (about 1 for a
+    latent dimension in use under an N(0, I) prior; near 0 when the posterior has collapsed)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator(device=device).manual_seed(seed + 5)
-    acc = {}
+    out = {}
     for v in tqdm(unseen, desc="probe", disable=not progress, leave=False):
         (tr_x, tr_y), (te_x, te_y) = data[v]
-        ztr = embed_images(model, tr_x, cfg.context_size, gen, cfg.embed_chunk, device)
-        zte = embed_images(model, te_x, cfg.context_size, gen, cfg.embed_chunk, device)
-        acc[v] = fit_probe(ztr.numpy(), tr_y.numpy(), zte.numpy(), te_y.numpy())[1]
-        if spread is not None:
-            spread[v] = float(zte.std(dim=0).mean())
-    return acc
+        ztr = embed_images(model, tr_x, cfg.context_size, gen, cfg.embed_chunk, device, sample_c)
+        zte = embed_images(model, te_x, cfg.context_size, gen, cfg.embed_chunk, device, sample_c)
+        out[v] = dict(fit_probes(ztr.numpy(), tr_y.numpy(), zte.numpy(), te_y.numpy()),
+                      spread=float(zte.std(dim=0).mean()))
+    return out
+
+
+def summarise_probes(per_value: dict) -> dict:
+    """{"accuracy": {probe: {value: acc}}, "mean_unseen_accuracy": {probe: mean}, "spread": ...}."""
+    keys = [str(v) for v in per_value]
+    acc = {p: {str(v): r[p] for v, r in per_value.items()} for p in PROBES}
+    return {"accuracy": acc, "mean_unseen_accuracy": {p: float(np.mean([acc[p][k] for k in keys])) for p in PROBES},
+            "standardised_C": {str(v): r["standardised_C"] for v, r in per_value.items()},
+            "spread": {str(v): r["spread"] for v, r in per_value.items()},
+            "embedding_std": float(np.mean([r["spread"] for r in per_value.values()]))}
+
+
+def curve_values(unseen: Sequence, n: int = 3) -> list:
+    """The few unseen values a learning curve is scored on: first, middle and last."""
+    unseen = list(unseen)
+    return sorted({unseen[0], unseen[len(unseen) // 2], unseen[-1]}, key=unseen.index)[:n]
+
+
+def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device,
+                 progress: bool = True) -> dict:
+    """Everything a run's metrics.json says about its representation, each number beside the same
+    model's own controls:
+
+    * the selected weights (``cfg.selection``: ``best`` = lowest val loss, embeddings at the mean of
+      q(c | D); ``reference`` = the reference's pick, highest val loss, sampled c) on every unseen value;
+    * ``untrained``: the step-0 snapshot (same seed, same init) on every unseen value;
+    * ``learning_curve``: validation loss and both probes on `curve_values` at each snapshot;
+    * ``reference_selection`` (models with a context latent c, when the headline is ``best``):
+      the reference's pick, to show how much the reference's baseline numbers owe to it.
+    The model is left holding the selected weights."""
+    hierarchical = hasattr(model, "c_dim")
+    selected = model.state_dict()
+    if cfg.selection == "reference":
+        worst = load_checkpoint(trainer.out / "worst.pt")
+        model.load_state_dict(worst["model"])
+        selected = model.state_dict()
+    result = summarise_probes(probe_unseen(model, data, unseen, cfg, seed, device, progress,
+                                           sample_c=hierarchical and cfg.selection == "reference"))
+    result["selection"] = cfg.selection
+    saved = {k: v.detach().clone() for k, v in selected.items()}
+    curve, values = [], curve_values(unseen)
+    total = max(trainer.cfg.snapshot_steps) if trainer.cfg.snapshot_steps else 0
+    for step in trainer.cfg.snapshot_steps:
+        path = trainer.snapshot_path(step)
+        if path is None or not path.exists():
+            continue
+        model.load_state_dict(load_checkpoint(path)["model"])
+        point = {"step": step, "fraction": step / total if total else 0.0, "val_loss": trainer.validate()}
+        if step == 0:
+            untrained = summarise_probes(probe_unseen(model, data, unseen, cfg, seed, device, progress))
+            result["untrained"] = untrained
+            scored = {p: {v: untrained["accuracy"][p][str(v)] for v in values} for p in PROBES}
+        else:
+            per = probe_unseen(model, data, values, cfg, seed, device, progress)
+            scored = {p: {v: per[v][p] for v in values} for p in PROBES}
+        point["accuracy"] = {p: {str(v): a for v, a in scored[p].items()} for p in PROBES}
+        point["mean_accuracy"] = {p: float(np.mean(list(scored[p].values()))) for p in PROBES}
+        curve.append(point)
+    result["learning_curve"] = curve
+    if hierarchical and cfg.selection == "best" and trainer.out is not None and (trainer.out / "worst.pt").exists():
+        worst = load_checkpoint(trainer.out / "worst.pt")
+        model.load_state_dict(worst["model"])
+        ref = summarise_probes(probe_unseen(model, data, unseen, cfg, seed, device, progress, sample_c=True))
+        result["reference_selection"] = {"epoch": worst["epoch"], "val_loss": worst["val_loss"],
+                                         "accuracy": ref["accuracy"], "mean_unseen_accuracy": ref["mean_unseen_accuracy"]}
+    model.load_state_dict(saved)
+    return result
+
+
+def learning_curve_figure(path: Path, curves: dict, title: str) -> None:
+    """probe_vs_steps.png: both probes' mean accuracy on the curve values, and validation loss,
+    against training steps. ``curves``: {label: learning_curve list}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .common import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for i, (label, curve) in enumerate(curves.items()):
+        steps = [max(p["step"], 1) for p in curve]
+        for ax, probe in zip(axes[:2], PROBES):
+            ax.plot(steps, [p["mean_accuracy"][probe] for p in curve], "o-", color=f"C{i % 10}", label=label)
+        axes[2].plot(steps, [p["val_loss"] for p in curve], "o-", color=f"C{i % 10}", label=label)
+    for ax, name in zip(axes, [f"{PROBES[0]} probe accuracy", f"{PROBES[1]} probe accuracy", "validation loss (nats)"]):
+        ax.set_xscale("log")
+        ax.set_xlabel("training step (step 0 drawn at 1)")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def invariance_distances(model, test_by_axis: dict, base: dict, cfg: InvarianceConfig, seed: int, device,
@@ -126,6 +259,32 @@ def invariance_distances(model, test_by_axis: dict, base: dict, cfg: InvarianceC
                 dists.append((z[iv] - ref[ib]).norm(dim=1).mean())
         out[axis] = float(torch.stack(dists).mean())
     return out
+
+
+class PixelControl(torch.nn.Module):
+    """A control that needs no training: the raw pixels in [0, 1] (``dim=None``) or a fixed random
+    Gaussian projection of them to ``dim`` features (N(0, 1) weights, seed 0), read by the same
+    probes on the same images as the trained models."""
+
+    uses_context = False
+
+    def __init__(self, event_shape, dim: int | None = None):
+        super().__init__()
+        D, self.event_dim = int(np.prod(event_shape)), len(event_shape)
+        weight = None if dim is None else torch.randn(D, dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("weight", weight)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        flat = x.flatten(start_dim=x.dim() - self.event_dim).float()
+        return flat if self.weight is None else flat @ self.weight
+
+
+CONTROLS = ("pixels", "random-projection")  # `--model` values that are controls, not trained models
+
+
+def make_control(name: str, event_shape, z_dim: int) -> PixelControl:
+    return PixelControl(event_shape, None if name == "pixels" else z_dim)
 
 
 # Each model kind's init stream is offset from the run seed, so that kinds sharing parts (the VHE
@@ -204,25 +363,87 @@ def accuracy_figure(path: Path, panels: list, title: str) -> None:
     save_figure(fig, path)
 
 
+def over_seeds(values: list) -> dict | None:
+    """{"mean", "std", "n"} of the finite numbers in ``values`` (std 0 for one seed); None if none."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not vals:
+        return None
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def table2_entry(runs: list) -> dict | None:
+    """One Table 2 cell from a model's runs (one per seed): both probes, the untrained control and
+    the reference's selection where present, each as mean, std and number of seeds."""
+    if not runs:
+        return None
+    entry = {p: over_seeds([r["mean_unseen_accuracy"][p] for r in runs]) for p in PROBES}
+    for extra in ("untrained", "reference_selection"):
+        if any(extra in r for r in runs):
+            entry[extra] = {p: over_seeds([r[extra]["mean_unseen_accuracy"][p] for r in runs if extra in r])
+                            for p in PROBES}
+    entry["seeds"] = sorted(r.get("seed", 0) for r in runs)
+    entry["epochs_trained"] = sorted({r.get("epochs_trained", r.get("epochs")) for r in runs})
+    entry["train_seconds"] = over_seeds([r.get("train_seconds_total", r.get("train_seconds")) for r in runs])
+    entry["embedding_std"] = over_seeds([r.get("embedding_std") for r in runs])
+    return entry
+
+
 def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: str = "") -> tuple:
-    """Table 2 (contiguous mean unseen accuracy per axis and model) and Table 1 (the interleaved
-    MetaVAE's invariance distances per axis) from finished runs ``found[(axis, split, model)]``,
+    """Table 2 (contiguous mean unseen accuracy per axis and model, `table2_entry`, controls
+    included where their runs exist) and Table 1 (the interleaved MetaVAE's invariance distances
+    per axis, mean over seeds) from finished runs ``found[(axis, split, model)] = [metrics, ...]``,
     written as table1.json / table2.json; also the commands that would make the missing runs."""
     from ..train import atomic_write_text
 
     table2, table1, missing = {}, {}, []
     for axis in axes:
         table2[axis] = {}
-        for model in models:
-            m = found.get((axis, "contiguous", model))
-            table2[axis][model] = None if m is None else m["mean_unseen_accuracy"]
-            if m is None:
+        for model in tuple(models) + CONTROLS:
+            runs = found.get((axis, "contiguous", model), [])
+            table2[axis][model] = table2_entry(runs)
+            if not runs and model not in CONTROLS:
                 missing.append(f"metavae run {experiment}-{axis} --split contiguous --model {model}{flag}")
-        m = found.get((axis, "interleaved", "metavae"))
-        table1[axis] = None if m is None else m.get("invariance_distance")
-        if m is None:
+        runs = [r for r in found.get((axis, "interleaved", "metavae"), []) if r.get("invariance_distance")]
+        table1[axis] = ({a: float(np.mean([r["invariance_distance"][a] for r in runs])) for a in runs[0]["invariance_distance"]}
+                        if runs else None)
+        if not runs:
             missing.append(f"metavae run {experiment}-{axis} --split interleaved --model metavae{flag}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(table1, indent=2) + "\n", out / "table1.json")
     atomic_write_text(json.dumps(table2, indent=2) + "\n", out / "table2.json")
     return table1, table2, missing
+
+
+def run_label(m: dict) -> str:
+    """The model's name in tables, with any non-default init or selection: 'metavae (init xavier)'."""
+    cfg = m.get("config", {})
+    extras = [f"init {cfg['init']}" for _ in [0] if cfg.get("init", "default") != "default"]
+    extras += [f"{cfg['selection']} selection" for _ in [0] if cfg.get("selection", "best") != "best"]
+    return m["model"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def find_runs(root: Path, data_names) -> dict:
+    """Every finished run under ``root`` (any depth) whose metrics.json names one of ``data_names``:
+    {(axis, split, model): [metrics, ...]} (one per seed; ``_path`` added)."""
+    found: dict = {}
+    for path in sorted(Path(root).rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(m, dict) or m.get("data") not in data_names or "axis" not in m:
+            continue
+        if not isinstance(m.get("mean_unseen_accuracy"), dict):  # written before the two probes: re-run it
+            continue
+        m["_path"] = str(path.parent)
+        found.setdefault((m["axis"], m["split"], run_label(m)), []).append(m)
+    return found
+
+
+def fmt_seeds(entry: dict | None, digits: int = 3) -> str:
+    """'0.885 +- 0.004 (3)' for a mean over seeds, '0.885' for one seed, '-' for none."""
+    if entry is None:
+        return "-"
+    if entry["n"] == 1:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f} ({entry['n']})"

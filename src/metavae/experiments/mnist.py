@@ -5,6 +5,8 @@ also measures Table 1's invariance distances."""
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +16,9 @@ from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
-from .invariance import PROBE, InvarianceConfig, gather_tables, accuracy_figure, invariance_distances, probe_unseen, train_on_seen
+from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
+                         find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control, probe_unseen,
+                         summarise_probes, train_on_seen)
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
 BASE = {"rotation": 0, "scale": 1.0, "shear": 0}  # the untransformed value of each axis
@@ -59,6 +63,11 @@ def _transformed(images, axis, values):
     return T.transform_split(images, axis, values, cache_dir=mnist_cache_dir() / "transforms")
 
 
+def _by_value(accuracy: dict, axis: str) -> dict:
+    """{"-20": a} -> {-20: a} (values as the grid holds them)."""
+    return {float(v) if axis == "scale" else int(float(v)): a for v, a in accuracy.items()}
+
+
 def default_out(key: str, model: str, split: str) -> Path:
     return Path("runs") / f"mnist-{key}" / T.resolve_split(split) / model
 
@@ -68,37 +77,44 @@ def make_run(key: str):
 
     def run(cfg: InvarianceConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True,
             model: str = "metavae", split: str = "contiguous", data_dir=None) -> dict:
-        if model not in MODEL_NAMES:
-            raise ValueError(f"unknown model '{model}'; choose from {', '.join(MODEL_NAMES)}")
+        if model not in MODEL_NAMES + CONTROLS:
+            raise ValueError(f"unknown model '{model}'; choose from {', '.join(MODEL_NAMES + CONTROLS)}")
         split = T.resolve_split(split)
         seen, unseen = T.get_split(axis, split)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (tr_x, tr_y), (te_x, te_y) = _load(data_dir, cfg)
         train_t, test_t = _transformed(tr_x, axis, seen + unseen), _transformed(te_x, axis, seen + unseen)
-        info = {"experiment": f"mnist-{key}", "split": split, "data": data_record(data_dir, tr_x, te_x)}
-        trained, history, seconds, _ = train_on_seen(
-            model, "mlp", [train_t[v] for v in seen], [test_t[v] for v in seen], [str(v) for v in seen], cfg,
-            out, seed, device, progress, run_info=info)
-        trained.to(device)
         data = {v: ((train_t[v], tr_y), (test_t[v], te_y)) for v in unseen}
-        acc = probe_unseen(trained, data, unseen, cfg, seed, device, progress)
-        metrics = {
-            "accuracy": {str(v): a for v, a in acc.items()},
-            "mean_unseen_accuracy": sum(acc.values()) / len(acc),
-            "model": model, "split": split, "axis": key, "data": "mnist",
-            "seen": list(seen), "unseen": list(unseen),
-            "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x),
-            "epochs": cfg.epochs, "train_seconds": round(seconds, 1), "seed": seed, "probe": PROBE,
-            "config": asdict(cfg), "history": history,
-        }
-        if split == "interleaved" and model == "metavae":  # Table 1 (the reference forces 'standard')
-            test_by_axis = {a: _transformed(te_x, a, T.GRIDS[a]) for a in AXES.values()}
-            d = invariance_distances(trained, test_by_axis, BASE, cfg, seed, device)
-            metrics["invariance_distance"] = {k: d[a] for k, a in AXES.items()}
+        record = data_record(data_dir, tr_x, te_x)
+        metrics = {"model": model, "split": split, "axis": key, "data": "mnist", "data_record": record,
+                   "seen": list(seen), "unseen": list(unseen),
+                   "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x), "seed": seed,
+                   "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": asdict(cfg)}
+        if model in CONTROLS:  # no training: the same probes on the same images
+            control = make_control(model, tuple(tr_x.shape[1:]), cfg.z_dim)
+            metrics.update(summarise_probes(probe_unseen(control, data, unseen, cfg, seed, device, progress)),
+                           epochs=0, epochs_trained=0, train_seconds=0.0)
+        else:
+            info = {"experiment": f"mnist-{key}", "split": split, "data": record}
+            trained, history, seconds, trainer = train_on_seen(
+                model, "mlp", [train_t[v] for v in seen], [test_t[v] for v in seen], [str(v) for v in seen], cfg,
+                out, seed, device, progress, run_info=info)
+            trained.to(device)
+            metrics.update(evaluate_run(trained, trainer, data, unseen, cfg, seed, device, progress))
+            metrics.update(epochs=cfg.epochs, epochs_trained=history[-1]["epoch"] if history else 0,
+                           best_epoch=trainer.state.best_epoch, train_seconds=round(seconds, 1),
+                           train_seconds_total=round(sum(h["seconds"] for h in history), 1), history=history)
+            learning_curve_figure(out / "probe_vs_steps.png", {model: metrics["learning_curve"]},
+                                  f"MNIST {key}, {split}: {model}, seed {seed}")
+            if split == "interleaved" and model == "metavae":  # Table 1 (the reference forces 'standard')
+                test_by_axis = {a: _transformed(te_x, a, T.GRIDS[a]) for a in AXES.values()}
+                d = invariance_distances(trained, test_by_axis, BASE, cfg, seed, device)
+                metrics["invariance_distance"] = {k: d[a] for k, a in AXES.items()}
         write_metrics(out, metrics)
         accuracy_figure(out / "accuracy.png", [{
-            "title": f"{key}, {split}", "values": T.GRIDS[axis], "seen": seen, "curves": {model: acc}}],
+            "title": f"{key}, {split}", "values": T.GRIDS[axis], "seen": seen,
+            "curves": {f"{model} ({p})": _by_value(metrics["accuracy"][p], axis) for p in PROBES}}],
             f"MNIST {key}: linear-probe accuracy on unseen values, {model}")
         write_report(out, _report(metrics))
         return metrics
@@ -107,34 +123,51 @@ def make_run(key: str):
 
 
 def _report(m: dict) -> str:
-    rows = [[v, f"{a:.3f}"] for v, a in m["accuracy"].items()]
+    acc, mean = m["accuracy"], m["mean_unseen_accuracy"]
+    untrained = m.get("untrained")
+    headers = ["unseen value"] + [f"{p} probe" for p in PROBES] + ([f"untrained, {p}" for p in PROBES] if untrained else [])
+    rows = [[v] + [f"{acc[p][v]:.3f}" for p in PROBES]
+            + ([f"{untrained['accuracy'][p][v]:.3f}" for p in PROBES] if untrained else []) for v in acc["reference"]]
+    rows.append(["**mean**"] + [f"**{mean[p]:.3f}**" for p in PROBES]
+                + ([f"{untrained['mean_unseen_accuracy'][p]:.3f}" for p in PROBES] if untrained else []))
     paper = PAPER_TABLE2[m["axis"]].get(m["model"]) if m["split"] == "contiguous" else None
+    trained = m["model"] not in CONTROLS
     lines = [
-        f"# Transformed MNIST ({m['axis']}, {m['split']} split): {m['model']}",
+        f"# Transformed MNIST ({m['axis']}, {m['split']} split): {m['model']}" + ("" if trained else " (control)"),
         "",
-        f"Mean linear-probe accuracy on the {len(m['unseen'])} unseen values: **{m['mean_unseen_accuracy']:.3f}**"
-        + (f" (paper Table 2: {paper})" if paper is not None else ""),
+        f"Mean linear-probe accuracy on the {len(m['unseen'])} unseen values: reference probe **{mean['reference']:.3f}**, "
+        f"standardised probe **{mean['standardised']:.3f}**" + (f" (paper Table 2: {paper})" if paper is not None else ""),
         "",
-        f"Trained on {len(m['seen'])} seen values, {m['train_images_per_value']} images each, {m['epochs']} epochs "
-        f"({m['train_seconds']:.0f} s); probed with {m['test_images_per_value']} test images per value.",
-        "",
-        markdown_table(["unseen value", "test accuracy"], rows),
-        "",
-        "![accuracy](accuracy.png)",
     ]
+    if trained:
+        lines += [f"Trained on {len(m['seen'])} seen values, {m['train_images_per_value']} images each, "
+                  f"{m['epochs_trained']} epochs trained (best epoch {m['best_epoch']}, {m['train_seconds']:.0f} s this "
+                  f"launch); probed with {m['test_images_per_value']} test images per value. Seed {m['seed']}.", ""]
+    lines += [markdown_table(headers, rows), "", "![accuracy](accuracy.png)"]
+    if m.get("learning_curve"):
+        lines += ["", "## Learning curve (probes on a few unseen values; validation loss on the seen values)", "",
+                  markdown_table(["step", "fraction", "val loss"] + [f"{p} probe" for p in PROBES],
+                                 [[c["step"], f"{c['fraction']:.3f}", f"{c['val_loss']:.2f}"]
+                                  + [f"{c['mean_accuracy'][p]:.3f}" for p in PROBES] for c in m["learning_curve"]]),
+                  "", "![learning curve](probe_vs_steps.png)"]
+    if m.get("reference_selection"):
+        r = m["reference_selection"]
+        lines += ["", f"## The reference's selection (highest val loss, epoch {r['epoch']}; sampled c)", "",
+                  f"Mean accuracy: reference probe {r['mean_unseen_accuracy']['reference']:.3f}, standardised "
+                  f"{r['mean_unseen_accuracy']['standardised']:.3f}."]
     if "invariance_distance" in m:
         d = m["invariance_distance"]
         lines += ["", "## Table 1 row: mean L2 distance to the untransformed embedding", "",
                   markdown_table(["embedded axis", "ours", "paper"],
                                  [[a, f"{d[a]:.3f}", PAPER_TABLE1[m["axis"]][a]] for a in AXES])]
     lines += ["", "## Differences from the reference", "",
-              f"- Probe: {PROBE}; embeddings are unscaled posterior means.",
+              f"- Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}. Embeddings are unscaled posterior means.",
               "- Set pooling divides by the set size (the reference divides by the batch size).",
               "- The best checkpoint is the one with the *lowest* validation loss (negative ELBO on the seen values' "
-              "test parts); the reference's baselines picked the highest.",
+              "test parts); the reference's baselines picked the highest (see the reference's selection above).",
               "- NS/VHE embeddings use the mean of q(c|D), not a sample, so they are deterministic.",
-              "- Scale is PIL's crop-and-resize, shear the old torchvision formula (PROTOCOL 5.1), both reproduced "
-              "exactly with tensor ops."]
+              "- Scale is PIL's crop-and-resize, shear the old torchvision formula (docs/reproduction.md), both "
+              "reproduced exactly with tensor ops."]
     return "\n".join(lines)
 
 
@@ -151,45 +184,72 @@ rotate, scale, shear = (_experiment(k) for k in AXES)
 
 
 # --- `metavae report mnist` ----------------------------------------------------------------
+TABLE2_MODELS = ("metavae", "vhe-vampprior", "vhe", "ns")
+
+
 def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
-    """Gather finished runs into Table 1, Table 2 and Figure 7, beside the paper's numbers."""
+    """Gather finished runs (any depth under ``runs``; several seeds of one model are averaged)
+    into Table 1, Table 2 with both probes and the controls, Figure 7 and the learning curves."""
     runs = Path(runs)
     out = Path(out) if out is not None else runs / "mnist-report"
-    found = {}
-    for path in sorted(runs.glob("mnist-*/*/*/metrics.json")):
-        m = json.loads(path.read_text())
-        found[(m["axis"], m["split"], m["model"])] = m
-    table1, table2, missing = gather_tables(found, AXES, ("metavae", "vhe-vampprior", "vhe", "ns"), "mnist", out)
+    found = find_runs(runs, ("mnist",))
+    models = TABLE2_MODELS + tuple(sorted({k[2] for k in found if k[2] not in TABLE2_MODELS + CONTROLS}))
+    table1, table2, missing = gather_tables(found, AXES, models, "mnist", out, " --data-dir DIR --preset long")
     panels = []
     for key, axis in AXES.items():
         for split in ("interleaved", "sparse", "contiguous"):
-            curves = {model: {float(v) if axis == "scale" else int(float(v)): a for v, a in m["accuracy"].items()}
-                      for (k, s, model), m in found.items() if k == key and s == split}
+            curves = {}
+            for (k, s_, model), ms in found.items():
+                if k == key and s_ == split:
+                    per_value = [_by_value(m["accuracy"]["standardised"], axis) for m in ms]
+                    curves[model] = {v: float(np.mean([pv[v] for pv in per_value])) for v in per_value[0]}
             if curves:
                 panels.append({"title": f"{key}, {split}", "values": T.GRIDS[axis], "seen": T.get_split(axis, split)[0],
                                "curves": curves})
     if panels:
-        accuracy_figure(out / "figure7.png", panels, "Figure 7: linear-probe accuracy per transformation value")
-    _write_summary(out, table1, table2, found, missing)
+        accuracy_figure(out / "figure7.png", panels,
+                        "Figure 7: standardised-probe accuracy per transformation value (mean over seeds)")
+    curves = {f"{model}, {key}, seed {m['seed']}": m["learning_curve"]
+              for (key, split, model), ms in sorted(found.items()) if split == "contiguous"
+              for m in ms[:1] if m.get("learning_curve")}
+    if curves:
+        learning_curve_figure(out / "probe_vs_steps.png", curves, "Learning curves, contiguous split (first seed)")
+    _write_summary(out, table1, table2, found, missing, models)
     return {"table1": table1, "table2": table2, "missing": missing}
 
 
-def _write_summary(out, table1, table2, found, missing):
+def _write_summary(out, table1, table2, found, missing, models):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows2 = []
     for key in AXES:
-        for model in ("metavae", "vhe-vampprior", "vhe", "ns"):
-            m = found.get((key, "contiguous", model))
-            epochs = "" if m is None else f"{m['epochs']} ep, {m['train_images_per_value']} img"
-            rows2.append([key, model, fmt(table2[key][model]), fmt(PAPER_TABLE2[key][model]), epochs])
+        for model in models + CONTROLS:
+            e = table2[key].get(model)
+            if e is None and model in CONTROLS:
+                continue
+            get = lambda name, p: fmt_seeds((e.get(name) or {}).get(p)) if e else "-"  # noqa: E731
+            run = ""
+            if e is not None and model not in CONTROLS:
+                secs = e["train_seconds"]["mean"] if e["train_seconds"] else float("nan")
+                run = f"{'/'.join(map(str, e['epochs_trained']))} ep, {secs / 60:.0f} min"
+            rows2.append([key, model, fmt_seeds(e["reference"]) if e else "-", fmt_seeds(e["standardised"]) if e else "-",
+                          get("untrained", "reference"), get("untrained", "standardised"),
+                          get("reference_selection", "standardised"),
+                          fmt(PAPER_TABLE2[key].get(model.split(" ")[0])) if model not in CONTROLS else "", run])
     rows1 = [[key] + [f"{fmt((table1[key] or {}).get(a))} ({PAPER_TABLE1[key][a]})" for a in AXES] for key in AXES]
     text = "\n".join([
         "# Transformed MNIST: the paper's tables from finished runs", "",
         "## Table 2: mean linear-probe accuracy on unseen values, contiguous split", "",
-        markdown_table(["axis", "model", "ours", "paper", "run"], rows2), "",
+        "Mean ± std over seeds (number of seeds); one seed has no spread. *untrained*: the same model, seed and "
+        "init at step 0. *reference's selection*: the reference's checkpoint pick (highest validation loss) with "
+        "sampled c, for the models that have a c. Controls: `pixels` (raw pixels) and `random-projection` (a fixed "
+        "40-dim Gaussian projection of the pixels), read by the same probes on the same images.", "",
+        markdown_table(["axis", "model", "reference probe", "standardised probe", "untrained, reference",
+                        "untrained, standardised", "reference's selection, standardised", "paper", "run"], rows2), "",
+        f"Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}.", "",
         "## Table 1: mean L2 distance to the untransformed embedding (ours (paper)); rows = trained on", "",
         markdown_table(["trained on"] + list(AXES), rows1), "",
         "![figure 7](figure7.png)" if (out / "figure7.png").exists() else "", "",
+        "![learning curves](probe_vs_steps.png)" if (out / "probe_vs_steps.png").exists() else "", "",
         "## Missing runs", "",
         "\n".join(f"- `{c}`" for c in missing) if missing else "None.",
     ])

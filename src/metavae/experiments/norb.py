@@ -33,13 +33,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, NorbPart, _key, correspondence,
                          get_split, group_names, group_values, load_norb, norb_meta, resolve_split)
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
-from .invariance import (PROBE, InvarianceConfig, accuracy_figure, gather_tables, invariance_distances, probe_unseen, train_on_seen)
+from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
+                         fmt_seeds, gather_tables, invariance_distances, train_on_seen)
 
 COLLAPSED_SPREAD = 0.1  # a MetaVAE embedding spread below this: the posterior collapsed onto the prior
 DATA_SEED = 0  # which images a preset's per-group subset keeps (fixed across runs and models)
@@ -184,29 +186,29 @@ def make_run(axis: str):
         if cfg.context_pool is not None and cfg.context_pool > smallest:  # a pool cannot exceed a group
             cfg = replace(cfg, context_pool=smallest)
         kw = model_kwargs(model, cfg)
-        trained, history, seconds, _ = train_on_seen(
+        info = {"experiment": f"norb-{axis}", "split": split,
+                "data": {"name": full.name, "source": str(full.source), "train_images": int(len(full.train.images)),
+                         "test_images": int(len(full.test.images))}}
+        trained, history, seconds, trainer = train_on_seen(
             model, "conv", [x for x, _ in train], [x for x, _ in val], [names[g] for g in seen], cfg, out, seed,
-            device, progress, model_kwargs=kw)
+            device, progress, model_kwargs=kw, run_info=info)
         trained.to(device)
         utrain, utest = _groups(meta.unseen_dataset, "train"), _groups(meta.unseen_dataset, "test")
         probe_data = {values[g]: (utrain[i], utest[i]) for i, g in enumerate(unseen)}
-        spread: dict = {}
-        acc = probe_unseen(trained, probe_data, [values[g] for g in unseen], cfg, seed, device, progress, spread)
-        metrics = {
-            "accuracy": {str(v): a for v, a in acc.items()},
-            "mean_unseen_accuracy": sum(acc.values()) / len(acc),
-            "embedding_std": sum(spread.values()) / len(spread),
+        metrics = evaluate_run(trained, trainer, probe_data, [values[g] for g in unseen], cfg, seed, device, progress)
+        metrics.update({
             "model": model, "split": split, "axis": axis, "data": full.name, "data_source": full.source,
             "seen": [values[g] for g in seen], "unseen": [values[g] for g in unseen],
             "seen_groups": list(seen), "unseen_groups": list(unseen),
             "train_images_per_value": len(train[0][0]), "test_images_per_value": len(val[0][0]),
             # summed over the epochs' records, so a resumed run reports its whole training time
-            "epochs": cfg.epochs, "train_seconds": round(sum(h.get("seconds", 0.0) for h in history) or seconds, 1),
-            "seed": seed, "probe": PROBE,
+            "epochs": cfg.epochs, "epochs_trained": history[-1]["epoch"] if history else 0,
+            "train_seconds": round(sum(h.get("seconds", 0.0) for h in history) or seconds, 1),
+            "seed": seed, "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE},
             "model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
             "n_parameters": sum(p.numel() for p in trained.parameters()),
             "config": asdict(cfg), "history": history,
-        }
+        })
         if split == "interleaved" and model == "metavae":  # Table 1 (the reference forces 'standard')
             test_by_axis, pairs, sizes = table1_groups(full, cfg)
             metrics["invariance_distance"] = invariance_distances(trained, test_by_axis, BASE_GROUP, cfg, seed,
@@ -215,7 +217,8 @@ def make_run(axis: str):
                                  "correspondence": CORRESPONDENCE, "groups": sizes}
         write_metrics(out, metrics)
         accuracy_figure(out / "accuracy.png", [{
-            "title": f"{axis}, {split}", "values": values, "seen": metrics["seen"], "curves": {model: acc}}],
+            "title": f"{axis}, {split}", "values": values, "seen": metrics["seen"],
+            "curves": {f"{model} ({p})": {int(float(v)): a for v, a in metrics["accuracy"][p].items()} for p in PROBES}}],
             f"NORB {axis} on {full.name}: linear-probe accuracy on unseen groups, {model}")
         has_examples = _example_grid(out / "examples.png", full)
         write_report(out, _report(metrics, has_examples))
@@ -243,7 +246,9 @@ def _title_data(name: str) -> str:
 
 
 def _report(m: dict, has_examples: bool = True) -> str:
-    rows = [[v, f"{a:.3f}"] for v, a in m["accuracy"].items()]
+    acc, un = m["accuracy"], m.get("untrained")
+    rows = [[v] + [f"{acc[p][v]:.3f}" for p in PROBES] + ([f"{un['accuracy'][p][v]:.3f}" for p in PROBES] if un else [])
+            for v in acc["reference"]]
     real = m["data"] == "smallnorb"
     paper = PAPER_TABLE2[m["axis"]].get(m["model"]) if m["split"] == "contiguous" else None
     paper_txt = ""
@@ -257,15 +262,17 @@ def _report(m: dict, has_examples: bool = True) -> str:
         " synthnorb is a procedurally rendered stand-in with NORB's structure; its numbers are not comparable "
         "to the paper's, which are on real smallNORB."),
         "",
-        f"Mean linear-probe accuracy on the {len(m['unseen'])} unseen groups: **{m['mean_unseen_accuracy']:.3f}**"
+        f"Mean linear-probe accuracy on the {len(m['unseen'])} unseen groups: reference probe "
+        f"**{m['mean_unseen_accuracy']['reference']:.3f}**, standardised **{m['mean_unseen_accuracy']['standardised']:.3f}**"
         + paper_txt,
         "",
         f"Trained on {len(m['seen'])} seen groups ({', '.join(map(str, m['seen']))}), "
-        f"{m['train_images_per_value']} images each, {m['epochs']} epochs ({m['train_seconds']:.0f} s); "
+        f"{m['train_images_per_value']} images each, {m['epochs_trained']} epochs ({m['train_seconds']:.0f} s); "
         f"probed with {m['train_images_per_value']} train / {m['test_images_per_value']} test images per unseen "
         f"group. Conv model: {m['model_kwargs']}, {m['n_parameters']:,} parameters.",
         "",
-        markdown_table([f"unseen {m['axis']}", "test accuracy"], rows),
+        markdown_table([f"unseen {m['axis']}"] + [f"{p} probe" for p in PROBES]
+                       + ([f"untrained, {p}" for p in PROBES] if un else []), rows),
         "",
         _spread_text(m),
         "",
@@ -316,7 +323,7 @@ def differences(m: dict) -> list[str]:
         out.append(f"- Training contexts drawn from a shared pool of {cfg['context_pool']} images per group and step "
                    "(each query's 10 context images are still a uniform draw; a speed option).")
     out += [
-        f"- Probe: {PROBE}; embeddings are unscaled posterior means.",
+        f"- Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}. Embeddings are unscaled posterior means.",
         "- GroupNorm/LayerNorm instead of BatchNorm (per-sample normalisation; same function in training and "
         "evaluation).",
         "- Set pooling divides by the set size (the reference divides by the batch size).",
@@ -346,18 +353,12 @@ elevation, azimuth, lighting = (_experiment(a) for a in AXES)
 
 # --- `metavae report norb` ------------------------------------------------------------------
 def _find(runs: Path) -> dict:
-    """{data: {(axis, split, model): metrics}}, the newest metrics.json per key."""
+    """{data: {(axis, split, model): [metrics, ...]}} (one per seed)."""
     found: dict = {}
-    paths = sorted(runs.glob("norb-*/**/metrics.json"), key=lambda p: p.stat().st_mtime)
-    for path in paths:
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if m.get("axis") not in AXES or m.get("data") not in DATA_LABEL:
-            continue
-        m["_path"] = str(path.parent)
-        found.setdefault(m["data"], {})[(m["axis"], m["split"], m["model"])] = m
+    for key, ms in find_runs(runs, tuple(DATA_LABEL)).items():
+        for m in ms:
+            if m["axis"] in AXES:
+                found.setdefault(m["data"], {}).setdefault(key, []).append(m)
     return found
 
 
@@ -388,8 +389,9 @@ def _report_one(found: dict, data: str, out: Path) -> dict:
     panels = []
     for axis in AXES:
         for split in ("interleaved", "sparse", "contiguous"):
-            curves = {model: {int(float(v)): a for v, a in m["accuracy"].items()}
-                      for (a_, s, model), m in found.items() if a_ == axis and s == split}
+            curves = {model: {int(float(v)): float(np.mean([m["accuracy"]["standardised"][v] for m in ms]))
+                              for v in ms[0]["accuracy"]["standardised"]}
+                      for (a_, s, model), ms in found.items() if a_ == axis and s == split}
             if curves:
                 seen = [group_values(axis)[g] for g in get_split(axis, split)[0]]
                 panels.append({"title": f"{axis}, {split}", "values": group_values(axis), "seen": seen,
@@ -397,7 +399,7 @@ def _report_one(found: dict, data: str, out: Path) -> dict:
     if panels:
         accuracy_figure(out / "figure7.png", panels,
                         f"Figure 7 (NORB) on {data}: linear-probe accuracy per group")
-    examples = next((Path(m["_path"]) / "examples.png" for m in found.values()
+    examples = next((Path(m["_path"]) / "examples.png" for ms in found.values() for m in ms
                      if (Path(m["_path"]) / "examples.png").exists()), None)
     if examples is not None:
         shutil.copyfile(examples, out / "examples.png")
@@ -411,15 +413,17 @@ def _write_summary(out, data, table1, table2, found, missing):
     rows2 = []
     for axis in AXES:
         for model in TABLE2_MODELS:
-            m = found.get((axis, "contiguous", model))
-            run = "" if m is None else (f"{m['epochs']} ep, {m['train_images_per_value']} img/group, "
-                                        f"spread {m.get('embedding_std', float('nan')):.2g}")
-            rows2.append([axis, model, fmt(table2[axis][model]), fmt(PAPER_TABLE2[axis][model]), run])
+            ms, e = found.get((axis, "contiguous", model), []), table2[axis][model]
+            run = "" if not ms else (f"{ms[0]['epochs_trained']} ep, {ms[0]['train_images_per_value']} img/group, "
+                                     f"spread {fmt_seeds(e['embedding_std'], 2)}")
+            rows2.append([axis, model] + [fmt_seeds(e[p]) if e else "-" for p in PROBES]
+                         + [fmt_seeds(e["untrained"]["standardised"]) if e and e.get("untrained") else "-",
+                            fmt(PAPER_TABLE2[axis][model]), run])
     rows1 = [[axis] + [f"{fmt((table1[axis] or {}).get(a))} ({PAPER_TABLE1[axis][a]})" for a in AXES]
              for axis in AXES]
     ours = f"ours ({data})"
-    spread1 = {a: found[(a, "interleaved", "metavae")]["embedding_std"] for a in AXES
-               if found.get((a, "interleaved", "metavae"), {}).get("embedding_std") is not None}
+    spread1 = {a: float(np.mean([m["embedding_std"] for m in found[(a, "interleaved", "metavae")]])) for a in AXES
+               if found.get((a, "interleaved", "metavae"))}
     collapsed = [a for a, v in spread1.items() if v < COLLAPSED_SPREAD]
     note1 = ("Embedding spread of the Table 1 models: " + ", ".join(f"{a} {v:.2g}" for a, v in spread1.items())
              + "." if spread1 else "")
@@ -436,7 +440,8 @@ def _write_summary(out, data, table1, table2, found, missing):
         f"# Small NORB on {_title_data(data)}: the paper's tables from finished runs", "",
         warning, "",
         "## Table 2: mean linear-probe accuracy on unseen groups, contiguous split", "",
-        markdown_table(["axis", "model", ours, "paper (real smallNORB)", "run"], rows2), "",
+        markdown_table(["axis", "model", f"{ours}, reference probe", "standardised probe", "untrained, standardised",
+                        "paper (real smallNORB)", "run"], rows2), "",
         "spread: per-dimension std of the unseen test embeddings. For the MetaVAE (prior N(0, I)) about 1 for "
         "latent dimensions in use and near 0 when the posterior collapsed onto the prior; VHE/NS learn p(z|c), so "
         "their spread has no fixed scale.", "",

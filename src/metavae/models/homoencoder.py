@@ -220,19 +220,20 @@ class HierarchicalVAE(nn.Module):
         return rec, kl_z
 
     # -- inference --------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Parameters (mu_z, logvar_z) of q(z | x, c) at c = the *mean* of q(c | D):
-        deterministic (the reference samples c)."""
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None, sample_c: bool = False) -> torch.Tensor:
+        """Parameters (mu_z, logvar_z) of q(z | x, c) at c = the *mean* of q(c | D): deterministic.
+        ``sample_c``: at one sample of q(c | D) per set instead, as the reference's embeddings."""
         if context is None:
             raise ValueError(f"{type(self).__name__} needs a context set D for every query; got context=None")
         lead, sets, context = context_sets(x, context, self.event_shape)
-        c_mu = self.context_params(context)[..., : self.c_dim]
-        return self.inference(self.element_features(x), c_mu)
+        c_params = self.context_params(context)
+        c = self.sample_c(c_params, c_params.shape[:-1])[0] if sample_c else c_params[..., : self.c_dim]
+        return self.inference(self.element_features(x), c)
 
     @torch.no_grad()
-    def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """The posterior mean mu_z(x, E[c | D]) (*lead, z_dim)."""
-        return self.latent.mean(self.encode(x, context))
+    def embed(self, x: torch.Tensor, context: torch.Tensor | None = None, sample_c: bool = False) -> torch.Tensor:
+        """The posterior mean mu_z(x, c) (*lead, z_dim) at c = E[c | D] (or a sample, ``sample_c``)."""
+        return self.latent.mean(self.encode(x, context, sample_c))
 
     def extra_repr(self) -> str:
         prior = "vampprior" if self.vampprior is not None else "gaussian"

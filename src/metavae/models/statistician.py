@@ -60,10 +60,11 @@ class NeuralStatistician(HierarchicalVAE):
         return LossOutput(loss=loss, nll=-rec.detach().mean(), kl_z=kl_z.detach().mean(),
                           kl_c=kl_c.detach().mean(), kl_c_weight=w)
 
-    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """(mu_z, logvar_z) at c = E[c | D]; D = ``context`` or, if None, the queries' last leading dim."""
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None, sample_c: bool = False) -> torch.Tensor:
+        """(mu_z, logvar_z) at c = E[c | D] (one sample of q(c | D) with ``sample_c``); D = ``context``
+        or, if None, the queries' last leading dim."""
         if context is not None:
-            return super().encode(x, context)
+            return super().encode(x, context, sample_c)
         ne = len(self.event_shape)
         if x.dim() < ne or tuple(x.shape[x.dim() - ne:]) != self.event_shape:
             raise ValueError(f"queries must end in the event shape {self.event_shape}, got shape {tuple(x.shape)}")
@@ -71,8 +72,9 @@ class NeuralStatistician(HierarchicalVAE):
         if single:  # one point: a set of one
             x = x.unsqueeze(0)
         hx = self.element_features(x)
-        c_mu = self.statistic(hx)[..., : self.c_dim].unsqueeze(-2)
-        params = self.inference(hx, c_mu)
+        c_params = self.statistic(hx)
+        c = self.sample_c(c_params, c_params.shape[:-1])[0] if sample_c else c_params[..., : self.c_dim]
+        params = self.inference(hx, c.unsqueeze(-2))
         return params.squeeze(0) if single else params
 
 
