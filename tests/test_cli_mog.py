@@ -20,7 +20,7 @@ def test_list_names_every_experiment(capsys):
         (["run", "mog", "--device", "banana"], "unknown device"),
         (["run", "mog", "--preset", "huge"], "unknown preset 'huge'"),
         (["run", "mog", "--set", "epochz=3"], "unknown setting 'epochz'"),
-        (["run", "mog", "--set", "epochs=many"], "expects a int"),
+        (["run", "mog", "--set", "epochs=many"], "expects an int"),
         (["run", "mog", "--split", "sparse"], "does not take --split"),
     ],
 )

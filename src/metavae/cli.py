@@ -8,7 +8,25 @@ import time
 from pathlib import Path
 
 from .experiments import get_experiment, get_report, list_experiments
+from .data.mnist import DownloadError
 from .experiments.common import resolve_preset
+from .io import RunFolder, RunLocked
+
+
+# Failures a user can cause and fix: one line each, exit status 2, never a traceback.
+EXPECTED = (ValueError, KeyError, OSError, FloatingPointError, MemoryError, RunLocked, DownloadError)
+
+
+def describe(e: BaseException) -> str:
+    """One line for an expected failure: the message, with the OS's reason for file errors."""
+    if isinstance(e, MemoryError):
+        return "out of memory; try a smaller batch_size or fewer images"
+    if isinstance(e, FloatingPointError):
+        return f"training diverged: {e}"
+    if isinstance(e, OSError) and e.strerror:  # e.g. "No space left on device: runs/x/last.pt"
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +73,8 @@ def run_command(args) -> int:
     default = getattr(exp, "default_out", None)
     out = args.out or (default(**options) if default else Path("runs") / args.experiment)
     t0 = time.time()
-    metrics = exp.run(cfg, out=out, device=args.device, seed=args.seed, progress=not args.quiet, **options)
+    with RunFolder(out):  # writable, ours alone, no stale temporaries: checked before any data loads
+        metrics = exp.run(cfg, out=out, device=args.device, seed=args.seed, progress=not args.quiet, **options)
     print((out / "report.md").read_text() if (out / "report.md").exists() else json.dumps(metrics, indent=2))
     print(f"[metavae] {args.experiment} finished in {time.time() - t0:.0f} s; results in {out}/", file=sys.stderr)
     return 0
@@ -76,8 +95,17 @@ def main(argv=None) -> int:
                 print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)
             return 0
         return run_command(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"metavae: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("metavae: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except EXPECTED as e:
+        print(f"metavae: error: {describe(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch reports allocation failures as RuntimeError
+        if "alloc" not in str(e).lower() and "out of memory" not in str(e).lower():
+            raise
+        print(f"metavae: error: out of memory ({str(e).splitlines()[0][:200]}); try a smaller batch_size or "
+              "fewer images", file=sys.stderr)
         return 2
 
 

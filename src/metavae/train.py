@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.meta import MetaDataset, PooledContext
+from .io import atomic_save, atomic_write_text  # noqa: F401  (re-exported: metavae.train.atomic_save)
 
 CHECKPOINT_VERSION = 2  # 2: loadable with weights_only=True; records the run it belongs to
 
@@ -90,27 +91,6 @@ class _LossModule(torch.nn.Module):
         return self.model.loss(batch)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over the target:
-    a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -132,7 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.context_size < 0:
             raise ValueError(f"context_size must be >= 0, got {self.context_size}")
@@ -140,10 +120,16 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        for name in ("steps_per_epoch", "val_steps"):
+        for name in ("epochs", "batch_size", "context_size", "steps_per_epoch", "val_steps", "context_pool"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("steps_per_epoch", "val_steps", "context_pool"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be positive or None (no clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -258,8 +244,13 @@ class Trainer:
             },
             self.last_path,
         )
-        lines = "".join(json.dumps(h) + "\n" for h in self.state.history)
-        atomic_write_text(lines, self.out / "metrics.jsonl")
+        self._write_log()
+
+    def _write_log(self) -> None:
+        """metrics.jsonl: one line per epoch of the checkpoint's history (rewritten whole, atomically)."""
+        if self.out is None or self.rank != 0:
+            return
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in self.state.history), self.out / "metrics.jsonl")
 
     def resume(self) -> bool:
         """Load ``last.pt`` if there is one; True if training continues from it."""
@@ -291,6 +282,7 @@ class Trainer:
         self.state = _State(**ckpt["state"])
         self._set_rng_state(ckpt["rng"])
         self._fresh = False
+        self._write_log()  # a kill between the checkpoint and its log leaves the log behind: catch it up
         return True
 
     # -- loop -------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ single indexing operation for all distributions at once: no per-item Python in t
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
 
@@ -70,10 +73,36 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.float()
 
 
+def checked_points(points, part: str, dist: str) -> torch.Tensor:
+    """One distribution's points as a tensor: numpy is accepted, float64 becomes float32 (the
+    models' dtype; logged), and empty sets, non-numeric and non-finite values are refused with the
+    part, distribution and index named."""
+    t = torch.as_tensor(points)
+    where = f"{part} part, distribution {dist}"
+    if t.dim() == 0:
+        raise ValueError(f"{where}: expected an array of points (n, ...), got a scalar")
+    if len(t) == 0:
+        raise ValueError(f"{where}: no points (every distribution needs at least one)")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{where}: expected real numbers, got {t.dtype}")
+    if t.dtype == torch.float64:
+        logger.info("%s: float64 cast to float32", where)
+        t = t.float()
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{where}: point {i} holds a non-finite value (NaN or inf); "
+                             f"{int(bad.sum())} such point(s) in all")
+    return t
+
+
 class Part:
     """One part (train, val or test) of every distribution: padded data, lengths, labels."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, name: str):
+    def __init__(self, tensors: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, name: str,
+                 dist_names: Sequence[str] | None = None):
+        tensors = [checked_points(t, name, dist_names[k] if dist_names else str(k)) for k, t in enumerate(tensors)]
         shapes = {tuple(t.shape[1:]) for t in tensors}
         if len(shapes) != 1:
             raise ValueError(f"{name}: every distribution must have the same event shape, got {sorted(shapes)}")
@@ -287,11 +316,12 @@ class MetaDataset:
         return self
 
     def _init(self, parts, labels, names) -> None:
-        self.parts = {p: Part(t, None if labels is None else labels[p], p) for p, t in parts.items() if len(t[0])}
-        K = self.parts["train"].n_distributions
+        K = len(parts["train"])
         self.names = list(names) if names is not None else [str(k) for k in range(K)]
         if len(self.names) != K:
             raise ValueError(f"got {len(self.names)} names for {K} distributions")
+        self.parts = {p: Part(t, None if labels is None else labels[p], p, self.names)
+                      for p, t in parts.items() if any(len(x) for x in t)}
         shapes = {p.event_shape for p in self.parts.values()}
         if len(shapes) != 1:
             raise ValueError(f"parts disagree on the event shape: {sorted(shapes)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -165,8 +166,8 @@ def fetch_verified(filename: str, dest_dir: str | os.PathLike, mirrors: Sequence
                 continue
             os.replace(tmp, dest)
             return dest
-        except OSError as exc:  # URLError, HTTPError and timeouts are all OSErrors
-            failures.append(f"{url}: {exc}")
+        except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, timeouts; IncompleteRead
+            failures.append(f"{url}: {type(exc).__name__}: {exc}")
         finally:
             tmp.unlink(missing_ok=True)
     raise DownloadError(f"could not download {filename} into {dest_dir}: " + "; ".join(failures))
@@ -186,6 +187,13 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 def _locate(folder: Path, stem: str, download: bool, from_cache: bool) -> Path:
     found = _find(folder, stem)
+    if found is not None and from_cache and found.name in MD5 and _md5(found) != MD5[found.name]:
+        # our own cache is re-checked on every read: a damaged or replaced file is fetched again
+        logger.warning("cached %s fails its md5 check; %s", found, "downloading it again" if download else "ignored")
+        if not download:
+            raise ValueError(f"cached MNIST file {found} is damaged (md5 mismatch); delete it or allow the download")
+        found.unlink()
+        found = None
     if found is not None:
         return found
     if from_cache and download:
@@ -215,6 +223,10 @@ def load_mnist(data_dir: str | os.PathLike | None = None, split: str = "train",
     if len(images) != len(labels):
         raise ValueError(f"inconsistent MNIST {split} pair: {image_path} holds {len(images)} images "
                          f"but {label_path} holds {len(labels)} labels")
+    if len(labels) and int(labels.max()) > 9:
+        i = int(np.argmax(labels > 9))
+        raise ValueError(f"{label_path}: label {int(labels[i])} at index {i} is not a digit 0-9; "
+                         f"{int((labels > 9).sum())} such label(s). Is this an MNIST label file?")
     logger.info("read %d MNIST %s images (%dx%d) from %s", len(images), split,
                 images.shape[1], images.shape[2], folder)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import tempfile
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..io import atomic_write_bytes
 from . import mnist as _mnist
 from .meta import MetaDataset
 from .transforms import _round_pass_, _scale_matrices, resolve_split  # same split names
@@ -153,10 +153,13 @@ _MAX_NDIM = 16
 # --------------------------------------------------------------------------- the binary format
 
 
-def _open(path: Path):
+def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(2)
-    return gzip.open(path, "rb") if head == b"\x1f\x8b" else open(path, "rb")
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -205,6 +208,13 @@ def read_matrix(path: str | os.PathLike) -> np.ndarray:
             if any(d != 1 for d in fields[ndim:]):
                 logger.warning("%s: unused dimension fields %s are not 1 (ignored)", path, fields[ndim:])
             dtype = MAGIC[magic]
+            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            # before allocating: deflate cannot expand data more than ~1032x, so a header that
+            # promises more than the file can hold is corrupt, whatever memory the machine has
+            limit = path.stat().st_size * (1032 if _is_gzip(path) else 1)
+            if need > limit:
+                raise ValueError(f"{path}: corrupt header: shape {tuple(shape)} of {dtype.name} needs {need:,} "
+                                 f"bytes but the file can hold at most {limit:,}")
             out = np.empty(shape, dtype=dtype)
             view = memoryview(out.reshape(-1).view(np.uint8))
             got = 0
@@ -242,16 +252,7 @@ def write_matrix(path: str | os.PathLike, array: np.ndarray, compress: bool | No
         compress = path.suffix == ".gz"
     if compress:
         data = gzip.compress(data, compresslevel=6, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(data, path)
 
 
 # --------------------------------------------------------------------------- download

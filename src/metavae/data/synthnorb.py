@@ -52,7 +52,7 @@ import torch
 
 from .norb import (CATEGORIES, INFO_COLUMNS, TEST_INSTANCES, TRAIN_INSTANCES, NorbData, NorbPart,
                    _camera_select, group_names, norb_cache_dir, resize_images)
-from .transforms import _atomic_save
+from ..io import atomic_save
 
 __all__ = [
     "AZIMUTHS",
@@ -659,7 +659,7 @@ def load_synthnorb(cache_dir: str | os.PathLike | None = None, cameras: str = "a
                 logger.info("rendered synthnorb %s camera %d in %.1f s", split, cam, time.perf_counter() - t0)
                 if use_cache:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _atomic_save({"images": got[0], "info": got[1],
+                    atomic_save({"images": got[0], "info": got[1],
                                   "params": json.dumps(_params(image_size, render_size, seed))}, path)
             images.append(got[0])
             infos.append(got[1])

@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from ..io import atomic_save
 
 __all__ = [
     "AXES",
@@ -358,18 +359,6 @@ def _cache_key(axis: str, value: float | int, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _atomic_save(tensor: torch.Tensor, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(tensor, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(path: Path, like: torch.Tensor) -> torch.Tensor | None:
     if not path.exists():
         return None
@@ -407,6 +396,6 @@ def transform_split(images: torch.Tensor, axis: str, values: Iterable[float],
         cached = _load_cached(path, images)
         if cached is None:
             cached = apply_transform(images, axis, k)
-            _atomic_save(cached, path)
+            atomic_save(cached, path)
         out[k] = cached
     return out

@@ -4,39 +4,100 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from pathlib import Path
 
-from ..train import atomic_write_text, is_main_process
+from ..io import atomic_write, atomic_write_text
+from ..train import is_main_process
 
 
 def resolve_preset(presets: dict, name: str | None, overrides: dict | None = None):
-    """The named preset (default: the first), with ``key=value`` overrides checked by name."""
+    """The named preset (default: the first), with ``key=value`` overrides checked by name, type and
+    range (`check_settings`) before anything is loaded."""
     name = name or next(iter(presets))
     if name not in presets:
         raise ValueError(f"unknown preset '{name}'; choose from {', '.join(presets)}")
     cfg = presets[name]
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    fields = {f.name for f in dataclasses.fields(cfg)}
     for key, value in (overrides or {}).items():
         if key not in fields:
-            raise ValueError(f"unknown setting '{key}' for this experiment; settings: {', '.join(fields)}")
-        cfg = dataclasses.replace(cfg, **{key: _coerce(value, getattr(cfg, key), key)})
+            raise ValueError(f"unknown setting '{key}' for this experiment; settings: {', '.join(sorted(fields))}")
+        cfg = dataclasses.replace(cfg, **{key: _coerce(value, hints[key], key)})
+    check_settings(cfg)
     return cfg
 
 
-def _coerce(value, current, key):
-    if not isinstance(value, str):
-        return value
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    if isinstance(current, tuple) and isinstance(parsed, list):
+def _parts(hint) -> tuple[type, bool]:
+    """(the base type, whether None is allowed) of a field's annotation: ``int | None`` -> (int, True)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        base = [a for a in args if a is not type(None)]
+        return (typing.get_origin(base[0]) or base[0]), len(base) < len(args)
+    return (typing.get_origin(hint) or hint), False
+
+
+def _coerce(value, hint, key):
+    """A ``--set`` string parsed as JSON and checked against the field's declared type: bool is not
+    an int, ints are not floats unless the field is a float, ``null`` only where None is allowed."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+    base, optional = _parts(hint)
+    if parsed is None:
+        if optional:
+            return None
+        raise ValueError(f"setting '{key}' cannot be null (it expects a {base.__name__})")
+    if base is tuple and isinstance(parsed, list):
         parsed = tuple(parsed)
-    if isinstance(current, float) and isinstance(parsed, int):
+    if base is float and isinstance(parsed, int) and not isinstance(parsed, bool):
         parsed = float(parsed)
-    if current is not None and not isinstance(parsed, type(current)):
-        raise ValueError(f"setting '{key}' expects a {type(current).__name__}, got {value!r}")
+    if base is str and not isinstance(value, str):
+        parsed = value
+    wrong = not isinstance(parsed, base) or (base in (int, float) and isinstance(parsed, bool))
+    if wrong:
+        article = "an" if base.__name__[0] in "aeiou" else "a"
+        raise ValueError(f"setting '{key}' expects {article} {base.__name__}{' or null' if optional else ''}, "
+                         f"got {value!r}")
     return parsed
+
+
+# Fields whose values may be zero (all other numbers must be positive) or an empty tuple.
+MAY_BE_ZERO = {"ridge", "seed"}
+MAY_BE_EMPTY = {"query"}
+
+
+def check_settings(cfg) -> None:
+    """Every field of an experiment's config dataclass against its declared type and range: numbers
+    positive (`MAY_BE_ZERO` non-negative), tuples of positive ints non-empty (`MAY_BE_EMPTY` aside),
+    strings among the class's ``CHOICES`` where it declares them, and the class's own ``check()``."""
+    hints = typing.get_type_hints(type(cfg))
+    choices = getattr(type(cfg), "CHOICES", {})
+    for f in dataclasses.fields(cfg):
+        key, value = f.name, getattr(cfg, f.name)
+        base, optional = _parts(hints[key])
+        if value is None:
+            if not optional:
+                raise ValueError(f"setting '{key}' cannot be null")
+            continue
+        _coerce(value, hints[key], key)  # the type
+        if base in (int, float):
+            if not math.isfinite(value) or value < 0 or (value == 0 and key not in MAY_BE_ZERO):
+                raise ValueError(f"setting '{key}' must be {'>= 0' if key in MAY_BE_ZERO else 'positive'}, got {value}")
+        elif base is tuple:
+            if not value and key not in MAY_BE_EMPTY:
+                raise ValueError(f"setting '{key}' must not be empty")
+            bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            if bad:
+                raise ValueError(f"setting '{key}' must hold positive integers, got {list(value)}")
+        elif base is str and key in choices and value not in choices[key]:
+            raise ValueError(f"setting '{key}' must be one of {', '.join(choices[key])}, got {value!r}")
+    if hasattr(cfg, "check"):
+        cfg.check()
 
 
 def _clean(obj):
@@ -81,9 +142,7 @@ def save_figure(fig, path: Path) -> Path:
 
     path = Path(path)
     if is_main_process():
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        tmp.replace(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 

@@ -20,6 +20,8 @@ distributions of that family: the same procedure, the same labelled distribution
 """
 from __future__ import annotations
 
+import typing
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ class ExpfamConfig:
     readout_distributions: int = 10  # labelled distributions per family for the linear read-out
     readout_vectors: int = 50  # labelled random vectors per such distribution
     ridge: float = 1e-4
+
+    CHOICES: typing.ClassVar[dict] = {"readout": READOUTS}
 
 
 PRESETS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +48,13 @@ class InvarianceConfig:
     embed_chunk: int = 100  # images embedded together; the NS uses each chunk as its set
     init: str = "default"  # MetaVAE (and VAE) init: "default" (PyTorch's, the reference) or "xavier" (the baselines')
     selection: str = "best"  # "best": lowest val loss, mean c; "reference": the reference's highest val loss, sampled c
+
+    CHOICES: typing.ClassVar[dict] = {"init": ("default", "xavier"), "selection": ("best", "reference")}
+
+    def check(self) -> None:
+        if self.context_pool is not None and self.context_pool < self.context_size:
+            raise ValueError(f"context_pool ({self.context_pool}) must hold at least context_size "
+                             f"({self.context_size}) images")
 
 
 # Settings that change only the evaluation: a finished run may be re-scored under other values.

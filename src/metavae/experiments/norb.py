@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import typing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,6 +74,8 @@ class NorbConfig(InvarianceConfig):
     n_components: int = 500  # VampPrior components (paper; the reference conv code used 10)
     table1_images: int | None = None
     cameras: str = "all"
+
+    CHOICES: typing.ClassVar[dict] = dict(InvarianceConfig.CHOICES, cameras=("all", "left", "right"))
 
 
 PRESETS = {

@@ -1,0 +1,104 @@
+"""Files: the one atomic writer, and the lock that makes a run folder belong to one run.
+
+Every file metavae writes goes through `atomic_write`: a temporary file in the target's folder,
+flushed to disk, then renamed over the target, so a crash leaves the old file or the new one and
+never half of one. Temporary names start with ``.`` and contain ``.tmp``; a failed write removes
+its own, and `RunFolder` clears any that a killed process left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+TMP_MARK = ".tmp"
+
+
+def atomic_write(path: Path, write: Callable[[object], None], binary: bool = True) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_MARK)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj, path: Path) -> Path:
+    """``torch.save`` through `atomic_write`."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def clear_temporaries(folder: Path) -> int:
+    """Remove the temporary files that killed writers left in ``folder`` and below; their count."""
+    removed = 0
+    for p in Path(folder).rglob(f".*{TMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run folder."""
+
+
+class RunFolder(contextlib.AbstractContextManager):
+    """``with RunFolder(out):`` -- the folder exists and is writable (checked before any data is
+    loaded), no other metavae process is writing into it (an OS lock, released even on kill -9),
+    and temporary files of killed runs are cleared."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd = None
+
+    def __enter__(self) -> "RunFolder":
+        import fcntl
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-check{TMP_MARK}{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(e.errno, f"output folder {self.path} is not writable ({os.strerror(e.errno or errno.EIO)})") \
+                from None
+        self._fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise RunLocked(f"output folder {self.path} is in use by another metavae run (pid {holder}); "
+                            "wait for it or choose another --out") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        clear_temporaries(self.path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
