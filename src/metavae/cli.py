@@ -10,7 +10,7 @@ from pathlib import Path
 from .experiments import get_experiment, get_report, list_experiments
 from .data.mnist import DownloadError
 from .experiments.common import resolve_preset
-from .io import RunFolder, RunLocked
+from .io import RunFolder, RunLocked, cache_clear, cache_info, cache_root
 
 
 # Failures a user can cause and fix: one line each, exit status 2, never a traceback.
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    c = sub.add_parser("cache", help="show or clear what metavae keeps under $METAVAE_DATA")
+    c.add_argument("action", choices=("info", "clear"))
+    c.add_argument("--downloads", action="store_true", help="with clear: delete the downloaded data sets too")
     rep = sub.add_parser("report", help="gather finished runs into the paper's tables and figures")
     rep.add_argument("benchmark", help="mnist or norb")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
@@ -80,6 +83,18 @@ def run_command(args) -> int:
     return 0
 
 
+def cache_command(args) -> int:
+    if args.action == "clear":
+        freed = cache_clear(downloads=args.downloads)
+        print(f"freed {freed / 1e6:.1f} MB under {cache_root()}" + ("" if args.downloads else " (downloads kept)"))
+        return 0
+    print(f"cache root: {cache_root()} (set $METAVAE_DATA to move it)")
+    for row in cache_info():
+        kind = "derived, safe to clear" if row["derived"] else "downloads"
+        print(f"  {row['name']:18s} {row['bytes'] / 1e6:9.1f} MB  {row['files']:6d} files  ({kind})")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -87,6 +102,8 @@ def main(argv=None) -> int:
             for name, desc in list_experiments():
                 print(f"{name:16s} {desc}")
             return 0
+        if args.command == "cache":
+            return cache_command(args)
         if args.command == "report":
             result = get_report(args.benchmark)(args.runs, args.out)
             out = args.out or args.runs / f"{args.benchmark}-report"

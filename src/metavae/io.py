@@ -102,3 +102,51 @@ class RunFolder(contextlib.AbstractContextManager):
         if self._fd is not None:
             os.close(self._fd)  # closing releases the lock
             self._fd = None
+
+
+# --- the data cache ------------------------------------------------------------------------
+# Everything metavae keeps outside a run folder lives under one root: downloads (re-checked by
+# md5 on every read) and derived caches (transformed MNIST, rendered synthnorb), which are
+# recomputed on demand and so may be cleared at any time.
+DERIVED_CACHES = ("mnist/transforms", "synthnorb")
+DOWNLOAD_CACHES = ("mnist", "smallnorb")
+
+
+def cache_root() -> Path:
+    """$METAVAE_DATA, else ~/.cache/metavae."""
+    return Path(os.environ.get("METAVAE_DATA") or Path.home() / ".cache" / "metavae").expanduser()
+
+
+def _size(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def cache_info() -> list[dict]:
+    """One row per cache folder: its path, whether it is derived (safe to clear), bytes and files.
+    Download folders count only their own files, not the derived caches inside them."""
+    root, rows = cache_root(), []
+    for name in DOWNLOAD_CACHES + DERIVED_CACHES:
+        path = root / name
+        size, count = _size(path)
+        if name in DOWNLOAD_CACHES:
+            for derived in DERIVED_CACHES:
+                if derived.startswith(name + "/"):
+                    d_size, d_count = _size(root / derived)
+                    size, count = size - d_size, count - d_count
+        rows.append({"name": name, "path": str(path), "derived": name in DERIVED_CACHES, "bytes": size, "files": count})
+    return rows
+
+
+def cache_clear(downloads: bool = False) -> int:
+    """Delete the derived caches (and the downloads too with ``downloads``); bytes freed."""
+    import shutil
+
+    root, freed = cache_root(), 0
+    names = DERIVED_CACHES + (DOWNLOAD_CACHES if downloads else ())
+    for name in names:
+        path = root / name
+        if path.exists():
+            freed += _size(path)[0]
+            shutil.rmtree(path)
+    return freed

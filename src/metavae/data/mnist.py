@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..io import cache_root
+
 __all__ = [
     "FILES",
     "MD5",
@@ -114,8 +116,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def mnist_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where downloads go: <cache_dir or $METAVAE_DATA or ~/.cache/metavae>/mnist."""
-    root = cache_dir or os.environ.get("METAVAE_DATA") or Path.home() / ".cache" / "metavae"
-    return Path(root).expanduser() / "mnist"
+    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "mnist"
 
 
 def _fetch(url: str, dest: str | os.PathLike) -> None:

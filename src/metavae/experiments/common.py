@@ -100,6 +100,24 @@ def check_settings(cfg) -> None:
         cfg.check()
 
 
+def train_shared(experiment: str, name: str, model, data, cfg, out: Path, device: str, seed: int, progress: bool,
+                 epochs: int | None = None, evaluation_only: tuple = ()):
+    """Train one model of a point-cloud experiment (mog, physics, expfam) through the one Trainer:
+    one shared context set per distribution and step, the experiment config's training fields,
+    checkpoints under ``out/checkpoints/name``, and a run identity (experiment, model, seed, every
+    setting but ``evaluation_only``) that a resume must match. Returns the model on the CPU, in eval mode."""
+    from ..train import Trainer, TrainConfig
+
+    tc = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size,
+                     lr=cfg.lr, steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip,
+                     seed=seed, device=device)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in evaluation_only}
+    info = {"experiment": experiment, "model": name, "seed": seed, "settings": settings}
+    Trainer(model, data, tc, out_dir=Path(out) / "checkpoints" / name, progress=progress, desc=name,
+            run_info=info).fit()
+    return model.to("cpu").eval()
+
+
 def _clean(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

@@ -32,8 +32,8 @@ import torch
 from ..data import expfam as E
 from ..data.meta import MetaDataset
 from ..models.expfam import build_expfam_metavae
-from ..train import Trainer, TrainConfig, resolve_device, seed_everything
-from .common import config_dict, markdown_table, save_figure, write_metrics, write_report
+from ..train import resolve_device, seed_everything
+from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
 
 OPTIONS: set[str] = set()
 # The single distributions of the paper's VAEs (Fig. 3), one parameter per coordinate.
@@ -66,6 +66,9 @@ class ExpfamConfig:
     CHOICES: typing.ClassVar[dict] = {"readout": READOUTS}
 
 
+# a resume may change these: they only read out trained models
+EVALUATION_ONLY = ("epochs", "sweep_points", "sweep_vectors", "readout", "readout_distributions", "readout_vectors",
+                   "ridge")
 PRESETS = {
     "quick": ExpfamConfig(),
     "paper": ExpfamConfig(epochs=20, steps_per_epoch=500),
@@ -99,14 +102,6 @@ def _dataset(train, val, names) -> MetaDataset:
     return MetaDataset.from_parts(train=list(train), val=list(val), names=names)
 
 
-def _train(name, model, data, cfg, out, device, seed, progress):
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip, seed=seed,
-                     device=device)
-    Trainer(model, data, tc, out_dir=out / "checkpoints" / name, progress=progress, desc=name).fit()
-    return model.to("cpu").eval()
-
-
 def train_metavae(name: str, families: list[str], sets: dict, cfg, out, device, seed, progress):
     """A MetaVAE over the 30 training distributions of each family in ``families``."""
     members = [f for f in families for _ in range(cfg.distributions_per_family)]
@@ -116,14 +111,16 @@ def train_metavae(name: str, families: list[str], sets: dict, cfg, out, device, 
                                  meta_summary=cfg.meta_summary, hidden=cfg.hidden, per_coordinate=cfg.per_coordinate,
                                  balance=cfg.balance)
     names = [f"{f}{k}" for f in families for k in range(cfg.distributions_per_family)]
-    return _train(name, model, _dataset(train, val, names), cfg, out, device, seed, progress)
+    return train_shared("expfam", name, model, _dataset(train, val, names), cfg, out, device, seed, progress,
+                        evaluation_only=EVALUATION_ONLY)
 
 
 def train_vae(name: str, family: str, sets: dict, cfg, out, device, seed, progress):
     model = build_expfam_metavae([family], draw_features=cfg.draw_features, meta_summary=cfg.meta_summary,
                                  hidden=cfg.hidden, use_context=False, per_coordinate=cfg.per_coordinate)
     s = sets[family]
-    return _train(name, model, _dataset(s["vae_train"], s["vae_val"], [family]), cfg, out, device, seed, progress)
+    return train_shared("expfam", name, model, _dataset(s["vae_train"], s["vae_val"], [family]), cfg, out, device, seed,
+                        progress, evaluation_only=EVALUATION_ONLY)
 
 
 # ----------------------------------------------------------------------------- evaluation

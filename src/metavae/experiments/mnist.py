@@ -4,8 +4,6 @@ mnist-shear. Each trains one model (``--model``) on the seen values of one meta-
 also measures Table 1's invariance distances."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from dataclasses import asdict
 from pathlib import Path

@@ -17,8 +17,8 @@ from ..data import mog
 from ..data.meta import MetaDataset
 from ..distributions import Gaussian
 from ..models import build_mlp_metavae
-from ..train import Trainer, TrainConfig, resolve_device, seed_everything
-from .common import config_dict, markdown_table, save_figure, write_metrics, write_report
+from ..train import resolve_device, seed_everything
+from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
 PAPER = {"vae": 0.279, "metavae_10": 0.212, "metavae_20": 0.158, "metavae_50": 0.099}
@@ -42,6 +42,7 @@ class MogConfig:
     grad_clip: float | None = 10.0
 
 
+EVALUATION_ONLY = ("epochs", "test_mixtures", "test_points")  # a resume may change these
 PRESETS = {
     "quick": MogConfig(),
     "paper": MogConfig(epochs=20, lr=1e-3),
@@ -107,14 +108,6 @@ def _break_symmetry(layer, spread: float) -> None:
     layer.bias.zero_()
 
 
-def _train(name, model, data, cfg, out, device, seed, progress):
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip, seed=seed,
-                     device=device)
-    Trainer(model, data, tc, out_dir=out / "checkpoints" / name, progress=progress, desc=name).fit()
-    return model
-
-
 @torch.no_grad()
 def _predict(model, x, context):
     """Cluster labels for x (M, n, 2) given one context set per mixture (M, N, 2)."""
@@ -142,10 +135,11 @@ def run(cfg: MogConfig, out: Path, device: str = "cpu", seed: int = 0, progress:
         seed_everything(seed + 1 + i)
         data = MetaDataset(list(x[:k]), labels=list(y[:k]), seed=seed)
         model = _model(data.part("train").data, cfg, True)
-        models[f"metavae_{k}"] = _train(f"metavae_{k}", model, data, cfg, out, device, seed, progress)
+        models[f"metavae_{k}"] = train_shared("mog", f"metavae_{k}", model, data, cfg, out, device, seed, progress, evaluation_only=EVALUATION_ONLY)
     seed_everything(seed)
     data = MetaDataset([x[0]], labels=[y[0]], seed=seed)
-    models["vae"] = _train("vae", _model(data.part("train").data, cfg, False), data, cfg, out, device, seed, progress)
+    models["vae"] = train_shared("mog", "vae", _model(data.part("train").data, cfg, False), data, cfg, out, device, seed,
+                                  progress, evaluation_only=EVALUATION_ONLY)
 
     errors, preds = {}, {}
     for name, m in models.items():
@@ -177,8 +171,8 @@ def _figures(out, tx, test_means, preds, errors, bayes, cfg):
     import matplotlib.pyplot as plt
 
     big = f"metavae_{max(cfg.train_mixtures)}"
-    n_show = 6
-    fig, axes = plt.subplots(2, n_show, figsize=(3 * n_show, 6))
+    n_show = min(6, len(tx))  # no more panels than unseen mixtures
+    fig, axes = plt.subplots(2, n_show, figsize=(3 * n_show, 6), squeeze=False)
     for row, name in enumerate(["vae", big]):
         for j in range(n_show):
             ax = axes[row, j]

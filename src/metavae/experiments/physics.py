@@ -28,8 +28,8 @@ from torch import nn
 from ..data import physics as P
 from ..data.meta import MetaDataset
 from ..models.compiled import build_compiled_inference
-from ..train import Trainer, TrainConfig, resolve_device, seed_everything
-from .common import config_dict, markdown_table, save_figure, write_metrics, write_report
+from ..train import resolve_device, seed_everything
+from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
 
 DESCRIPTION = "Inclined plane: meta-compiled inference of friction over 25 simulators vs one, on 304 unseen, vs Bayes"
 OPTIONS: set[str] = set()
@@ -57,6 +57,7 @@ class PhysicsConfig:
     baseline_epochs: int = 8  # the single-simulator baseline trains this long with the same steps
 
 
+EVALUATION_ONLY = ("epochs", "baseline_epochs", "test_samples", "eval_contexts")  # a resume may change these
 PRESETS = {
     "quick": PhysicsConfig(),
     "paper": PhysicsConfig(epochs=30, baseline_epochs=30, lr=5e-4),
@@ -136,14 +137,6 @@ def _dataset(sims, cfg: PhysicsConfig, gen: torch.Generator) -> MetaDataset:
     )
 
 
-def _train(name, model, data, cfg, epochs, out, device, seed, progress):
-    tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip, seed=seed,
-                     device=device)
-    Trainer(model, data, tc, out_dir=out / "checkpoints" / name, progress=progress, desc=name).fit()
-    return model.to("cpu").eval()
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model, x: torch.Tensor, pool: torch.Tensor | None, context_size: int, n_sets: int,
@@ -186,9 +179,11 @@ def run(cfg: PhysicsConfig, out: Path, device: str = "cpu", seed: int = 0, progr
     pool, _, _ = P.simulate_many(sims, cfg.context_pool, tgen)
 
     seed_everything(seed + 1)
-    meta = _train("metavae", _model(cfg), meta_data, cfg, cfg.epochs, out, device, seed, progress)
+    meta = train_shared("physics", "metavae", _model(cfg), meta_data, cfg, out, device, seed, progress,
+                        evaluation_only=EVALUATION_ONLY)
     seed_everything(seed + 2)
-    vae = _train("vae", _model(cfg, base_data), base_data, cfg, cfg.baseline_epochs, out, device, seed, progress)
+    vae = train_shared("physics", "vae", _model(cfg, base_data), base_data, cfg, out, device, seed, progress,
+                       epochs=cfg.baseline_epochs, evaluation_only=EVALUATION_ONLY)
     train_seconds = time.time() - t0
 
     egen = torch.Generator().manual_seed(seed + 20_000)
