@@ -6,6 +6,7 @@ import torch
 
 from metavae import Gaussian, build_mlp_metavae, elbo, iw_log_likelihood, meta_elbo
 from metavae.data.meta import Batch
+from metavae.distributions import LOGVAR_BOUND
 
 
 def _tiny_categorical_model():
@@ -106,6 +107,9 @@ def test_learned_variance_gaussian():
     g = Gaussian(None)
     params = torch.randn(3, 8)
     x = torch.randn(3, 4)
-    mean, logvar = params.chunk(2, -1)
+    mean, raw = params.chunk(2, -1)
+    logvar = LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)  # the learned log-variance is softly bounded
     ref = torch.distributions.Normal(mean, (0.5 * logvar).exp()).log_prob(x).sum(-1)
     assert torch.allclose(g.log_prob(params, x), ref, atol=1e-5)
+    huge = torch.cat([torch.zeros(1, 4), torch.full((1, 4), -1e4)], -1)  # would be a point mass unbounded
+    assert torch.isfinite(g.log_prob(huge, torch.ones(1, 4))).all()

@@ -23,3 +23,32 @@ def test_quick_start_is_two_make_commands():
     makefile = (README.parent / "Makefile").read_text()
     assert "torch==2.13.0" in makefile
     assert "make test" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import numpy as np
+
+    from metavae.cli import main
+
+    text = README.read_text()
+    section = text[text.index("## Your own family of data sets"):text.index("## Command line")]
+    commands = [line for line in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines() if line.strip()]
+    assert [c.split()[:2] for c in commands] == [["metavae", "train"], ["metavae", "embed"], ["metavae", "train"],
+                                                ["metavae", "sample"]]
+    rng = np.random.default_rng(0)
+    monkeypatch.chdir(tmp_path)
+    np.savez("family.npz", **{f"site{k}": rng.normal(size=(120, 3)) + 3 * rng.normal(size=3) for k in range(4)})
+    unseen = rng.normal(size=(80, 3)) + 5.0  # float64 on purpose
+    np.save("new-points.npy", unseen[:10])
+    np.save("new-context.npy", unseen[10:])
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if argv[0] == "train":  # as written, but shorter and quiet
+            argv += ["--set", "epochs=2", "--quiet"]
+        assert main(argv) == 0, command
+    assert "float64 data cast to float32" in capsys.readouterr().err
+    assert np.load("z.npy").shape == (10, 4) and np.load("samples.npy").shape == (64, 3)
+    for name in ("model.pt", "metrics.json", "metrics.jsonl", "loss.png"):
+        assert (tmp_path / "my-run" / name).exists(), name

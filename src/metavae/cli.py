@@ -45,6 +45,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    t = sub.add_parser("train", help="train a model on your own family of data sets")
+    t.add_argument("--data", type=Path, required=True,
+                   help=".npz (one array per distribution), a folder of .npy files, or a .csv/.parquet table")
+    t.add_argument("--out", type=Path, required=True, help="output folder (model.pt, metrics.json, loss.png)")
+    t.add_argument("--model", default="metavae", help="metavae (default), vae, ns, vhe or vhe-vampprior")
+    t.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
+    t.add_argument("--label-column", default=None, help="CSV/Parquet: a column of labels to keep out of the features")
+    t.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard event files into this folder")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training setting (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    e = sub.add_parser("embed", help="posterior means of query points given a context set")
+    e.add_argument("--model", type=Path, required=True, help="a model.pt (or a checkpoint)")
+    e.add_argument("--query", type=Path, required=True, help=".npy of query points (n, ...)")
+    e.add_argument("--context", type=Path, default=None, help=".npy of points of the queries' distribution")
+    e.add_argument("--out", type=Path, required=True, help=".npy to write the (n, z_dim) embeddings to")
+    sm = sub.add_parser("sample", help="generate points for a context set's distribution (NS, VHE) "
+                                       "or a training distribution (MetaVAE)")
+    sm.add_argument("--model", type=Path, required=True)
+    sm.add_argument("--context", type=Path, default=None, help=".npy of points of the distribution to generate")
+    sm.add_argument("--dist", default=None, help="MetaVAE: the training distribution (name or index)")
+    sm.add_argument("-n", type=int, default=64, help="how many points")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--out", type=Path, required=True, help=".npy to write the (n, ...) points to")
     c = sub.add_parser("cache", help="show or clear what metavae keeps under $METAVAE_DATA")
     c.add_argument("action", choices=("info", "clear"))
     c.add_argument("--downloads", action="store_true", help="with clear: delete the downloaded data sets too")
@@ -83,6 +106,28 @@ def run_command(args) -> int:
     return 0
 
 
+def own_data_command(args) -> int:
+    from . import workflows as W
+
+    if args.command == "train":
+        cfg = resolve_preset({"default": W.FileTrainConfig()}, None, _overrides(args.set))
+        with RunFolder(args.out):
+            m = W.train_on_files(args.data, args.out, args.model, cfg, args.dist_column, args.label_column,
+                                 args.tensorboard, progress=not args.quiet)
+        stop = " (stopped early)" if m["stopped_early"] else ""
+        print(f"trained {m['model']} on {len(m['data']['names'])} distributions for {m['epochs_trained']} epochs{stop}; "
+              f"best validation loss {m['best_val_loss']:.4g} at epoch {m['best_epoch']}; wrote {args.out / 'model.pt'}")
+    elif args.command == "embed":
+        z = W.embed_files(args.model, args.query, args.context, args.out)
+        print(f"wrote {z.shape[0]} embeddings of dimension {z.shape[1]} to {args.out}")
+    else:
+        if args.n < 1:
+            raise ValueError(f"-n must be >= 1, got {args.n}")
+        x = W.sample_files(args.model, args.out, args.n, args.context, args.dist, args.seed)
+        print(f"wrote {x.shape[0]} points of shape {tuple(x.shape[1:])} to {args.out}")
+    return 0
+
+
 def cache_command(args) -> int:
     if args.action == "clear":
         freed = cache_clear(downloads=args.downloads)
@@ -104,6 +149,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "cache":
             return cache_command(args)
+        if args.command in ("train", "embed", "sample"):
+            return own_data_command(args)
         if args.command == "report":
             result = get_report(args.benchmark)(args.runs, args.out)
             out = args.out or args.runs / f"{args.benchmark}-report"

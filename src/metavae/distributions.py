@@ -35,6 +35,9 @@ class Bernoulli:
         return torch.sigmoid(params)
 
 
+LOGVAR_BOUND = 9.0  # a learned variance stays within exp(+-9), about [1e-4, 8e3]
+
+
 class Gaussian:
     """Diagonal Gaussian with a fixed variance, or (``variance=None``) one learned per output."""
 
@@ -51,8 +54,10 @@ class Gaussian:
     def _split(self, params):
         if self.variance is not None:
             return params, torch.full_like(params, math.log(self.variance))
-        mean, logvar = params.chunk(2, dim=-1)
-        return mean, logvar
+        mean, raw = params.chunk(2, dim=-1)
+        # softly bounded to (-LOGVAR_BOUND, LOGVAR_BOUND): an unbounded learned variance can collapse
+        # onto a point (log-density -> inf) or explode in the first steps and end training in NaN
+        return mean, LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, logvar = self._split(params)
@@ -60,6 +65,15 @@ class Gaussian:
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self._split(params)[0]
+
+
+def draw(likelihood, params: torch.Tensor, mean: bool = True, generator=None) -> torch.Tensor:
+    """Points from decoder outputs: the likelihood's mean, or (``mean=False``) a draw from a Gaussian
+    likelihood. Bernoulli outputs stay means: the data are grey levels, not binary draws."""
+    if mean or likelihood.name != "gaussian":
+        return likelihood.mean(params)
+    mu, logvar = likelihood._split(params)
+    return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
 
 
 def make_likelihood(name: str, variance: float | None = None):

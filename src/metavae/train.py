@@ -107,6 +107,8 @@ class TrainConfig:
     device: str = "cpu"
     amp: str | None = None  # "bf16": autocast the forward pass to bfloat16
     compile: bool = False  # torch.compile the loss (pays a one-off compile time)
+    patience: int | None = None  # early stopping: stop after this many epochs without a lower val loss
+    tensorboard: str | None = None  # a folder for TensorBoard event files (needs the tensorboard package)
     snapshot_steps: tuple = ()  # also keep the weights after these steps (0: at init), for learning curves
     keep_worst: bool = False  # also keep worst.pt, the highest-validation-loss epoch (the reference's pick)
 
@@ -120,11 +122,11 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        for name in ("epochs", "batch_size", "context_size", "steps_per_epoch", "val_steps", "context_pool"):
+        for name in ("epochs", "batch_size", "context_size", "steps_per_epoch", "val_steps", "context_pool", "patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
-        for name in ("steps_per_epoch", "val_steps", "context_pool"):
+        for name in ("steps_per_epoch", "val_steps", "context_pool", "patience"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
@@ -143,7 +145,18 @@ class _State:
     history: list = field(default_factory=list)
 
 
-def load_checkpoint(path: Path) -> dict:
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"settings": {"lr": 1}} -> {"settings.lr": 1}: differences named by their full key."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_checkpoint(path: Path, key: str | None = "model") -> dict:
     """A checkpoint read with ``weights_only=True``: tensors and plain containers only, so a file
     planted in a run folder cannot run code. Unreadable or foreign files raise one clear error."""
     path = Path(path)
@@ -154,7 +167,7 @@ def load_checkpoint(path: Path) -> dict:
         why = "it holds objects other than tensors and plain data, refused unread" if "GLOBAL" in str(e) \
             else f"corrupt or truncated ({type(e).__name__})"
         raise ValueError(f"cannot read checkpoint {path}: {why}; delete it to start afresh") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or (key is not None and key not in ckpt):
         raise ValueError(f"cannot read checkpoint {path}: not a metavae checkpoint")
     return ckpt
 
@@ -262,8 +275,9 @@ class Trainer:
                              f"writes {CHECKPOINT_VERSION}; use another --out or delete it to start afresh")
         saved_info = ckpt.get("run_info", {})
         if saved_info != self.run_info:
-            diff = sorted(k for k in set(saved_info) | set(self.run_info) if saved_info.get(k) != self.run_info.get(k))
-            detail = "; ".join(f"{k}: checkpoint {saved_info.get(k)!r}, now {self.run_info.get(k)!r}" for k in diff)
+            a, b = _flatten(saved_info), _flatten(self.run_info)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            detail = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
             raise ValueError(f"checkpoint {self.last_path} belongs to another run ({detail[:600]}); "
                              "use another --out or delete it to start afresh")
         if ckpt.get("model_config") != self._model_config():
@@ -271,7 +285,8 @@ class Trainer:
                 f"checkpoint {self.last_path} was written by a different model configuration; "
                 "use another --out or delete it to start afresh"
             )
-        runtime = ("epochs", "device", "amp", "compile", "snapshot_steps", "keep_worst")  # may change between launches
+        runtime = ("epochs", "device", "amp", "compile", "snapshot_steps", "keep_worst", "tensorboard",
+                   "patience")  # may change between launches
         saved = {k: v for k, v in ckpt["train_config"].items() if k not in runtime}
         now = {k: v for k, v in asdict(self.cfg).items() if k not in runtime}
         if saved != now:
@@ -352,12 +367,13 @@ class Trainer:
             self.gen.manual_seed(self.cfg.seed)
             self._fresh = False
             self._snapshot()
+        writer = self._tensorboard()
         total = self.cfg.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
                    dynamic_ncols=True, leave=False, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         running = None
         self.model.train()
-        while self.state.epoch < self.cfg.epochs:
+        while self.state.epoch < self.cfg.epochs and not self.stopped_early:
             t0 = time.time()
             loss_sum = torch.zeros((), device=self.device)
             for i, batch in enumerate(self._train_batches()):
@@ -403,11 +419,33 @@ class Trainer:
             record["best"] = self.state.best_epoch == self.state.epoch
             self.state.history.append(record)
             self.save()
+            if writer is not None:
+                for key in ("train_loss", "val_loss"):
+                    if record[key] is not None:
+                        writer.add_scalar(key, record[key], self.state.step)
+                writer.flush()
             if self.world > 1:
                 torch.distributed.barrier()  # every rank sees the new checkpoint before going on
         bar.close()
+        if writer is not None:
+            writer.close()
         self.load_best()
         return self.state.history
+
+    @property
+    def stopped_early(self) -> bool:
+        """True once ``patience`` epochs have passed without a new lowest validation loss."""
+        p = self.cfg.patience
+        return p is not None and self.state.best_epoch >= 0 and self.state.epoch - self.state.best_epoch >= p
+
+    def _tensorboard(self):
+        if self.cfg.tensorboard is None or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(self.cfg.tensorboard)
 
     def snapshot_path(self, step: int) -> Path | None:
         return None if self.out is None else self.out / "snapshots" / f"step-{step:07d}.pt"

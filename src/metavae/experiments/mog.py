@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..data import mog
 from ..data.meta import MetaDataset
@@ -54,9 +53,8 @@ def _model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
     model = build_mlp_metavae(
         (2,), len(train_points), z_dim=2, latent="categorical", likelihood=Gaussian(mog.VARIANCE),
         hidden=cfg.hidden, summary=cfg.summary, decoder_hidden=(), use_context=use_context,
-        center=cfg.center and use_context,
+        center=cfg.center and use_context, decoder_scale=mog.MEAN_RANGE,
     )
-    model.decoder = _ScaledBank(model.decoder, mog.MEAN_RANGE)
     _init_decoders(model.decoder.bank.layers[0], train_points, mog.MEAN_RANGE)
     return model
 
@@ -80,19 +78,6 @@ def _init_decoders(layer, points: torch.Tensor, scale: float) -> None:
     half = (evals[:, -1] - mog.VARIANCE).clamp_min(1e-2).sqrt().unsqueeze(-1)
     layer.weight.copy_(torch.stack([-half * axis, half * axis], dim=1) / scale)
     layer.bias.copy_(center.unsqueeze(1) / scale)
-
-
-class _ScaledBank(nn.Module):
-    """Decoder means in units of the prior's half-width (5): Adam then moves each mixture's mean
-    table 5x faster than the encoder's weights, so the tables reach component means up to 5
-    away in a few hundred steps while the encoder keeps a learning rate at which it is stable."""
-
-    def __init__(self, bank: nn.Module, scale: float):
-        super().__init__()
-        self.bank, self.scale, self.n = bank, scale, bank.n
-
-    def forward(self, z, dist=None):
-        return self.bank(z, dist) * self.scale
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ class FixedStandardize(nn.Module):
     """The no-context baseline's version: feature 0 standardised with constants (its training
     simulator's uncensored mean and standard deviation), stored as buffers."""
 
-    def __init__(self, mean: float, std: float):
+    def __init__(self, mean: float = 0.0, std: float = 1.0):  # defaults: rebuilt from a config, then loaded
         super().__init__()
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))

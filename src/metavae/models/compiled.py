@@ -21,6 +21,7 @@ from ..distributions import GaussianLatent
 from ..nets.mlp import mlp
 from ..nets.sets import MeanPool
 from .metavae import LossOutput, MetaVAE
+from .parts import build_part, part_name
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -99,14 +100,17 @@ def build_compiled_inference(
     query: Sequence[int] | None = None,
     act: str = "relu",
     summary_act: str = "relu",
-    preprocess: nn.Module | None = None,
+    preprocess: nn.Module | str | None = None,
 ) -> CompiledInference:
     """An MLP compiled-inference network for flat events of size ``event_dim``.
 
     ``summary=None`` gives plain compiled inference q(z | x) (no context); otherwise the set is
     summarised by mean pooling an MLP ``[event_dim, *summary]``. ``query`` optionally embeds the
     query with its own MLP ``[event_dim, *query]`` before the head (default: raw features).
+    ``preprocess``: a module, or its `part_name` (as a saved config holds it).
     """
+    if isinstance(preprocess, str):
+        preprocess = build_part(preprocess)
     set_net = MeanPool(mlp([event_dim, *summary], summary_act, final_act=False)) if summary else None
     q_net = mlp([event_dim, *query], act, final_act=True) if query else None
     q_dim = query[-1] if query else event_dim
@@ -114,6 +118,6 @@ def build_compiled_inference(
     head = mlp([q_dim + s_dim, *hidden, 2 * z_dim], act)
     config = dict(kind="compiled_inference", event_dim=event_dim, z_dim=z_dim, hidden=list(hidden),
                   summary=list(summary) if summary else None, query=list(query) if query else None, act=act,
-                  summary_act=summary_act, preprocess=type(preprocess).__name__ if preprocess is not None else None)
+                  summary_act=summary_act, preprocess=part_name(preprocess))
     return CompiledInference((event_dim,), head, z_dim=z_dim, summary=set_net, query_encoder=q_net,
                              preprocess=preprocess, config=config)

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.meta import PooledContext
-from ..distributions import LOG_2PI, Bernoulli, GaussianLatent
+from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import MeanPool
-from .metavae import LossOutput
+from .metavae import LossOutput, Saveable
 
 
 # --- densities -----------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def context_sets(x: torch.Tensor, context: torch.Tensor, event_shape: tuple):
     return lead, sets, context.reshape(*sets, c_lead[-1], *event_shape)
 
 
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(Saveable, nn.Module):
     """A global c per set and a local z per element (the common part of NS and VHE)."""
 
     uses_context = True
@@ -234,6 +234,26 @@ class HierarchicalVAE(nn.Module):
     def embed(self, x: torch.Tensor, context: torch.Tensor | None = None, sample_c: bool = False) -> torch.Tensor:
         """The posterior mean mu_z(x, c) (*lead, z_dim) at c = E[c | D] (or a sample, ``sample_c``)."""
         return self.latent.mean(self.encode(x, context, sample_c))
+
+    # -- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, context: torch.Tensor, mean: bool = True, generator=None) -> torch.Tensor:
+        """``n`` new points (n, *event) of the distribution that ``context`` (N, *event) was drawn
+        from, unseen in training or not: c from q(c | D) (its mean, or one sample with ``mean=False``),
+        z ~ p(z | c), then the decoder's mean of p(x | z, c) (``mean=False``: a draw from it, Gaussian
+        likelihoods only; Bernoulli grey levels are returned as means)."""
+        ev = self.event_shape
+        if context.dim() != len(ev) + 1 or tuple(context.shape[1:]) != ev:
+            raise ValueError(f"context must be one set (N, *{ev}), got shape {tuple(context.shape)}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        c_params = self.context_params(context.unsqueeze(0))[0]
+        c = c_params[: self.c_dim] if mean else self.sample_c(c_params, ())[0]
+        c = c.expand(n, self.c_dim)
+        p_mu, p_logvar = self.latent_prior(c).chunk(2, dim=-1)
+        eps = torch.randn(p_mu.shape, generator=generator, dtype=p_mu.dtype, device=p_mu.device)
+        params = self.obs_decoder(p_mu + torch.exp(0.5 * p_logvar) * eps, c)
+        return draw(self.likelihood, params, mean, generator).reshape(n, *ev)
 
     def extra_repr(self) -> str:
         prior = "vampprior" if self.vampprior is not None else "gaussian"
@@ -358,3 +378,4 @@ def build_homoencoder(
     if prior == "vampprior":
         model.vampprior = VampPrior(n_components, n_pseudo, event_shape, pseudo_mean, pseudo_std)
     return model
+

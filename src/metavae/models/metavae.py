@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..data.meta import PooledContext
-from ..distributions import Bernoulli, make_latent
-from ..nets.mlp import BatchedMLP, mlp
+from ..distributions import Bernoulli, draw, make_latent
+from ..nets.mlp import BatchedMLP, ScaledBank, mlp
 from ..nets.sets import MeanPool
 from .. import objectives
 
@@ -43,7 +43,16 @@ class LossOutput(dict):
         return self["loss"]
 
 
-class MetaVAE(nn.Module):
+class Saveable:
+    """``model.save(path, **extra)``: one file that `metavae.load` rebuilds (see `models.registry`)."""
+
+    def save(self, path, **extra):
+        from .registry import save_model
+
+        return save_model(self, path, extra)
+
+
+class MetaVAE(Saveable, nn.Module):
     """q(z | D, x) = head([query_encoder(x), summary(D)]); p_k(x | z) = decoder member k.
 
     Parts are injected, so the same class serves MLP and convolutional variants:
@@ -156,6 +165,30 @@ class MetaVAE(nn.Module):
                 raise ValueError(f"distribution index {int(dist.max())} has no decoder (model has {self.n_decoders})")
         return self.decoder(z, dist)
 
+    @torch.no_grad()
+    def sample(self, n: int, dist: int = 0, context=None, mean: bool = True, generator=None) -> torch.Tensor:
+        """``n`` points (n, *event) from training distribution ``dist``'s decoder, z ~ p(z).
+
+        The MetaVAE keeps one decoder per *training* distribution, so a context set of an unseen
+        distribution does not define a generator: asking for one is an error, not a silent guess."""
+        if context is not None:
+            raise ValueError("the MetaVAE cannot generate for a context set: it has one decoder per training "
+                             "distribution and none for unseen ones; pass dist=k for training distribution k, "
+                             "or use a model with a shared decoder (--model ns or vhe)")
+        if self.decoder is None:
+            raise ValueError(f"{type(self).__name__} has no decoder to sample from")
+        if not 0 <= dist < self.n_decoders:
+            raise ValueError(f"dist must name a training distribution 0..{self.n_decoders - 1}, got {dist}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if getattr(self.latent, "enumerable", False):
+            k = torch.randint(self.latent.dim, (n,), generator=generator)
+            z = torch.nn.functional.one_hot(k, self.latent.dim).float()
+        else:
+            z = torch.randn(n, self.latent.dim, generator=generator)
+        params = self.decode(z.unsqueeze(0).to(next(self.parameters()).device), torch.tensor([dist]))[0]
+        return draw(self.likelihood, params, mean, generator).reshape(n, *self.event_shape)
+
     # -- objectives -------------------------------------------------------------------------
     def loss(self, batch) -> LossOutput:
         """Negative MetaELBO of a batch (the training and validation loss)."""
@@ -182,12 +215,14 @@ def build_mlp_metavae(
     use_context: bool = True,
     center: bool = False,
     init: str = "default",
+    decoder_scale: float | None = None,
 ) -> MetaVAE:
     """The paper's MLP MetaVAE (PROTOCOL section 2) by default, for any flat event.
 
     Defaults for 784-dim images reproduce the reference's layer sizes: summary 784-784-400-400
     (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary`` lists the
     summary net's layer sizes after the input (default ``(D, 400, 400)``). ``init``: see `apply_init`.
+    ``decoder_scale``: decoder outputs in units of this constant (`ScaledBank`).
     """
     check_init(init)
     if n_decoders < 1:
@@ -203,11 +238,13 @@ def build_mlp_metavae(
     head = mlp([D + s_dim, *hidden, lat.n_params], act)
     dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)
     decoder = BatchedMLP(n_decoders, [z_dim, *dec_hidden, likelihood.n_params(D)], act)
+    if decoder_scale is not None:
+        decoder = ScaledBank(decoder, decoder_scale)
     config = dict(
         kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=list(hidden),
         summary=summary_sizes, decoder_hidden=dec_hidden, summary_act=summary_act, act=act, use_context=use_context,
-        center=center, init=init,
+        center=center, init=init, decoder_scale=decoder_scale,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,
                     config=config)

@@ -93,3 +93,16 @@ class BatchedMLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h.reshape(K, *mid, h.shape[-1])
+
+
+class ScaledBank(nn.Module):
+    """A decoder bank whose outputs are multiplied by a constant ``scale``: parameters in units of
+    ``scale``, so Adam moves the outputs ``scale`` times faster than the other weights (used where
+    decoder outputs must travel far, e.g. mixture means, at a learning rate the encoder needs)."""
+
+    def __init__(self, bank: nn.Module, scale: float):
+        super().__init__()
+        self.bank, self.scale, self.n = bank, float(scale), bank.n
+
+    def forward(self, z: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bank(z, dist) * self.scale

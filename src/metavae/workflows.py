@@ -1,0 +1,198 @@
+"""A user's own family of data sets, end to end: train from files, embed, sample.
+
+These are what `metavae train | embed | sample` run; each is also a plain function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.files import Family, read_family
+from .data.meta import MetaDataset
+from .distributions import make_likelihood
+from .io import atomic_write_text
+from .models import MODEL_NAMES, load, make_model
+from .train import Trainer, TrainConfig, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileTrainConfig:
+    """`metavae train` settings (``--set key=value``). The models are MLPs over flattened points."""
+
+    epochs: int = 50
+    batch_size: int = 32  # queries per distribution and step
+    context_size: int = 10  # |D|
+    lr: float = 1e-3
+    z_dim: int = 4
+    hidden: tuple = (128, 128)
+    summary: tuple = (128, 128)
+    likelihood: str = "gaussian"  # gaussian: a learned variance per feature; bernoulli: values in [0, 1]
+    val_fraction: float = 0.1  # of each distribution's points, for validation and early stopping
+    patience: int | None = 10  # stop after this many epochs without a lower validation loss (null: never)
+    grad_clip: float | None = 10.0
+    seed: int = 0
+
+    CHOICES: typing.ClassVar[dict] = {"likelihood": ("gaussian", "bernoulli")}
+
+    def check(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"setting 'val_fraction' must be in (0, 1), got {self.val_fraction}")
+
+
+def _notice_float64(family: Family) -> None:
+    if any(np.asarray(p[:1]).dtype == np.float64 for p in family.points):
+        print("metavae: notice: float64 data cast to float32 (the models' precision)", file=sys.stderr)
+
+
+def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig):
+    lik = make_likelihood(cfg.likelihood, None) if cfg.likelihood == "gaussian" else make_likelihood("bernoulli")
+    if model_name in ("metavae", "vae"):
+        kw = dict(z_dim=cfg.z_dim, hidden=cfg.hidden, likelihood=lik)
+        if model_name == "metavae":
+            kw["summary"] = cfg.summary
+        return make_model(model_name, "mlp", event_shape, n, **kw)
+    width = cfg.hidden[0]
+    return make_model(model_name, "mlp", event_shape, n, z_dim=cfg.z_dim, c_dim=cfg.summary[-1], hidden=width,
+                      decoder_hidden=cfg.hidden[-1], likelihood=lik)
+
+
+def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainConfig = FileTrainConfig(),
+                   dist_column: str = "distribution", label_column: str | None = None, tensorboard=None,
+                   progress: bool = True) -> dict:
+    """Train ``model_name`` on every distribution in ``data_path``; writes ``out/model.pt`` (the
+    `save_model` format, distribution names included), ``metrics.json``, ``metrics.jsonl`` and
+    ``loss.png``. Returns the metrics."""
+    from .experiments.common import check_settings
+
+    check_settings(cfg)
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
+    out = Path(out)
+    family = read_family(data_path, dist_column, label_column)
+    _notice_float64(family)
+    if model_name == "vae" and len(family.names) > 1:
+        logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
+    smallest = min(len(p) for p in family.points)
+    need = cfg.context_size + 2
+    if smallest < need:
+        name = family.names[int(np.argmin([len(p) for p in family.points]))]
+        raise ValueError(f"distribution {name!r} has {smallest} points; with context_size={cfg.context_size} each "
+                         f"distribution needs at least {need} (lower context_size or drop it)")
+    points = [torch.as_tensor(np.asarray(p)) for p in family.points]
+    if model_name == "vae":
+        points = [torch.cat(points)]
+    data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
+                       names=family.names if model_name != "vae" else ["all"])
+    seed_everything(cfg.seed)
+    model = _build(model_name, family.event_shape, len(data), cfg)
+    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
+                     grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed,
+                     tensorboard=str(tensorboard) if tensorboard else None)
+    info = {"data": {"source": str(Path(data_path).expanduser().resolve()), "names": family.names,
+                     "points": [len(p) for p in family.points]},
+            "model": model_name, "settings": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                              if k not in ("epochs", "patience")}}
+    t0 = time.time()
+    trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
+    history = trainer.fit()
+    model.save(out / "model.pt", distributions=list(data.names), data=info["data"]["source"], model_name=model_name)
+    metrics = {"model": model_name, "data": info["data"], "event_shape": list(family.event_shape),
+               "epochs_trained": trainer.state.epoch, "stopped_early": trainer.stopped_early,
+               "best_epoch": trainer.state.best_epoch, "best_val_loss": trainer.state.best_val,
+               "train_seconds": round(time.time() - t0, 1), "settings": dataclasses.asdict(cfg), "history": history}
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out / "metrics.json")
+    atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / "metrics.jsonl")
+    _loss_plot(out / "loss.png", history, model_name)
+    return metrics
+
+
+def _loss_plot(path: Path, history: list, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .experiments.common import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
+    if any(h["val_loss"] is not None for h in history):
+        ax.plot(epochs, [h["val_loss"] for h in history], "o-", ms=3, label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (negative ELBO per point, nats)")
+    ax.set_title(title)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def _array(path, what: str, event_shape) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+    if tuple(a.shape[1:]) != tuple(event_shape) or a.ndim != len(event_shape) + 1:
+        raise ValueError(f"{path}: {what} must have shape (n, {', '.join(map(str, event_shape))}) for this model, "
+                         f"got {a.shape}")
+    from .data.meta import checked_points
+
+    return checked_points(a, what, path.name).float()
+
+
+def embed_files(model_path, query_path, context_path, out_path, device: str = "cpu") -> np.ndarray:
+    """Posterior means (n, z_dim) of the queries in ``query_path``, all with the context set in
+    ``context_path`` (points of the same distribution), saved as ``out_path`` (.npy)."""
+    model = load(model_path, device)
+    ev = model.event_shape
+    q = _array(query_path, "query", ev).to(device)
+    ctx = _array(context_path, "context", ev).to(device) if getattr(model, "uses_context", True) else None
+    z = model.embed(q, ctx).cpu().numpy()
+    _save_npy(out_path, z)
+    return z
+
+
+def sample_files(model_path, out_path, n: int, context_path=None, dist: str | None = None, seed: int = 0,
+                 device: str = "cpu") -> np.ndarray:
+    """``n`` new points for the distribution of the context set in ``context_path`` (models with a
+    shared decoder: NS, VHE), or from training distribution ``dist`` (a name or index; MetaVAE)."""
+    model = load(model_path, device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if hasattr(model, "c_dim"):
+        if context_path is None:
+            raise ValueError("this model generates for a context set: pass --context")
+        x = model.sample(n, _array(context_path, "context", model.event_shape).to(device))
+    else:
+        if context_path is not None:
+            model.sample(n, context=True)  # raises the MetaVAE's explanation
+        names = list(getattr(model, "extra", {}).get("distributions", []))
+        if dist is None:
+            raise ValueError("the MetaVAE samples from one training distribution's decoder: pass --dist NAME "
+                             f"(one of {', '.join(names[:10]) or 'its indices'})")
+        k = names.index(dist) if dist in names else (int(dist) if str(dist).isdigit() else None)
+        if k is None:
+            raise ValueError(f"unknown distribution {dist!r}; the model was trained on {', '.join(names[:10])}")
+        x = model.sample(n, dist=k, generator=gen)
+    x = x.cpu().numpy()
+    _save_npy(out_path, x)
+    return x
+
+
+def _save_npy(path, array: np.ndarray) -> None:
+    from .io import atomic_write
+
+    atomic_write(Path(path), lambda f: np.save(f, array))

@@ -1,0 +1,103 @@
+"""A user's own files: readers, their errors, early stopping, TensorBoard, and generation for a
+context's distribution."""
+import numpy as np
+import pytest
+import torch
+
+from metavae import Gaussian, MetaDataset, TrainConfig, Trainer, build_mlp_metavae
+from metavae.cli import main
+from metavae.data.files import read_family
+from metavae.models import build_homoencoder
+
+
+def _table(tmp_path, suffix):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame({"patient": np.repeat(["a", "b", "c"], 30), "x": rng.normal(size=90),
+                         "y": rng.normal(size=90), "label": np.tile([0, 1], 45)})
+    path = tmp_path / f"t{suffix}"
+    rows.to_csv(path, index=False) if suffix == ".csv" else rows.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_tables_group_rows_by_the_distribution_column(tmp_path, suffix):
+    fam = read_family(_table(tmp_path, suffix), dist_column="patient", label_column="label")
+    assert fam.names == ["a", "b", "c"] and fam.event_shape == (2,) and [len(p) for p in fam.points] == [30] * 3
+    assert fam.labels is not None and set(np.concatenate(fam.labels)) == {0, 1}
+    with pytest.raises(ValueError, match="no column 'site'.*--dist-column"):
+        read_family(_table(tmp_path, suffix), dist_column="site")
+
+
+def test_a_folder_of_npy_files_is_read_memory_mapped(tmp_path):
+    for k in range(3):
+        np.save(tmp_path / f"d{k}.npy", np.full((10, 2), k, dtype=np.float32))
+    fam = read_family(tmp_path)
+    assert fam.names == ["d0", "d1", "d2"] and isinstance(fam.points[0], np.memmap)
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"a": np.zeros((5, 2)), "b": np.zeros((5, 3))}, "ragged"),
+    ({"a": np.zeros((5, 2)), "b": np.zeros((0, 2))}, "distribution 'b': no points"),
+    ({"a": np.zeros((5, 2)), "b": np.array([[0.0, np.nan]] * 5)}, "distribution 'b': point 0 holds a non-finite"),
+    ({"a": np.zeros(5)}, "is 1-D"),
+])
+def test_bad_families_name_the_distribution(tmp_path, arrays, message, capsys):
+    np.savez(tmp_path / "f.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        read_family(tmp_path / "f.npz")
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert message.split(":")[0].split("'")[0] in capsys.readouterr().err
+
+
+def test_unknown_format_and_missing_file(tmp_path, capsys):
+    (tmp_path / "f.txt").write_text("1 2 3")
+    assert main(["train", "--data", str(tmp_path / "f.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown data format '.txt'" in capsys.readouterr().err
+    assert main(["embed", "--model", str(tmp_path / "none.pt"), "--query", "q.npy", "--out", "z.npy"]) == 2
+    assert "no model file" in capsys.readouterr().err
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return MetaDataset([torch.randn(80, 2, generator=g) + i for i in range(3)])
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
+    model = build_mlp_metavae((2,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0))
+    cfg = TrainConfig(epochs=30, batch_size=8, context_size=4, steps_per_epoch=2, patience=2)
+    trainer = Trainer(model, _data(), cfg, out_dir=tmp_path, progress=False)
+    losses = iter([5.0, 4.0, 4.5, 3.0, 3.5, 3.2, 9.0, 9.0])  # best at epoch 4, then two epochs worse
+    trainer.validate = lambda: next(losses)
+    history = trainer.fit()
+    assert trainer.stopped_early and [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert trainer.state.best_epoch == 4 and torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 4
+
+
+def test_tensorboard_receives_the_losses(tmp_path):
+    model = build_mlp_metavae((2,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0))
+    cfg = TrainConfig(epochs=2, batch_size=8, context_size=4, steps_per_epoch=2, tensorboard=str(tmp_path / "tb"))
+    Trainer(model, _data(), cfg, progress=False).fit()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train_loss", "val_loss"}
+    assert len(events.Scalars("val_loss")) == 2
+
+
+def test_vhe_samples_follow_the_context_distribution():
+    """Trained on 1-D Gaussians with means in [-4, 4], the VHE's samples for an unseen context sit
+    near that context's mean: the sample means track the context means (correlation > 0.9)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    means = torch.linspace(-4, 4, 12)
+    data = MetaDataset([m + 0.3 * torch.randn(200, 1, generator=g) for m in means])
+    model = build_homoencoder((1,), c_dim=2, z_dim=1, hidden=32, decoder_hidden=32, likelihood=Gaussian(None))
+    Trainer(model, data, TrainConfig(epochs=6, batch_size=32, context_size=10, lr=3e-3, steps_per_epoch=100),
+            progress=False).fit()
+    unseen = torch.tensor([-3.3, -1.7, 0.5, 2.2, 3.6])
+    got = torch.stack([model.sample(200, m + 0.3 * torch.randn(20, 1, generator=g)).mean() for m in unseen])
+    assert torch.corrcoef(torch.stack([got, unseen]))[0, 1] > 0.9
+    assert (got - unseen).abs().mean() < 1.0
