@@ -38,7 +38,8 @@ def test_mog_tiny_run_writes_everything_and_resumes(tmp_path):
     assert set(m["error"]) == {"vae", "metavae_2", "metavae_4"}
     assert m["paper"]["metavae_50"] == 0.099
     assert 0 <= m["bayes_floor"] < 0.05
-    assert all(0 <= v <= 0.5 for v in m["error"].values())
+    # no classifier beats the Bayes-optimal one beyond sampling noise (an error computed as 0 would fail)
+    assert all(v >= m["bayes_floor"] - 0.02 for v in m["error"].values())
     for f in ("report.md", "clusters.png", "error.png", "checkpoints/metavae_4/best.pt", "checkpoints/vae/last.pt"):
         assert (tmp_path / f).exists(), f
     stamp = (tmp_path / "checkpoints/metavae_4/last.pt").stat().st_mtime_ns

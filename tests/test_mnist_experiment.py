@@ -70,3 +70,37 @@ def test_probe_separates_separable_embeddings_and_not_noise():
     noise = rng.normal(size=(2000, 10))
     assert fit_probe(good[:1500], y[:1500], good[1500:], y[1500:])[1] > 0.9
     assert fit_probe(noise[:1500], y[:1500], noise[1500:], y[1500:])[1] < 0.2
+
+
+def test_reference_probe_punishes_small_scale_and_standardised_does_not():
+    """The same separable features at scale 1 and 0.003: the reference probe's fixed L2 penalty loses
+    most of the accuracy at the small scale; the standardised probe does not care."""
+    from metavae.experiments.invariance import fit_probes
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 3000)
+    z = np.eye(10)[y] @ rng.normal(size=(10, 20)) + 0.8 * rng.normal(size=(3000, 20))
+    big = fit_probes(z[:2000], y[:2000], z[2000:], y[2000:])
+    small = fit_probes(0.003 * z[:2000], y[:2000], 0.003 * z[2000:], y[2000:])
+    assert big["reference"] > 0.8 and big["standardised"] > 0.8
+    assert small["reference"] < big["reference"] - 0.3
+    assert abs(small["standardised"] - big["standardised"]) < 0.01
+
+
+def test_table1_distances_on_a_hand_built_embedding():
+    """An embedding that moves by exactly d(v) = |v| / 10 along one axis under value v: Table 1 is
+    the mean of d over the non-base values."""
+    import torch
+
+    from metavae.experiments.invariance import InvarianceConfig, invariance_distances
+
+    class Shift(torch.nn.Module):
+        uses_context = False
+
+        def embed(self, x, context=None):
+            return torch.cat([x.flatten(start_dim=-2)[..., :1], torch.zeros(*x.shape[:-2], 1)], -1)
+
+    base = torch.zeros(30, 28, 28)
+    by_value = {v: base + v / 10 for v in (-20, 0, 20, 40)}  # the first pixel carries the shift
+    d = invariance_distances(Shift(), {"rotation": by_value}, {"rotation": 0}, InvarianceConfig(), 0, "cpu")
+    assert d["rotation"] == pytest.approx((2 + 2 + 4) / 3, rel=1e-6)

@@ -123,8 +123,10 @@ def test_cli_run_writes_metrics_in_the_issue_layout(tmp_path, capsys):
         args += ["--set", s]
     assert main(args) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(m["mse"]) == {"metavae", "vae", "bayes"}
-    assert set(m["ratio_to_bayes"]) == {"metavae", "vae"}
+    assert set(m["mse"]) == {"metavae", "vae", "prior_mean", "bayes"}
+    assert set(m["ratio_to_bayes"]) == {"metavae", "vae", "prior_mean"}
+    assert m["mse"]["prior_mean"] == pytest.approx(1 / 12, abs=0.01)  # guessing the prior mean of U(0, 1)
+    assert m["simulators"] == {"test": 304, "of_which_training": 25} and m["unseen_only"]["simulators"] == 279
     assert len(m["grid"]) == len(P.TEST_SIMULATORS) == 304
     assert all(len(row) == 5 for row in m["grid"])
     assert {(row[0], row[1]) for row in m["grid"]} == set(P.TEST_SIMULATORS)

@@ -510,6 +510,29 @@ READOUT_TEXT = {
 }
 
 
+def _readout_note(by_readout: dict, models, families) -> str:
+    """What the read-out table says, computed from it: for each statistic, how far apart the
+    models' MSEs are (the largest over the smallest, per family), and whether the best model
+    changes with the statistic."""
+    lines, best = [], {}
+    for kind, table in by_readout.items():
+        spreads, winners = [], []
+        for f in families:
+            vals = {mdl: table[mdl].get(f) for mdl in models if table[mdl].get(f) is not None}
+            if len(vals) > 1 and min(vals.values()) > 0:
+                spreads.append(f"{f} {max(vals.values()) / min(vals.values()):.2g}x")
+                winners.append(min(vals, key=vals.get))
+        if spreads:
+            best[kind] = winners
+            lines.append(f"- `{kind}`: the models' MSEs differ by (largest / smallest) " + ", ".join(spreads)
+                         + "; best: " + ", ".join(winners) + ".")
+    same = len({tuple(w) for w in best.values()}) <= 1
+    lines.append("- The best model per family is " + ("the same under every statistic." if same else
+                 "**not** the same under every statistic: which model looks best depends on the read-out, and the "
+                 "paper does not say which it used."))
+    return "\n".join(lines)
+
+
 def _report_many(m: dict, cfg: ExpfamConfig, models, families) -> str:
     headers = ["model"] + [f + (" (in)" if E.FAMILIES[f].trainable else " (unseen)") for f in families]
     rows = [[mdl] + [m["mse"][mdl][f]["inside"] for f in families] for mdl in models]
@@ -525,6 +548,7 @@ def _report_many(m: dict, cfg: ExpfamConfig, models, families) -> str:
         for mdl in models:
             alt.append([kind + (" (used above)" if kind == cfg.readout else ""), mdl]
                        + [table[mdl].get(f) for f in families])
+    readout_note = _readout_note(m["mse_inside_by_readout"], models, families)
     return f"""# Learning distribution statistics: many families (Fig. 4)
 
 MSE of the inferred parameter, mean over the sweep values inside each trained family's meta-train range
@@ -561,13 +585,7 @@ The same comparison with each read-out statistic (MSE inside; only where a linea
 
 {markdown_table(["statistic", "model"] + families, alt)}
 
-In our runs the `summary` statistic, the mean of a per-draw feature map, gave nearly the same MSE for every model:
-a rich enough bank of per-draw features (trained or not) spans the moments a linear map needs, so it says
-little about what the inference network learned. How a single-family model compares on another trained
-family depends on the read-out (compare the `posterior` and `hidden` rows); the paper does not say which it used.
-A linear map fitted with labels over a family's range can also beat that family's own decoder read-out where one
-20-draw vector leaves much uncertainty (the exponential: even the exact posterior's read-out has an MSE near
-0.17 there): it learns to shrink towards the middle of the range, which the N(0, I) prior does not.
+{readout_note}
 
 ![many vs single](many_vs_single.png)
 
