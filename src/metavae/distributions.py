@@ -104,8 +104,11 @@ class GaussianLatent:
         return self.split(params)[0]
 
     def kl(self, params):
+        return self.kl_per_dim(params).sum(-1)
+
+    def kl_per_dim(self, params):
         mu, logvar = self.split(params)
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
     def _sample(self, params, n):
         mu, logvar = self.split(params)

@@ -21,6 +21,18 @@ def elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
     return (w * _log_lik(model, x, z, dist)).sum(-1) - model.latent.kl(params)
 
 
+def free_bits_meta_elbo(model, x, context=None, dist=None, free_bits: float = 0.0) -> torch.Tensor:
+    """The MetaELBO with "free bits" (Kingma et al. 2016): each latent dimension's KL, averaged
+    over the batch, counts as at least ``free_bits`` nats, so the optimiser gains nothing by
+    pushing a dimension's posterior onto the prior below that: a remedy for posterior collapse.
+    A training objective (a lower bound only when no dimension sits below the floor)."""
+    params = model.encode(x, context)
+    z, w = model.latent.draw(params, 1)
+    rec = (w * _log_lik(model, x, z, dist)).sum(-1)
+    kl = model.latent.kl_per_dim(params).mean(dim=(0, 1)).clamp_min(free_bits).sum()
+    return rec.mean(dim=1).mean(dim=0) - kl
+
+
 def meta_elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
     """The MetaELBO: the mean over distributions of each distribution's mean ELBO under its
     own decoder. A scalar to maximise."""

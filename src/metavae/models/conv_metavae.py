@@ -86,6 +86,7 @@ def build_conv_metavae(
     groups: int = GROUPS,
     use_context: bool = True,
     init: str = "default",
+    free_bits: float = 0.0,
 ) -> MetaVAE:
     """The conv MetaVAE of PROTOCOL 3.4 (``use_context=False``: the conv VAE, one decoder).
 
@@ -114,9 +115,10 @@ def build_conv_metavae(
         kind="conv_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=hidden,
         summary=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups, use_context=use_context,
-        init=init,
+        init=init, free_bits=free_bits,
     )
-    model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config)
+    model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config,
+                    free_bits=free_bits)
     return apply_init(model, init)
 
 

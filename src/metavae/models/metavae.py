@@ -77,9 +77,11 @@ class MetaVAE(Saveable, nn.Module):
         query_encoder: nn.Module | None = None,
         center: bool = False,
         config: dict | None = None,
+        free_bits: float = 0.0,
     ):
         super().__init__()
         self.center = center
+        self.free_bits = float(free_bits)  # training objective: see `objectives.free_bits_meta_elbo`
         self.event_shape = tuple(event_shape)
         self.query_encoder = query_encoder if query_encoder is not None else nn.Flatten()
         self.summary, self.head, self.decoder = summary, head, decoder
@@ -193,8 +195,9 @@ class MetaVAE(Saveable, nn.Module):
     def loss(self, batch) -> LossOutput:
         """Negative MetaELBO of a batch (the training and validation loss)."""
         ctx = batch.context if self.uses_context else None
-        per_point = objectives.elbo(self, batch.x, ctx, batch.dist)
-        return LossOutput(loss=-per_point.mean(dim=1).mean(dim=0))
+        if self.free_bits > 0 and self.training:
+            return LossOutput(loss=-objectives.free_bits_meta_elbo(self, batch.x, ctx, batch.dist, self.free_bits))
+        return LossOutput(loss=-objectives.meta_elbo(self, batch.x, ctx, batch.dist))
 
     def log_likelihood(self, batch, k: int = 10) -> torch.Tensor:
         ctx = batch.context if self.uses_context else None
@@ -215,6 +218,7 @@ def build_mlp_metavae(
     use_context: bool = True,
     center: bool = False,
     init: str = "default",
+    free_bits: float = 0.0,
     decoder_scale: float | None = None,
 ) -> MetaVAE:
     """The paper's MLP MetaVAE (PROTOCOL section 2) by default, for any flat event.
@@ -244,10 +248,10 @@ def build_mlp_metavae(
         kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=list(hidden),
         summary=summary_sizes, decoder_hidden=dec_hidden, summary_act=summary_act, act=act, use_context=use_context,
-        center=center, init=init, decoder_scale=decoder_scale,
+        center=center, init=init, decoder_scale=decoder_scale, free_bits=free_bits,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,
-                    config=config)
+                    config=config, free_bits=free_bits)
     return apply_init(model, init)
 
 
