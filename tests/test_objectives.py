@@ -113,3 +113,22 @@ def test_learned_variance_gaussian():
     assert torch.allclose(g.log_prob(params, x), ref, atol=1e-5)
     huge = torch.cat([torch.zeros(1, 4), torch.full((1, 4), -1e4)], -1)  # would be a point mass unbounded
     assert torch.isfinite(g.log_prob(huge, torch.ones(1, 4))).all()
+
+
+def test_free_bits_floor_the_kl_per_dimension_and_only_in_training():
+    torch.manual_seed(0)
+    model = build_mlp_metavae((3,), 2, z_dim=4, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0), free_bits=5.0)
+    x, ctx = torch.randn(2, 6, 3), torch.randn(2, 6, 4, 3)
+    batch = Batch(x, ctx, None, torch.arange(2))
+    params = model.encode(x, ctx)
+    kl_dim = model.latent.kl_per_dim(params).mean(dim=(0, 1))
+    assert (kl_dim < 5.0).all()  # a fresh model sits below the floor on every dimension
+    torch.manual_seed(1)
+    plain = -meta_elbo(model, x, ctx, batch.dist)
+    torch.manual_seed(1)
+    floored = model.train().loss(batch)["loss"]
+    assert float(floored) == pytest.approx(float(plain + 4 * 5.0 - kl_dim.sum()), rel=1e-5)
+    grads = torch.autograd.grad(floored, model.head[-1].weight)[0]
+    assert torch.isfinite(grads).all()
+    torch.manual_seed(1)
+    assert float(model.eval().loss(batch)["loss"]) == pytest.approx(float(plain), rel=1e-6)  # validation: the true bound

@@ -139,8 +139,8 @@ def _report(m: dict) -> str:
     ]
     if trained:
         lines += [f"Trained on {len(m['seen'])} seen values, {m['train_images_per_value']} images each, "
-                  f"{m['epochs_trained']} epochs trained (best epoch {m['best_epoch']}, {m['train_seconds']:.0f} s this "
-                  f"launch); probed with {m['test_images_per_value']} test images per value. Seed {m['seed']}.", ""]
+                  f"{m['epochs_trained']} epochs trained (best epoch {m['best_epoch']}; {m['train_seconds_total'] / 60:.1f} min "
+                  f"of training over all launches); probed with {m['test_images_per_value']} test images per value. Seed {m['seed']}.", ""]
     lines += [markdown_table(headers, rows), "", "![accuracy](accuracy.png)"]
     if m.get("learning_curve"):
         lines += ["", "## Learning curve (probes on a few unseen values; validation loss on the seen values)", "",
