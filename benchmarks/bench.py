@@ -12,7 +12,7 @@ from the mean step time), and a sweep of step time over K, B and N (figure `step
 On the CPU it also times the authors' own step pattern re-implemented in `reference_step.py`
 (per-image PIL transforms, per-query numpy context draws, a Python loop over the K datasets), so
 every MLP row carries ``speedup_vs_reference`` measured on this machine, beside
-``speedup_vs_issue``: 350 s (the issue's figure for one authors' epoch on another machine, with a
+``speedup_vs_issue``: 350 s (the project's reference figure for one authors' epoch, measured on another machine, with a
 350 GFLOP/s matmul peak) over our epoch, and ``speedup_vs_issue_peak_scaled``, the same with our
 epoch scaled to that peak. Results are merged into `benchmarks/results.json` under the device's name.
 """
@@ -188,7 +188,7 @@ def main(argv=None):
     for row_name, kw in mlp_rows.items():
         row = record(row_name, build_mlp_metavae((784,), K).to(device), data, K, B, N, device, steps, **kw)
         row["speedup_vs_issue"] = round(ISSUE_REFERENCE_EPOCH_S / row["paper_epoch_s"], 2)
-        # The same, had this run's machine the issue's matmul peak (an estimate: assumes the step
+        # The same, had this run's machine the reference figure's matmul peak (an estimate: assumes the step
         # scales with the peak, as a matmul-bound step does; this VM's peak varies by ~1.5x).
         row["speedup_vs_issue_peak_scaled"] = round(row["speedup_vs_issue"] * ISSUE_PEAK_GFLOPS / row["peak_gflops"], 2)
         res[row_name] = row
@@ -217,7 +217,7 @@ def main(argv=None):
             row = res[row_name]
             row["speedup_vs_reference"] = round(ref["step_ms"] / row["step_ms"], 2)
             print(f"  {row_name}: {row['speedup_vs_reference']:.1f}x the reference step on this machine, "
-                  f"{row['speedup_vs_issue']:.1f}x the issue's 350 s epoch "
+                  f"{row['speedup_vs_issue']:.1f}x the reference 350 s epoch "
                   f"({row['speedup_vs_issue_peak_scaled']:.1f}x scaled to its peak)", flush=True)
 
     merged = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -2,12 +2,12 @@
 
     python benchmarks/reference_step.py [--steps 5]
 
-Why this exists: the issue quotes ~580 ms per step for the authors' code, but that figure was
+Why this exists: the project's reference figure is ~580 ms per step for the authors' code, but that figure was
 measured on another machine. `benchmarks/bench.py` compares our step with this one, measured on
 the same machine, so the comparison is like for like. The code here is written from scratch.
 It copies the *computational pattern* of github.com/mhw32/meta-inference-public (MLP MetaVAE,
 `MetaAgent.train_one_epoch`, rotation split "standard", so K=9, B=100, N=10, 28x28). See
-`shared/PROTOCOL.md` sections 1 and 2.
+`docs/reproduction.md` §1 and §2.
 
 What one step does, following their code:
 1. Queries (`src/datasets/mnist.py`, `BagOfDatasets`, DataLoader collate): all K datasets use the

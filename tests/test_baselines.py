@@ -65,11 +65,11 @@ def random_batch(model, K=3, B=4, N=5, shared=False, seed=0):
     return Batch(x, ctx, None, torch.arange(K))
 
 
-# --- parameter counts (PROTOCOL 12) ----------------------------------------------------------
+# --- parameter counts (docs/reproduction.md §12) ----------------------------------------------------------
 def test_mlp_parameter_counts_match_protocol():
     with torch.device("meta"):
         counts = {name: n_params(make_model(name, "mlp", FLAT, 9)) for name in MODEL_NAMES}
-    assert counts["metavae"] == 6_176_976  # PROTOCOL 12, K = 9
+    assert counts["metavae"] == 6_176_976  # docs/reproduction.md §12, K = 9
     assert counts["vhe"] == 8_284_104
     assert counts["ns"] == 8_284_104  # same as VHE
     assert counts["vhe-vampprior"] == 12_204_104  # + 500 * 10 * 784
@@ -79,21 +79,21 @@ def test_mlp_parameter_counts_match_protocol():
 def test_conv_parameter_counts_match_protocol():
     with torch.device("meta"):
         m9 = make_model("metavae", "conv", (1, 32, 32), 9)
-        # PROTOCOL 12 ConvMetaVAE: encoder 1,921,536; summary 18,580,512; head 5,717,680; decoder 3,900,065
+        # docs/reproduction.md §12 ConvMetaVAE: encoder 1,921,536; summary 18,580,512; head 5,717,680; decoder 3,900,065
         assert n_params(m9.query_encoder) == 1_921_536
         assert n_params(m9.summary) - n_params(m9.query_encoder) == 18_580_512  # encoder shared, counted once
         assert n_params(m9.head) == 5_717_680
         assert n_params(m9.decoder) == 9 * 3_900_065
-        assert n_params(m9) == 61_320_313  # PROTOCOL: K=9 61,320,313
-        assert n_params(make_model("metavae", "conv", (1, 32, 32), 3)) == 37_919_923  # PROTOCOL: K=3
-        assert n_params(make_model("metavae", "conv", (1, 32, 32), 5)) == 45_720_053  # PROTOCOL: K=5
+        assert n_params(m9) == 61_320_313  # docs/reproduction.md §12: K=9 61,320,313
+        assert n_params(make_model("metavae", "conv", (1, 32, 32), 3)) == 37_919_923  # docs/reproduction.md §12: K=3
+        assert n_params(make_model("metavae", "conv", (1, 32, 32), 5)) == 45_720_053  # docs/reproduction.md §12: K=5
         vhe = n_params(make_model("vhe", "conv", (1, 32, 32), 3))
-        assert vhe == 16_577_161  # PROTOCOL: VHE-conv ~16,577,161 (GroupNorm/LayerNorm = BN's affine count)
-        assert n_params(make_model("ns", "conv", (1, 32, 32), 3)) == vhe + 6  # PROTOCOL: NS-conv = VHE-conv + 6
+        assert vhe == 16_577_161  # docs/reproduction.md §12: VHE-conv ~16,577,161 (GroupNorm/LayerNorm = BN's affine count)
+        assert n_params(make_model("ns", "conv", (1, 32, 32), 3)) == vhe + 6  # docs/reproduction.md §12: NS-conv = VHE-conv + 6
         vp = make_model("vhe-vampprior", "conv", (1, 32, 32), 3)
-        assert n_params(vp) == vhe + 5_120_000  # PROTOCOL: 500 components (+5.12M, the paper's "5.1M")
+        assert n_params(vp) == vhe + 5_120_000  # docs/reproduction.md §12: 500 components (+5.12M, the paper's "5.1M")
         vp10 = make_model("vhe-vampprior", "conv", (1, 32, 32), 3, n_components=10)
-        assert n_params(vp10) == vhe + 102_400  # PROTOCOL: the reference's silent 10 components
+        assert n_params(vp10) == vhe + 102_400  # docs/reproduction.md §12: the reference's silent 10 components
         # ours, no reference counterpart: conv VAE = encoder + fc_h + FCResBlock(400, 6) + out + one decoder
         assert n_params(make_model("vae", "conv", (1, 32, 32), 3)) == 8_459_681
         # 28x28 events: the same trunk (28 -> 4x4 features; decoder output centre-cropped)

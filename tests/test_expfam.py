@@ -1,4 +1,4 @@
-"""Distribution families of the sufficient-statistics demo (PROTOCOL §8)."""
+"""Distribution families of the sufficient-statistics demo (docs/reproduction.md §8)."""
 
 import math
 

@@ -7,7 +7,7 @@ from metavae import build_mlp_metavae, build_model, build_vae
 
 def test_reference_parameter_count_k9():
     m = build_mlp_metavae((784,), 9)
-    assert sum(p.numel() for p in m.parameters()) == 6_176_976  # PROTOCOL section 12
+    assert sum(p.numel() for p in m.parameters()) == 6_176_976  # docs/reproduction.md §12
 
 
 def test_embed_is_posterior_mean_and_accepts_shared_or_per_query_context():

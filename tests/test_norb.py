@@ -286,7 +286,7 @@ def _grid_data(size=4) -> norb.NorbData:
 
 def test_grouping_and_split_counts():
     data = _grid_data()
-    sizes = {"elevation": 5400, "azimuth": 2700, "lighting": 8100}  # PROTOCOL 5.2, both cameras
+    sizes = {"elevation": 5400, "azimuth": 2700, "lighting": 8100}  # docs/reproduction.md §5.2, both cameras
     for axis, n_groups in norb.N_GROUPS.items():
         ds, info = norb.norb_groups(data, axis)
         assert isinstance(ds, MetaDataset) and len(ds) == n_groups and ds.event_shape == (1, 4, 4)

@@ -1,4 +1,4 @@
-"""Inclined-plane simulator and its exact Bayes posterior (PROTOCOL §9)."""
+"""Inclined-plane simulator and its exact Bayes posterior (docs/reproduction.md §9)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Distribution families of the sufficient-statistics demo (PROTOCOL §8).
+"""Distribution families of the sufficient-statistics demo (docs/reproduction.md §8).
 
 Every distribution draws 2-D samples whose two coordinates are independent, each with its own
 parameter, so a distribution is described by a parameter pair ``params[m] = (theta_1, theta_2)``.

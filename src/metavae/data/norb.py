@@ -1,6 +1,6 @@
 """smallNORB: the official binary matrix files, checked download, grouping and meta-splits.
 
-PROTOCOL 5.2. The official data are six files, ``smallnorb-5x46789x9x18x6x2x96x96-training-
+docs/reproduction.md §5.2. The official data are six files, ``smallnorb-5x46789x9x18x6x2x96x96-training-
 {dat,cat,info}.mat`` and ``smallnorb-5x01235x9x18x6x2x96x96-testing-{dat,cat,info}.mat`` (each
 also distributed gzipped). Each split holds 24300 stereo pairs of 96x96 uint8 images, a category
 (0 animal, 1 human, 2 airplane, 3 truck, 4 car) per pair and an info row per pair:
@@ -90,7 +90,7 @@ _COL = {name: i for i, name in enumerate(INFO_COLUMNS)}
 _RADIX = (5, 10, 9, 18, 6, 2)  # number of values per info column
 N_GROUPS = {"elevation": 9, "azimuth": 18, "lighting": 6}
 
-# PROTOCOL 5.2: (seen, unseen) group indices per axis and meta-split (paper names).
+# docs/reproduction.md §5.2: (seen, unseen) group indices per axis and meta-split (paper names).
 SPLITS: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
     "elevation": {
         "interleaved": ((0, 2, 4, 6, 8), (1, 3, 5, 7)),
@@ -109,7 +109,7 @@ SPLITS: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
     },
 }
 
-# A suggestion for Table 1 (PROTOCOL 7.1 leaves NORB's base group open): the middle elevation,
+# A suggestion for Table 1 (docs/reproduction.md §7.1 leaves NORB's base group open): the middle elevation,
 # azimuth 0 and lighting 0. The experiment decides and must say which it used.
 BASE_GROUP = {"elevation": 4, "azimuth": 0, "lighting": 0}
 
@@ -467,7 +467,7 @@ def _check_axis(axis: str) -> str:
 
 
 def get_split(axis: str, split: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(seen, unseen) group indices of one axis under one meta-split (PROTOCOL 5.2)."""
+    """(seen, unseen) group indices of one axis under one meta-split (docs/reproduction.md §5.2)."""
     return SPLITS[_check_axis(axis)][resolve_split(split)]
 
 
@@ -542,7 +542,7 @@ class NorbMeta:
 
 
 def norb_meta(data: NorbData, axis: str, split: str, test_part: str = "test") -> NorbMeta:
-    """The (axis, split) meta-dataset of PROTOCOL 5.2, for real or synthetic NORB alike."""
+    """The (axis, split) meta-dataset of docs/reproduction.md §5.2, for real or synthetic NORB alike."""
     split = resolve_split(split)
     seen, unseen = get_split(axis, split)
     ds, info = norb_groups(data, axis, seen, test_part)

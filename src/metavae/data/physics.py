@@ -1,4 +1,4 @@
-"""Inclined-plane simulator of the classical-mechanics demo (PROTOCOL §9) and its exact Bayes posterior.
+"""Inclined-plane simulator of the classical-mechanics demo (docs/reproduction.md §9) and its exact Bayes posterior.
 
 A box with friction ``mu ~ U(0.0001, 1)`` slides down a plane of length ``L`` and angle ``A``
 degrees; the observation is its noisy descent time. The reference (adapted from Pyro's
@@ -177,7 +177,7 @@ def censored_mse_floor(A: float) -> float:
     """Lower bound on any estimator's MSE from censoring: ``P(censored) * Var(mu | censored)``.
 
     Censored runs carry no information beyond ``mu >= tan A``, so the best guess is the
-    midpoint of ``[tan A, 1]`` with error variance ``(1 - tan A)^2 / 12`` (PROTOCOL §9).
+    midpoint of ``[tan A, 1]`` with error variance ``(1 - tan A)^2 / 12`` (docs/reproduction.md §9).
     """
     _scalar_plane(1.0, A)
     lo, hi = _censored_interval(A)

@@ -1,7 +1,7 @@
 """synthnorb: an offline, procedurally rendered stand-in for smallNORB with the same structure.
 
 Why: the official smallNORB files cannot be downloaded here. synthnorb lets the NORB protocol
-(PROTOCOL 5.2) run end to end; it is *different data* and every report must say which it used.
+(docs/reproduction.md §5.2) run end to end; it is *different data* and every report must say which it used.
 
 What it is, mirroring smallNORB:
 * 5 categories of toy-like objects built from primitives: animal (four-legged), human (standing

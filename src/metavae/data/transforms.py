@@ -1,6 +1,6 @@
 """Rotation, scale and shear of whole MNIST splits, bit-exact with the reference's PIL pipeline.
 
-The reference (PROTOCOL 5.1) transforms one PIL image at a time. We transform a whole split as
+The reference (docs/reproduction.md §5.1) transforms one PIL image at a time. We transform a whole split as
 one tensor op instead, but reproduce PIL's integer arithmetic so the pixels are the same:
 
 * rotation and shear are nearest-neighbour affine maps. PIL samples each output pixel centre
@@ -80,7 +80,7 @@ def _scale_splits() -> dict[str, tuple[tuple, tuple]]:
     }
 
 
-# SPLITS[axis][split] = (seen values, unseen values), PROTOCOL 5.1 (paper names).
+# SPLITS[axis][split] = (seen values, unseen values), docs/reproduction.md §5.1 (paper names).
 SPLITS: dict[str, dict[str, tuple[tuple, tuple]]] = {
     "rotation": _angle_splits(),
     "scale": _scale_splits(),
@@ -119,7 +119,7 @@ def canonical_value(axis: str, value: float) -> float | int:
     """The dictionary key for a value: 0.7999999999999999 -> 0.8, -160.0 -> -160.
 
     The reference's `np.arange` grids hold float approximations; rounding them (only when they
-    are within 1e-9 of a round number) gives stable cache keys and, as PROTOCOL 5.1 tabulates,
+    are within 1e-9 of a round number) gives stable cache keys and, as docs/reproduction.md §5.1 tabulates,
     the same rounded crop boxes, hence the same pixels.
     """
     _check_axis(axis)
@@ -154,7 +154,7 @@ def shear_coefficients(shear: float, width: int, height: int) -> list[float]:
 
     Old torchvision puts the centre at (w/2 + 0.5, h/2 + 0.5) and uses a matrix that, for a
     scalar shear s, is an x-shear by -sin(s) combined with a vertical scaling by cos(s): this is
-    what the reference ran (PROTOCOL 5.1), so ±180 flips the digit vertically.
+    what the reference ran (docs/reproduction.md §5.1), so ±180 flips the digit vertically.
     """
     if abs(math.cos(math.radians(shear))) < 1e-6:
         raise ValueError(f"shear {shear!r} degrees is degenerate (cos = 0 squashes the image to a line)")

@@ -425,7 +425,7 @@ def _common_setup(cfg: ExpfamConfig) -> str:
     return f"""- Each distribution draws {cfg.draws_per_distribution} 2-D samples (independent coordinates, one parameter each),
   grouped into {n_vec} random vectors of {E.VECTOR_SIZE} draws; 80% train, 20% validation (best epoch by the validation
   loss). Context D = {cfg.context_size} other random vectors of the same distribution.
-- Families (PROTOCOL section 8): Gaussian N(mu, 0.1) with mu ~ U(-5, 5); log-normal exp(N(mu, 0.1)) with
+- Families (docs/reproduction.md §8): Gaussian N(mu, 0.1) with mu ~ U(-5, 5); log-normal exp(N(mu, 0.1)) with
   mu ~ U(-2, 2); exponential with rate ~ U(0.5, 3); unseen: Weibull(shape, scale 1), Laplace(0, scale),
   Beta(alpha, alpha), each swept over [0.5, 5].
 - Decoders: the known likelihood of the family (no parameters) with the correct scale; latent z in R^2 with

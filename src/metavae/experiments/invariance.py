@@ -22,7 +22,7 @@ from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
 from ..train import Trainer, TrainConfig, load_checkpoint, seed_everything
 
-# Two linear probes read every embedding (docs/reproduction.md, "Probes"):
+# Two linear probes read every embedding (docs/reproduction.md §13):
 # * reference: one-vs-rest liblinear logistic regression with sklearn's historic defaults (C=1, L2,
 #   tol 1e-4, max_iter 100), what the authors' sklearn (<= 0.21, 2019) ran for LogisticRegression().
 #   Kept for comparability with the paper; its fixed L2 penalty punishes embeddings of small scale.

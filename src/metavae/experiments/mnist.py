@@ -164,7 +164,7 @@ def _report(m: dict) -> str:
               "- The best checkpoint is the one with the *lowest* validation loss (negative ELBO on the seen values' "
               "test parts); the reference's baselines picked the highest (see the reference's selection above).",
               "- NS/VHE embeddings use the mean of q(c|D), not a sample, so they are deterministic.",
-              "- Scale is PIL's crop-and-resize, shear the old torchvision formula (docs/reproduction.md), both "
+              "- Scale is PIL's crop-and-resize, shear the old torchvision formula (docs/reproduction.md §5.1), both "
               "reproduced exactly with tensor ops."]
     return "\n".join(lines)
 

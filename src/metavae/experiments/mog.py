@@ -215,7 +215,7 @@ plane, applied to every unseen mixture. The MetaVAEs see D and adapt.
 - The paper gives no architecture, context size or training length for this demo; ours are above.
 - Inference is translation-invariant by construction (`center={cfg.center}`): the query and D are taken
   relative to the mean of D. Without it the encoder fits the few training mixtures and generalizes
-  worse (see the issue note for the measured numbers).
+  worse (measured in the project's notes; `--set center=false` reproduces it).
 - Decoder means are parametrized in units of 5 (the prior's half-width), which speeds up the decoders
   relative to the encoder (same effect as a 5x learning rate for the decoder tables).
 - Each decoder's two means start from the method of moments on its own training points (mean -/+ the

@@ -1,6 +1,6 @@
 """Small NORB (paper Figure 7, Tables 1 and 2): experiments norb-elevation, norb-azimuth,
 norb-lighting. Each trains one convolutional model (``--model``) on the seen groups of one
-meta-split (``--split``, PROTOCOL 5.2) and scores a linear probe on the unseen groups; a MetaVAE
+meta-split (``--split``, docs/reproduction.md §5.2) and scores a linear probe on the unseen groups; a MetaVAE
 on the interleaved split also measures Table 1's invariance distances.
 
 Data: the real smallNORB read from ``--data-dir`` when given, otherwise ``synthnorb``, the
@@ -16,7 +16,7 @@ balanced over the five categories and fixed by `DATA_SEED` (not the run's seed),
 and every run of one axis sees the same images and every group holds the same toys in the same
 poses, only the axis value differs.
 
-Table 1 (PROTOCOL 7.1 leaves NORB's base and image correspondence open; we state ours): for
+Table 1 (docs/reproduction.md §7.1 leaves NORB's base and image correspondence open; we state ours): for
 each embedded axis, the base group is `BASE_GROUP` (elevation 50deg, the middle one; azimuth 0deg;
 lighting 0), and the test image of group v showing toy (category, instance) from camera c with the
 two other factors f is paired with the base-group test image with the same (category, instance,
@@ -84,7 +84,7 @@ PRESETS = {
     "quick": NorbConfig(train_images=2000, test_images=500, table1_images=200, epochs=5, batch_size=32,
                         context_size=10, z_dim=40, lr=1e-3, context_pool=64, channels=(8, 16, 32), hidden=128,
                         c_dim=128, n_components=10),
-    # The paper's protocol (PROTOCOL 0, 3): full groups, full-width convs, batch 32, 100 epochs.
+    # The paper's protocol (docs/reproduction.md §0, 3): full groups, full-width convs, batch 32, 100 epochs.
     "paper": NorbConfig(train_images=None, test_images=None, epochs=100, batch_size=32, context_size=10, z_dim=40,
                         lr=2e-4),
 }
@@ -231,7 +231,7 @@ def make_run(axis: str):
 
 
 def _example_grid(path: Path, data: NorbData) -> bool:
-    """The data along each axis (the issue's figure), from the data this run used. A figure that
+    """The data along each axis (one figure per axis), from the data this run used. A figure that
     cannot be drawn (a partial copy of the data) is logged, never fatal: the numbers are written."""
     from ..data.synthnorb import save_example_grid
 

@@ -363,7 +363,7 @@ Per angle (mean over L = 1..19):
 {markdown_table(["A", "MetaVAE", "VAE", "Bayes", "censoring floor"], by_angle)}
 
 ## Setup
-- Simulator of PROTOCOL section 9 (Euler steps dt = 0.005, noise 0.02 s, censored time 1e5), computed in
+- Simulator of docs/reproduction.md §9 (Euler steps dt = 0.005, noise 0.02 s, censored time 1e5), computed in
   closed form (tests show it equals the stepwise loop); friction mu ~ U(0.0001, 1).
 - Training: the 25 simulators L in {{2, 4, 6, 8, 10}}, A in {{20, 30, 40, 50, 60}}, {cfg.train_samples} simulations each
   for training and {cfg.val_samples} for validation (best epoch by validation loss). The baseline trains on the

@@ -1,4 +1,4 @@
-"""The convolutional MetaVAE (PROTOCOL 3.4) and the convolutional VAE, built from the core
+"""The convolutional MetaVAE (docs/reproduction.md §3.4) and the convolutional VAE, built from the core
 `MetaVAE` class with injected conv parts and a batched bank of K convolutional decoders.
 
 * query encoder: the shared `ConvEncoder` (4096 features for 28x28 or 32x32 images);
@@ -88,12 +88,12 @@ def build_conv_metavae(
     init: str = "default",
     free_bits: float = 0.0,
 ) -> MetaVAE:
-    """The conv MetaVAE of PROTOCOL 3.4 (``use_context=False``: the conv VAE, one decoder).
+    """The conv MetaVAE of docs/reproduction.md §3.4 (``use_context=False``: the conv VAE, one decoder).
 
     ``summary`` lists the summary MLP's sizes after the conv features (default (F, 400, 400) with
     F = 4096); ``channels`` the conv trunk's three stage widths (default (64, 128, 256)).
     Parameters (K decoders): 1,921,536 encoder + 18,580,512 summary + 5,717,680 head
-    + K * 3,900,065 -- PROTOCOL 12 exactly (K = 9: 61,320,313).
+    + K * 3,900,065 -- docs/reproduction.md §12 exactly (K = 9: 61,320,313).
     ``init``: ``default`` (PyTorch's, as the reference) or ``xavier`` (the baselines'), see `apply_init`.
     """
     check_init(init)

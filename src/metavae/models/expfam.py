@@ -1,4 +1,4 @@
-"""MetaVAE parts for the sufficient-statistics demo (PROTOCOL section 8).
+"""MetaVAE parts for the sufficient-statistics demo (docs/reproduction.md §8).
 
 A data point is a *random vector*: ``V`` i.i.d. 2-D draws ``(V, 2)`` of one distribution. The
 decoders have no parameters: each is the known likelihood of its distribution's family, with the

@@ -297,7 +297,7 @@ class HomoEncoder(HierarchicalVAE):
 # --- builders ------------------------------------------------------------------------------
 def build_parts(event_shape, arch: str, c_dim: int, z_dim: int, hidden: int, hidden_statistic: int | None,
                 decoder_hidden: int, channels, groups: int, likelihood, statistician: bool) -> dict:
-    """The networks of NS / VHE (PROTOCOL 3.5-3.6 for conv, 4.1-4.2 for MLP)."""
+    """The networks of NS / VHE (docs/reproduction.md §3.5-3.6 for conv, 4.1-4.2 for MLP)."""
     D = math.prod(event_shape)
     n_out = likelihood.n_params(D)
     hs = hidden_statistic or hidden
@@ -355,8 +355,8 @@ def build_homoencoder(
 ) -> HomoEncoder:
     """The VHE (``prior="gaussian"``) or VHE + VampPrior (``prior="vampprior"``).
 
-    MLP (PROTOCOL 4.2/4.3): 8,284,104 parameters; + 500*10*784 = 3,920,000 pseudo-input weights
-    for the VampPrior (12,204,104), as PROTOCOL 12. Conv (3.5/3.7): 16,577,161; VampPrior +500*10*H*W
+    MLP (docs/reproduction.md §4.2/4.3): 8,284,104 parameters; + 500*10*784 = 3,920,000 pseudo-input weights
+    for the VampPrior (12,204,104), as docs/reproduction.md §12. Conv (3.5/3.7): 16,577,161; VampPrior +500*10*H*W
     (5,120,000 at 32x32). ``decoder_hidden`` is the MLP observation decoder's wide layer (4096).
     ``context_kl_weight``: None for Eq. 13's 1/N, 1.0 for the reference's objective.
     """

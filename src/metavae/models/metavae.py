@@ -26,7 +26,7 @@ def apply_init(model: nn.Module, init: str) -> nn.Module:
     """``default``: PyTorch's per-layer defaults, as the reference's MetaVAE. ``xavier``: the
     reference's baselines' init (Xavier-normal, gain sqrt 2, zero bias; `reference_init`). The
     choice matters for unscaled read-outs: at init the default MetaVAE's posterior means spread
-    about 45x less across images than under the baselines' init (docs/reproduction.md)."""
+    X
     check_init(init)
     if init == "xavier":
         from ..nets.conv import reference_init
@@ -221,7 +221,7 @@ def build_mlp_metavae(
     free_bits: float = 0.0,
     decoder_scale: float | None = None,
 ) -> MetaVAE:
-    """The paper's MLP MetaVAE (PROTOCOL section 2) by default, for any flat event.
+    """The paper's MLP MetaVAE (docs/reproduction.md §2) by default, for any flat event.
 
     Defaults for 784-dim images reproduce the reference's layer sizes: summary 784-784-400-400
     (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary`` lists the

@@ -1,4 +1,4 @@
-"""The Neural Statistician (Edwards and Storkey 2017), MLP (PROTOCOL 4.1) and conv (3.6).
+"""The Neural Statistician (Edwards and Storkey 2017), MLP (docs/reproduction.md §4.1) and conv (3.6).
 
 q(c | D) from a pooled statistic network, q(z | x, c), p(z | c), p(x | z, c); one decoder shared by
 every distribution. As in the reference, **a set is the per-distribution batch**: the B queries of
@@ -96,7 +96,7 @@ def build_statistician(
     set_kl_weight: float | None = None,
     likelihood=None,
 ) -> NeuralStatistician:
-    """The Neural Statistician (PROTOCOL 4.1 MLP: 8,284,104 parameters; 3.6 conv: 16,577,167).
+    """The Neural Statistician (docs/reproduction.md §4.1 MLP: 8,284,104 parameters; 3.6 conv: 16,577,167).
     ``prior="vampprior"`` is available but not part of the paper's comparison."""
     if prior not in ("gaussian", "vampprior"):
         raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")

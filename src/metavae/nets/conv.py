@@ -1,4 +1,4 @@
-"""Convolutional parts shared by every convolutional model (PROTOCOL sections 3.1-3.3).
+"""Convolutional parts shared by every convolutional model (docs/reproduction.md §3.1-3.3).
 
 One encoder trunk (`ConvEncoder`), one decoder trunk (`ConvDecoderTrunk`) and the residual
 block (`FCResBlock`), used by the conv MetaVAE, VAE, Neural Statistician and Variational
@@ -73,7 +73,7 @@ def encoded_size(size: int) -> int:
 
 
 class ConvEncoder(nn.Module):
-    """(M, *event) images -> (M, c3 * s * s) features; PROTOCOL 3.1 with GroupNorm (see module doc)."""
+    """(M, *event) images -> (M, c3 * s * s) features; docs/reproduction.md §3.1 with GroupNorm (see module doc)."""
 
     def __init__(self, event_shape: Sequence[int], channels: Sequence[int] = DEFAULT_CHANNELS, groups: int = GROUPS):
         super().__init__()
@@ -159,7 +159,7 @@ class BankGroupNorm(nn.Module):
 
 
 class ConvDecoderTrunk(nn.Module):
-    """(K, ..., c3*s*s) features -> (K, ..., out) likelihood parameters; PROTOCOL 3.2.
+    """(K, ..., c3*s*s) features -> (K, ..., out) likelihood parameters; docs/reproduction.md §3.2.
 
     ``n`` decoders (n = 1: one shared decoder). ``out_shape`` is the event (C, H, W) and
     ``params_per_value`` the likelihood's parameters per pixel (1 for a Bernoulli); the output
@@ -236,7 +236,7 @@ class FCResBlock(nn.Module):
 
 
 def reference_init(module: nn.Module) -> nn.Module:
-    """The reference's init for NS / VHE / VHE+VampPrior (PROTOCOL 1.4): Xavier-normal weights with
+    """The reference's init for NS / VHE / VHE+VampPrior (docs/reproduction.md §1.4): Xavier-normal weights with
     gain sqrt(2) and zero bias for every Linear and (non-transposed) Conv2d, banked ones included;
     transposed convolutions and normalisation layers keep their defaults. The MetaVAE takes it with
     ``init="xavier"``; none of the baselines holds a `BatchedLinear` bank, so their init is unchanged."""
