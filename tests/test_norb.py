@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from metavae.data.norb_loader import load_norb
 from metavae.data import mnist, norb
 from metavae.data import synthnorb as S
 from metavae.data.meta import MetaDataset
@@ -188,7 +189,7 @@ def test_load_smallnorb_from_local_files(tmp_path):
     assert torch.equal(right.train.images, data.train.images[6:])
     big = norb.load_smallnorb(tmp_path / "norb", cameras="left", image_size=96)
     assert torch.equal(big.test.images, torch.from_numpy(written["test"]["dat"][:, 0]))
-    assert norb.load_norb(tmp_path / "norb").name == "smallnorb"  # --data-dir means the real thing
+    assert load_norb(tmp_path / "norb").name == "smallnorb"  # --data-dir means the real thing
 
 
 def test_inconsistent_and_invalid_files(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from metavae.data.norb_loader import load_norb
 from metavae.cli import main
 from metavae.data import norb
 from metavae.data import synthnorb as S
@@ -50,7 +51,7 @@ def _tiny_data(tiny_synthnorb, monkeypatch):
     def fake_load(data_dir=None, **kw):
         calls.append(data_dir)
         if data_dir is not None:
-            return norb.load_norb(data_dir, **kw)  # the real reader, with its errors
+            return load_norb(data_dir, **kw)  # the real reader, with its errors
         return tiny_synthnorb
     monkeypatch.setattr(E, "load_norb", fake_load)
     before = torch.get_num_threads()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .experiments import get_experiment, get_report, list_experiments
 from .data.mnist import DownloadError
-from .experiments.common import resolve_preset
+from .experiments.common import collect_metrics, resolve_preset
 from .io import RunFolder, RunLocked, cache_clear, cache_info, cache_root
 
 
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("benchmark", help="mnist or norb")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
+    rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
+                     help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
+                          "then report from DIR (how results/ is filled)")
     return p
 
 
@@ -152,8 +155,13 @@ def main(argv=None) -> int:
         if args.command in ("train", "embed", "sample"):
             return own_data_command(args)
         if args.command == "report":
-            result = get_report(args.benchmark)(args.runs, args.out)
-            out = args.out or args.runs / f"{args.benchmark}-report"
+            runs = args.runs
+            if args.collect is not None:
+                n = collect_metrics(runs, args.collect)
+                print(f"[metavae] copied {n} metrics.json file(s) into {args.collect}", file=sys.stderr)
+                runs = args.collect
+            result = get_report(args.benchmark)(runs, args.out)
+            out = args.out or runs / f"{args.benchmark}-report"
             print((out / "report.md").read_text())
             if result["missing"]:
                 print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)

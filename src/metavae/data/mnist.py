@@ -119,11 +119,16 @@ def mnist_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "mnist"
 
 
-def _fetch(url: str, dest: str | os.PathLike) -> None:
-    """Download url to dest. Module-level so tests can monkeypatch it and stay offline."""
+def fetch_url(url: str, dest: str | os.PathLike) -> None:
+    """Download url to dest (every data set's downloader uses it)."""
     request = urllib.request.Request(url, headers={"User-Agent": "metavae"})
     with urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as out:
         shutil.copyfileobj(response, out)
+
+
+def _fetch(url: str, dest: str | os.PathLike) -> None:
+    """MNIST's download step: module-level so tests can monkeypatch it and stay offline."""
+    fetch_url(url, dest)
 
 
 def _md5(path: Path) -> str:

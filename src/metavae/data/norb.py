@@ -41,10 +41,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, cache_root
 from . import mnist as _mnist
 from .meta import MetaDataset
-from .transforms import _round_pass_, _scale_matrices, resolve_split  # same split names
+from .transforms import round_pass, scale_matrices, resolve_split  # same split names
 
 __all__ = [
     "AXES",
@@ -68,7 +68,6 @@ __all__ = [
     "get_split",
     "group_names",
     "group_values",
-    "load_norb",
     "load_smallnorb",
     "norb_cache_dir",
     "norb_groups",
@@ -260,12 +259,12 @@ def write_matrix(path: str | os.PathLike, array: np.ndarray, compress: bool | No
 
 def norb_cache_dir(cache_dir: str | os.PathLike | None = None, name: str = "smallnorb") -> Path:
     """<cache_dir or $METAVAE_DATA or ~/.cache/metavae>/<name>: the same root as MNIST's cache."""
-    return _mnist.mnist_cache_dir(cache_dir).parent / name
+    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / name
 
 
 def _fetch(url: str, dest: str | os.PathLike) -> None:
     """Download url to dest. Module-level so tests can monkeypatch it and stay offline."""
-    _mnist._fetch(url, dest)
+    _mnist.fetch_url(url, dest)
 
 
 def download_file(filename: str, dest_dir: str | os.PathLike, mirrors: Sequence[str] = MIRRORS,
@@ -301,8 +300,8 @@ def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.T
     lead = images.shape[:-2]
     if (height, width) == (size, size):
         return images.clone()
-    wf, wi = _scale_matrices(size, width, 0, width)
-    hf, hi = _scale_matrices(size, height, 0, height)
+    wf, wi = scale_matrices(size, width, 0, width)
+    hf, hi = scale_matrices(size, height, 0, height)
     flat = images.reshape(-1, height, width)
     if images.dtype != torch.uint8:
         if not images.is_floating_point():
@@ -312,8 +311,8 @@ def resize_images(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.T
     out = torch.empty((flat.shape[0], size, size), dtype=torch.uint8, device=images.device)
     for start in range(0, flat.shape[0], chunk):
         x = flat[start:start + chunk].to(torch.float64)
-        tmp = _round_pass_(x @ wi.T)  # horizontal pass, rounded to uint8 as PIL does
-        out[start:start + chunk] = _round_pass_(hi @ tmp)
+        tmp = round_pass(x @ wi.T)  # horizontal pass, rounded to uint8 as PIL does
+        out[start:start + chunk] = round_pass(hi @ tmp)
     return out.reshape(*lead, size, size)
 
 
@@ -367,7 +366,7 @@ class NorbData:
         return int(self.train.images.shape[-1])
 
 
-def _camera_select(cameras: str) -> tuple[int, ...]:
+def camera_select(cameras: str) -> tuple[int, ...]:
     options = {"all": (0, 1), "left": (0,), "right": (1,)}
     if cameras not in options:
         raise ValueError(f"unknown camera mode {cameras!r}; expected one of {sorted(options)}")
@@ -427,34 +426,12 @@ def load_smallnorb(data_dir: str | os.PathLike | None = None, download: bool = T
     use the cache folder (`norb_cache_dir`) and download missing official files (md5-checked).
     ``cameras``: "all" (left block then right block, as the reference), "left" or "right".
     """
-    cams = _camera_select(cameras)
+    cams = camera_select(cameras)
     from_cache = data_dir is None
     folder = norb_cache_dir(cache_dir) if from_cache else Path(data_dir).expanduser()
     parts = {s: _read_split(folder, s, download, from_cache, cams, image_size) for s in ("train", "test")}
     return NorbData("smallnorb", parts["train"], parts["test"], source=str(folder),
                     meta={"cameras": cameras, "image_size": image_size})
-
-
-def load_norb(data_dir: str | os.PathLike | None = None, *, source: str = "auto",
-              download: bool = False, cache_dir: str | os.PathLike | None = None,
-              cameras: str = "all", image_size: int = 32, **synth_kwargs) -> NorbData:
-    """What the NORB experiments read: real smallNORB from ``data_dir`` when given, else synthnorb.
-
-    ``source``: "auto" (as above), "smallnorb" (real; from data_dir, or the cache with an optional
-    download) or "synthnorb" (the offline stand-in, generated once and cached).
-    """
-    if source == "auto":
-        source = "smallnorb" if data_dir is not None else "synthnorb"
-    if source == "smallnorb":
-        return load_smallnorb(data_dir, download=download, cache_dir=cache_dir, cameras=cameras,
-                              image_size=image_size)
-    if source == "synthnorb":
-        if data_dir is not None:
-            raise ValueError("data_dir points at real smallNORB files; it cannot be used with source='synthnorb'")
-        from .synthnorb import load_synthnorb
-
-        return load_synthnorb(cache_dir=cache_dir, cameras=cameras, image_size=image_size, **synth_kwargs)
-    raise ValueError(f"unknown NORB source {source!r}; expected 'auto', 'smallnorb' or 'synthnorb'")
 
 
 # --------------------------------------------------------------------------- groups and splits
@@ -550,7 +527,7 @@ def norb_meta(data: NorbData, axis: str, split: str, test_part: str = "test") ->
     return NorbMeta(data.name, axis, split, seen, unseen, ds, uds, info, uinfo)
 
 
-def _key(info: torch.Tensor, skip: str) -> torch.Tensor:
+def group_key(info: torch.Tensor, skip: str) -> torch.Tensor:
     key = torch.zeros(len(info), dtype=torch.long)
     for j, radix in enumerate(_RADIX):
         if INFO_COLUMNS[j] != skip:
@@ -567,7 +544,7 @@ def correspondence(info_a: torch.Tensor, info_b: torch.Tensor, axis: str) -> tup
     ``info_a`` without a partner are left out.
     """
     _check_axis(axis)
-    ka, kb = _key(info_a, axis), _key(info_b, axis)
+    ka, kb = group_key(info_a, axis), group_key(info_b, axis)
     order = torch.argsort(kb)
     kb_sorted = kb[order]
     if len(kb_sorted) > 1 and (kb_sorted[1:] == kb_sorted[:-1]).any():

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .norb import (CATEGORIES, INFO_COLUMNS, TEST_INSTANCES, TRAIN_INSTANCES, NorbData, NorbPart,
-                   _camera_select, group_names, norb_cache_dir, resize_images)
+                   camera_select, group_names, norb_cache_dir, resize_images)
 from ..io import atomic_save
 
 __all__ = [
@@ -645,7 +645,7 @@ def load_synthnorb(cache_dir: str | os.PathLike | None = None, cameras: str = "a
 
     Same format as `norb.load_smallnorb`: mode "all" is the left block then the right block.
     """
-    cams = _camera_select(cameras)
+    cams = camera_select(cameras)
     parts = {}
     for split, insts in (("train", TRAIN_INSTANCES), ("test", TEST_INSTANCES)):
         images, infos = [], []

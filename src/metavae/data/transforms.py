@@ -268,7 +268,7 @@ def _bilinear_coeffs(in_size: int, out_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _scale_matrices(size: int, axis_len: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_matrices(size: int, axis_len: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(float weights, PIL's 22-bit integer weights / 2**22) of shape (size, axis_len), crop folded in.
 
     Crop pixels outside the image are 0, so their columns are simply dropped.
@@ -276,7 +276,7 @@ def _scale_matrices(size: int, axis_len: int, lo: int, hi: int) -> tuple[torch.T
     k = _bilinear_coeffs(hi - lo, size)
     kk = np.where(k < 0, np.trunc(-0.5 + k * (1 << 22)), np.trunc(0.5 + k * (1 << 22)))
     if (kk < 0).any() or kk.sum(axis=1).max() * 255 + (1 << 21) >= 256 << 22:
-        raise AssertionError("bilinear weights would need clamping; _round_pass_ assumes not")
+        raise AssertionError("bilinear weights would need clamping; round_pass assumes not")
     kk = kk * 2.0 ** -22  # exact (a power of two); folds PIL's final >> 22 into the weights
     full_f, full_i = np.zeros((size, axis_len)), np.zeros((size, axis_len))
     src = np.arange(lo, hi)
@@ -286,7 +286,7 @@ def _scale_matrices(size: int, axis_len: int, lo: int, hi: int) -> tuple[torch.T
     return torch.from_numpy(full_f), torch.from_numpy(full_i)
 
 
-def _round_pass_(acc: torch.Tensor) -> torch.Tensor:
+def round_pass(acc: torch.Tensor) -> torch.Tensor:
     """PIL's clip8 in place, for weights pre-scaled by 2**-22: floor(acc + 1/2), exact in float64.
 
     No clamp is needed: bilinear weights are >= 0 and each row's integer weights sum to within a
@@ -307,8 +307,8 @@ def _apply_scale(images: torch.Tensor, scale: float) -> torch.Tensor:
                          f"for {width}x{height} images")
     if (x0, y0, x1, y1) == (0, 0, width, height):
         return images.clone()  # PIL's resize returns a copy when nothing changes
-    wf, wi = _scale_matrices(width, width, x0, x1)
-    hf, hi = _scale_matrices(height, height, y0, y1)
+    wf, wi = scale_matrices(width, width, x0, x1)
+    hf, hi = scale_matrices(height, height, y0, y1)
     if images.dtype != torch.uint8:
         wf, hf = wf.to(images), hf.to(images)
         return hf @ (images @ wf.T)
@@ -316,8 +316,8 @@ def _apply_scale(images: torch.Tensor, scale: float) -> torch.Tensor:
     out = torch.empty_like(images)
     for start in range(0, images.shape[0], _CHUNK):  # chunks bound the float64 scratch memory
         x = images[start:start + _CHUNK].to(torch.float64)
-        tmp = _round_pass_(x @ wi.T)  # horizontal pass, rounded to uint8 as PIL does
-        out[start:start + _CHUNK] = _round_pass_(hi @ tmp)
+        tmp = round_pass(x @ wi.T)  # horizontal pass, rounded to uint8 as PIL does
+        out[start:start + _CHUNK] = round_pass(hi @ tmp)
     return out
 
 
@@ -353,7 +353,7 @@ def data_fingerprint(images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _cache_key(axis: str, value: float | int, fingerprint: str) -> str:
+def _cachegroup_key(axis: str, value: float | int, fingerprint: str) -> str:
     blob = json.dumps({"axis": axis, "value": repr(value), "data": fingerprint,
                        "version": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -392,7 +392,7 @@ def transform_split(images: torch.Tensor, axis: str, values: Iterable[float],
     for k in keys:
         if k in out:
             continue
-        path = folder / f"{axis}_{k}_{_cache_key(axis, k, fingerprint)}.pt"
+        path = folder / f"{axis}_{k}_{_cachegroup_key(axis, k, fingerprint)}.pt"
         cached = _load_cached(path, images)
         if cached is None:
             cached = apply_transform(images, axis, k)

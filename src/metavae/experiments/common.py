@@ -136,6 +136,18 @@ def write_metrics(out: Path, metrics: dict) -> Path:
     return path
 
 
+def collect_metrics(runs: Path, dest: Path) -> int:
+    """Copy every ``metrics.json`` under ``runs`` to the same relative path under ``dest`` (results
+    are small JSON; checkpoints and caches never travel). Returns how many were copied."""
+    runs, dest, n = Path(runs), Path(dest), 0
+    for path in sorted(runs.rglob("metrics.json")):
+        if "checkpoints" in path.parts or dest in path.parents:
+            continue
+        atomic_write_text(path.read_text(), dest / path.relative_to(runs))
+        n += 1
+    return n
+
+
 def write_report(out: Path, text: str) -> Path:
     path = Path(out) / "report.md"
     if is_main_process():

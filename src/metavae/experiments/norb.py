@@ -37,8 +37,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, NorbPart, _key, correspondence,
-                         get_split, group_names, group_values, load_norb, norb_meta, resolve_split)
+from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, NorbPart, group_key, correspondence,
+                         get_split, group_names, group_values, norb_meta, resolve_split)
+from ..data.norb_loader import load_norb
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
@@ -119,7 +120,7 @@ def subset_mask(part: NorbPart, axis: str, n: int | None, seed: int = DATA_SEED)
     only matters for a partial copy)."""
     if n is None:
         return torch.ones(len(part), dtype=torch.bool)
-    key = _key(part.info, axis)
+    key = group_key(part.info, axis)
     uniq, inverse = torch.unique(key, return_inverse=True)
     if n >= len(uniq):
         return torch.ones(len(part), dtype=torch.bool)
