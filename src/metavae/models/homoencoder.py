@@ -335,47 +335,40 @@ def build_parts(event_shape, arch: str, c_dim: int, z_dim: int, hidden: int, hid
                 obs_decoder=obs)
 
 
-def build_homoencoder(
-    event_shape: Sequence[int],
-    arch: str = "mlp",
-    prior: str = "gaussian",
-    c_dim: int = 300,
-    z_dim: int = 40,
-    hidden: int = 400,
-    hidden_statistic: int | None = None,
-    decoder_hidden: int = 4096,
-    channels: Sequence[int] = DEFAULT_CHANNELS,
-    groups: int = GROUPS,
-    n_components: int = 500,
-    n_pseudo: int = 10,
-    pseudo_mean: float = 0.05,
-    pseudo_std: float = 0.01,
-    context_kl_weight: float | None = None,
-    likelihood=None,
-) -> HomoEncoder:
-    """The VHE (``prior="gaussian"``) or VHE + VampPrior (``prior="vampprior"``).
+def build_hierarchical(cls, kind: str, event_shape: Sequence[int], arch: str = "mlp", prior: str = "gaussian",
+                       c_dim: int = 300, z_dim: int = 40, hidden: int = 400, hidden_statistic: int | None = None,
+                       decoder_hidden: int = 4096, channels: Sequence[int] = DEFAULT_CHANNELS, groups: int = GROUPS,
+                       n_components: int = 500, n_pseudo: int = 10, pseudo_mean: float = 0.05,
+                       pseudo_std: float = 0.01, likelihood=None, **objective):
+    """One builder for the models with a context latent c (`HomoEncoder`, `NeuralStatistician`):
+    the parts of `build_parts`, the reference's init, an optional VampPrior over c, and the config
+    (``kind`` plus every argument) that rebuilds it. ``objective``: the class's own weight argument."""
+    if prior not in ("gaussian", "vampprior"):
+        raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")
+    likelihood = likelihood if likelihood is not None else Bernoulli()
+    parts = build_parts(tuple(event_shape), arch, c_dim, z_dim, hidden, hidden_statistic, decoder_hidden, channels,
+                        groups, likelihood, statistician=kind == "statistician")
+    config = dict(
+        kind=kind, event_shape=list(event_shape), arch=arch, prior=prior, c_dim=c_dim, z_dim=z_dim,
+        hidden=hidden, hidden_statistic=hidden_statistic, decoder_hidden=decoder_hidden, channels=list(channels),
+        groups=groups, n_components=n_components, n_pseudo=n_pseudo, pseudo_mean=pseudo_mean, pseudo_std=pseudo_std,
+        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), **objective,
+    )
+    model = cls(event_shape, **parts, likelihood=likelihood, c_dim=c_dim, z_dim=z_dim, config=config, **objective)
+    reference_init(model)
+    if prior == "vampprior":
+        model.vampprior = VampPrior(n_components, n_pseudo, event_shape, pseudo_mean, pseudo_std)
+    return model
+
+
+def build_homoencoder(event_shape: Sequence[int], context_kl_weight: float | None = None, **kwargs) -> HomoEncoder:
+    """The VHE (``prior="gaussian"``) or VHE + VampPrior (``prior="vampprior"``); ``kwargs``: see
+    `build_hierarchical`.
 
     MLP (docs/reproduction.md §4.2/4.3): 8,284,104 parameters; + 500*10*784 = 3,920,000 pseudo-input weights
     for the VampPrior (12,204,104), as docs/reproduction.md §12. Conv (3.5/3.7): 16,577,161; VampPrior +500*10*H*W
     (5,120,000 at 32x32). ``decoder_hidden`` is the MLP observation decoder's wide layer (4096).
     ``context_kl_weight``: None for Eq. 13's 1/N, 1.0 for the reference's objective.
     """
-    if prior not in ("gaussian", "vampprior"):
-        raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")
-    likelihood = likelihood if likelihood is not None else Bernoulli()
-    parts = build_parts(tuple(event_shape), arch, c_dim, z_dim, hidden, hidden_statistic, decoder_hidden, channels,
-                        groups, likelihood, statistician=False)
-    config = dict(
-        kind="homoencoder", event_shape=list(event_shape), arch=arch, prior=prior, c_dim=c_dim, z_dim=z_dim,
-        hidden=hidden, hidden_statistic=hidden_statistic, decoder_hidden=decoder_hidden, channels=list(channels),
-        groups=groups, n_components=n_components, n_pseudo=n_pseudo, pseudo_mean=pseudo_mean, pseudo_std=pseudo_std,
-        context_kl_weight=context_kl_weight, likelihood=likelihood.name,
-        likelihood_variance=getattr(likelihood, "variance", None),
-    )
-    model = HomoEncoder(event_shape, **parts, likelihood=likelihood, c_dim=c_dim, z_dim=z_dim,
-                        context_kl_weight=context_kl_weight, config=config)
-    reference_init(model)
-    if prior == "vampprior":
-        model.vampprior = VampPrior(n_components, n_pseudo, event_shape, pseudo_mean, pseudo_std)
-    return model
+    return build_hierarchical(HomoEncoder, "homoencoder", event_shape, context_kl_weight=context_kl_weight, **kwargs)
 

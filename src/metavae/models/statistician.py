@@ -30,9 +30,7 @@ from typing import Sequence
 
 import torch
 
-from ..distributions import Bernoulli
-from ..nets.conv import DEFAULT_CHANNELS, GROUPS, reference_init
-from .homoencoder import HierarchicalVAE, VampPrior, build_parts
+from .homoencoder import HierarchicalVAE, build_hierarchical
 from .metavae import LossOutput
 
 
@@ -78,44 +76,10 @@ class NeuralStatistician(HierarchicalVAE):
         return params.squeeze(0) if single else params
 
 
-def build_statistician(
-    event_shape: Sequence[int],
-    arch: str = "mlp",
-    prior: str = "gaussian",
-    c_dim: int = 300,
-    z_dim: int = 40,
-    hidden: int = 400,
-    hidden_statistic: int | None = None,
-    decoder_hidden: int = 4096,
-    channels: Sequence[int] = DEFAULT_CHANNELS,
-    groups: int = GROUPS,
-    n_components: int = 500,
-    n_pseudo: int = 10,
-    pseudo_mean: float = 0.05,
-    pseudo_std: float = 0.01,
-    set_kl_weight: float | None = None,
-    likelihood=None,
-) -> NeuralStatistician:
-    """The Neural Statistician (docs/reproduction.md §4.1 MLP: 8,284,104 parameters; 3.6 conv: 16,577,167).
-    ``prior="vampprior"`` is available but not part of the paper's comparison."""
-    if prior not in ("gaussian", "vampprior"):
-        raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")
-    likelihood = likelihood if likelihood is not None else Bernoulli()
-    parts = build_parts(tuple(event_shape), arch, c_dim, z_dim, hidden, hidden_statistic, decoder_hidden, channels,
-                        groups, likelihood, statistician=True)
-    config = dict(
-        kind="statistician", event_shape=list(event_shape), arch=arch, prior=prior, c_dim=c_dim, z_dim=z_dim,
-        hidden=hidden, hidden_statistic=hidden_statistic, decoder_hidden=decoder_hidden, channels=list(channels),
-        groups=groups, n_components=n_components, n_pseudo=n_pseudo, pseudo_mean=pseudo_mean, pseudo_std=pseudo_std,
-        set_kl_weight=set_kl_weight, likelihood=likelihood.name,
-        likelihood_variance=getattr(likelihood, "variance", None),
-    )
-    model = NeuralStatistician(event_shape, **parts, likelihood=likelihood, c_dim=c_dim, z_dim=z_dim,
-                               set_kl_weight=set_kl_weight, config=config)
-    reference_init(model)
-    if prior == "vampprior":
-        model.vampprior = VampPrior(n_components, n_pseudo, event_shape, pseudo_mean, pseudo_std)
-    return model
+def build_statistician(event_shape: Sequence[int], set_kl_weight: float | None = None, **kwargs) -> NeuralStatistician:
+    """The Neural Statistician (docs/reproduction.md §4.1 MLP: 8,284,104 parameters; 3.6 conv: 16,577,167);
+    ``kwargs``: see `build_hierarchical`. ``prior="vampprior"`` is available but not part of the paper's comparison."""
+    return build_hierarchical(NeuralStatistician, "statistician", event_shape, set_kl_weight=set_kl_weight, **kwargs)
 
 
 __all__ = ["NeuralStatistician", "build_statistician"]
