@@ -78,7 +78,7 @@ def time_steps(model, data, B, N, device, steps, pool=None, amp=None):
     g = torch.Generator(device=device).manual_seed(0)
 
     def step():
-        batch = data.sample(B, N, generator=g, pool_size=pool)
+        batch = data.sample(B, N, generator=g, context_pool=pool)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             loss = model.loss(batch)["loss"]
         opt.zero_grad(set_to_none=True)

@@ -120,7 +120,7 @@ def test_context_larger_than_distribution_fails_clearly():
 
 def test_pooled_context_draws_distinct_members_of_one_distinct_pool():
     ds = MetaDataset(_tagged([300, 400]), val_fraction=0.0, test_fraction=0.0)
-    b = ds.sample(12, 6, generator=torch.Generator().manual_seed(0), pool_size=20)
+    b = ds.sample(12, 6, generator=torch.Generator().manual_seed(0), context_pool=20)
     pool, index = b.context.pool, b.context.index
     assert pool.shape == (2, 20, 3) and index.shape == (2, 12, 6)
     for k in range(2):
@@ -131,4 +131,4 @@ def test_pooled_context_draws_distinct_members_of_one_distinct_pool():
     sets = b.context.materialize()
     assert sets.shape == (2, 12, 6, 3) and torch.equal(sets[1, 3, 2], pool[1, index[1, 3, 2]])
     with pytest.raises(ValueError, match="smaller than the context size"):
-        ds.sample(4, 6, pool_size=5)
+        ds.sample(4, 6, context_pool=5)

@@ -84,5 +84,5 @@ def test_pooled_context_gives_the_same_posterior_as_explicit_sets():
     torch.manual_seed(0)
     m = build_mlp_metavae((5,), 2, z_dim=3, hidden=(8,), summary=(8, 8))
     ds = MetaDataset([torch.randn(100, 5), torch.randn(100, 5)], val_fraction=0, test_fraction=0)
-    b = ds.sample(7, 4, generator=torch.Generator().manual_seed(1), pool_size=16)
+    b = ds.sample(7, 4, generator=torch.Generator().manual_seed(1), context_pool=16)
     assert torch.allclose(m.encode(b.x, b.context), m.encode(b.x, b.context.materialize()), atol=1e-5)

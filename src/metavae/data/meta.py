@@ -206,20 +206,20 @@ class Part:
         return self.labels[rows.to(self.labels.device), idx.to(self.labels.device)]
 
     def batch(self, query_idx: torch.Tensor, context_size: int, generator, exclude_query: bool = False,
-              shared_context: bool = False, pool_size: int | None = None) -> Batch:
+              shared_context: bool = False, context_pool: int | None = None) -> Batch:
         """Queries at ``query_idx`` (K, B) with context sets (K, B, N, ...); with ``shared_context``
-        one set per distribution (K, 1, N, ...) that all B queries share; with ``pool_size`` P a
+        one set per distribution (K, 1, N, ...) that all B queries share; with ``context_pool`` P a
         `PooledContext`: each query's N points are drawn from P pool points per distribution."""
         x = as_float(self.gather(query_idx))
         context = None
         if context_size > 0:
-            if (shared_context or pool_size) and exclude_query:
+            if (shared_context or context_pool) and exclude_query:
                 raise ValueError("exclude_query needs a context set per query drawn from the whole part; "
                                  "it cannot be combined with shared_context or a context pool")
-            if shared_context and pool_size:
+            if shared_context and context_pool:
                 raise ValueError("choose shared_context or a context pool, not both")
-            if pool_size:
-                context = self._pooled_context(query_idx, context_size, pool_size, generator)
+            if context_pool:
+                context = self._pooled_context(query_idx, context_size, context_pool, generator)
             else:
                 owner = query_idx[:, :1] if shared_context else query_idx
                 context = as_float(self.gather(self.sample_context(owner, context_size, generator, exclude_query)))
@@ -228,12 +228,12 @@ class Part:
             labels = self.gather_labels(query_idx)
         return Batch(x, context, labels, torch.arange(self.n_distributions))  # dist stays on the CPU
 
-    def _pooled_context(self, query_idx, size: int, pool_size: int, generator) -> PooledContext:
-        if pool_size < size:
-            raise ValueError(f"context pool size {pool_size} is smaller than the context size {size}")
+    def _pooled_context(self, query_idx, size: int, context_pool: int, generator) -> PooledContext:
+        if context_pool < size:
+            raise ValueError(f"context pool {context_pool} is smaller than the context size {size}")
         K, B = query_idx.shape
-        pool = self.sample_context(query_idx[:, :1], pool_size, generator).squeeze(1)  # (K, P) distinct
-        keys = torch.rand((K, B, pool_size), generator=generator, device=self.data.device).to(query_idx.device)
+        pool = self.sample_context(query_idx[:, :1], context_pool, generator).squeeze(1)  # (K, P) distinct
+        keys = torch.rand((K, B, context_pool), generator=generator, device=self.data.device).to(query_idx.device)
         index = keys.topk(size, dim=-1, largest=False, sorted=False).indices  # N distinct members per query
         return PooledContext(as_float(self.gather(pool)), index)
 
@@ -368,13 +368,13 @@ class MetaDataset:
         generator: torch.Generator | None = None,
         exclude_query: bool = False,
         shared_context: bool = False,
-        pool_size: int | None = None,
+        context_pool: int | None = None,
     ) -> Batch:
         """One batch of B random queries per distribution with their context sets."""
         p = self.part(part)
         u = torch.rand((len(p.lengths), batch_size), generator=generator, device=p.data.device)
         idx = (u * p.lengths.unsqueeze(1)).long()
-        return p.batch(idx, context_size, generator, exclude_query, shared_context, pool_size)
+        return p.batch(idx, context_size, generator, exclude_query, shared_context, context_pool)
 
     def steps_per_epoch(self, batch_size: int, part: str = "train") -> int:
         return -(-int(self.part(part).lengths.max()) // batch_size)
@@ -387,7 +387,7 @@ class MetaDataset:
         generator: torch.Generator | None = None,
         exclude_query: bool = False,
         shared_context: bool = False,
-        pool_size: int | None = None,
+        context_pool: int | None = None,
     ) -> Iterator[Batch]:
         """One pass over the largest distribution, each distribution in its own random order.
 
@@ -400,7 +400,7 @@ class MetaDataset:
         for s in range(self.steps_per_epoch(batch_size, part)):
             pos = torch.arange(s * batch_size, (s + 1) * batch_size, device=perm.device).unsqueeze(0)
             idx = perm.gather(1, pos % lengths)
-            yield p.batch(idx, context_size, generator, exclude_query, shared_context, pool_size)
+            yield p.batch(idx, context_size, generator, exclude_query, shared_context, context_pool)
 
 
 def _check_distributions(tensors, what: str) -> list[torch.Tensor]:
