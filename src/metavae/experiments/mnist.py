@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
+from ..io import atomic_write_text
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
                          find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control, probe_unseen,
@@ -222,7 +223,7 @@ def _write_summary(out, table1, table2, found, missing, models):
     for key in AXES:
         for model in models + CONTROLS:
             e = table2[key].get(model)
-            if e is None and model in CONTROLS:
+            if e is None:  # not run yet: listed under "Missing runs"
                 continue
             get = lambda name, p: fmt_seeds((e.get(name) or {}).get(p)) if e else "-"  # noqa: E731
             run = ""
@@ -234,6 +235,11 @@ def _write_summary(out, table1, table2, found, missing, models):
                           get("reference_selection", "standardised"),
                           fmt(PAPER_TABLE2[key].get(model.split(" ")[0])) if model not in CONTROLS else "", run])
     rows1 = [[key] + [f"{fmt((table1[key] or {}).get(a))} ({PAPER_TABLE1[key][a]})" for a in AXES] for key in AXES]
+    t2 = markdown_table(["axis", "model", "reference probe", "standardised probe", "untrained, reference",
+                         "untrained, standardised", "reference's selection, standardised", "paper", "run"], rows2)
+    t1 = markdown_table(["trained on"] + list(AXES), rows1)
+    for name, table in (("table2.md", t2), ("table1.md", t1)):  # the README embeds these verbatim
+        atomic_write_text(table + "\n", out / name)
     text = "\n".join([
         "# Transformed MNIST: the paper's tables from finished runs", "",
         "## Table 2: mean linear-probe accuracy on unseen values, contiguous split", "",
@@ -241,11 +247,10 @@ def _write_summary(out, table1, table2, found, missing, models):
         "init at step 0. *reference's selection*: the reference's checkpoint pick (highest validation loss) with "
         "sampled c, for the models that have a c. Controls: `pixels` (raw pixels) and `random-projection` (a fixed "
         "40-dim Gaussian projection of the pixels), read by the same probes on the same images.", "",
-        markdown_table(["axis", "model", "reference probe", "standardised probe", "untrained, reference",
-                        "untrained, standardised", "reference's selection, standardised", "paper", "run"], rows2), "",
+        t2, "",
         f"Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}.", "",
         "## Table 1: mean L2 distance to the untransformed embedding (ours (paper)); rows = trained on", "",
-        markdown_table(["trained on"] + list(AXES), rows1), "",
+        t1, "",
         "![figure 7](figure7.png)" if (out / "figure7.png").exists() else "", "",
         "![learning curves](probe_vs_steps.png)" if (out / "probe_vs_steps.png").exists() else "", "",
         "## Missing runs", "",

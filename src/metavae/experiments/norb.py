@@ -82,9 +82,12 @@ class NorbConfig(InvarianceConfig):
 PRESETS = {
     # Narrow nets and 2000 images per group: `metavae run norb-lighting --preset quick` takes a few
     # minutes on 2 CPU cores. lr 1e-3 because it takes ~300 steps, not the paper's ~25000.
+    # init="xavier" and free_bits=0.5 keep the conv MetaVAE's latent in use at this budget: with the
+    # reference's init and the plain ELBO it collapsed onto the prior (embedding spread 0.005-0.009; see
+    # the README). They apply to the MetaVAE and its control, the conv VAE, alike.
     "quick": NorbConfig(train_images=2000, test_images=500, table1_images=200, epochs=5, batch_size=32,
                         context_size=10, z_dim=40, lr=1e-3, context_pool=64, channels=(8, 16, 32), hidden=128,
-                        c_dim=128, n_components=10),
+                        c_dim=128, n_components=10, init="xavier", free_bits=0.5),
     # The paper's protocol (docs/reproduction.md §0, 3): full groups, full-width convs, batch 32, 100 epochs.
     "paper": NorbConfig(train_images=None, test_images=None, epochs=100, batch_size=32, context_size=10, z_dim=40,
                         lr=2e-4),
