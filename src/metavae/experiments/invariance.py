@@ -421,12 +421,14 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
     return table1, table2, missing
 
 
-def run_label(m: dict) -> str:
-    """The model's name in tables, with any non-default init or selection: 'metavae (init xavier)'."""
-    cfg = m.get("config", {})
-    extras = [f"init {cfg['init']}" for _ in [0] if cfg.get("init", "default") != "default"]
-    extras += [f"{cfg['selection']} selection" for _ in [0] if cfg.get("selection", "best") != "best"]
-    return m["model"] + (f" ({', '.join(extras)})" if extras else "")
+VARIANT_SETTINGS = ("init", "free_bits", "selection")  # settings that make a run a variant of its model
+
+
+def run_label(model: str, cfg, default_cfg) -> str:
+    """The model's name in tables, with the variant settings that differ from the experiment's
+    default preset: 'metavae (init xavier)'. Runs of one label are averaged over seeds."""
+    extras = [f"{k} {getattr(cfg, k)}" for k in VARIANT_SETTINGS if getattr(cfg, k) != getattr(default_cfg, k)]
+    return model + (f" ({', '.join(extras)})" if extras else "")
 
 
 def find_runs(root: Path, data_names) -> dict:
@@ -443,7 +445,7 @@ def find_runs(root: Path, data_names) -> dict:
         if not isinstance(m.get("mean_unseen_accuracy"), dict):  # written before the two probes: re-run it
             continue
         m["_path"] = str(path.parent)
-        found.setdefault((m["axis"], m["split"], run_label(m)), []).append(m)
+        found.setdefault((m["axis"], m["split"], m.get("label", m["model"])), []).append(m)
     return found
 
 

@@ -43,7 +43,7 @@ from ..data.norb_loader import load_norb
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
-                         fmt_seeds, gather_tables, invariance_distances, train_on_seen)
+                         fmt_seeds, gather_tables, invariance_distances, run_label, train_on_seen)
 
 COLLAPSED_SPREAD = 0.1  # a MetaVAE embedding spread below this: the posterior collapsed onto the prior
 DATA_SEED = 0  # which images a preset's per-group subset keeps (fixed across runs and models)
@@ -204,7 +204,7 @@ def make_run(axis: str):
         probe_data = {values[g]: (utrain[i], utest[i]) for i, g in enumerate(unseen)}
         metrics = evaluate_run(trained, trainer, probe_data, [values[g] for g in unseen], cfg, seed, device, progress)
         metrics.update({
-            "model": model, "split": split, "axis": axis, "data": full.name, "data_source": full.source,
+            "model": model, "label": run_label(model, cfg, next(iter(PRESETS.values()))), "split": split, "axis": axis, "data": full.name, "data_source": full.source,
             "seen": [values[g] for g in seen], "unseen": [values[g] for g in unseen],
             "seen_groups": list(seen), "unseen_groups": list(unseen),
             "train_images_per_value": len(train[0][0]), "test_images_per_value": len(val[0][0]),
