@@ -52,3 +52,24 @@ def test_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert np.load("z.npy").shape == (10, 4) and np.load("samples.npy").shape == (64, 3)
     for name in ("model.pt", "metrics.json", "metrics.jsonl", "loss.png"):
         assert (tmp_path / "my-run" / name).exists(), name
+
+
+def test_readme_mnist_table_is_what_the_report_rebuilds_from_results(tmp_path):
+    """The README's MNIST Table 2 is `metavae report mnist --runs results/mnist`'s table2.md, from
+    the committed metrics.json files: no number in it is typed by hand."""
+    from metavae.cli import main
+
+    text = README.read_text()
+    block = text[text.index("<!-- mnist-table2 -->") + len("<!-- mnist-table2 -->"):text.index("<!-- /mnist-table2 -->")]
+    results = README.parent / "results" / "mnist"
+    assert main(["report", "mnist", "--runs", str(results), "--out", str(tmp_path)]) == 0
+    assert block.strip() == (tmp_path / "table2.md").read_text().strip()
+    assert block.count("\n| rotate |") >= 4  # the rotate rows: trained models and both controls
+
+
+def test_layout_names_every_module():
+    text = README.read_text()
+    layout = text[text.index("## Layout"):]
+    src = README.parent / "src" / "metavae"
+    missing = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
+    assert not missing, f"README Layout does not name: {missing}"
