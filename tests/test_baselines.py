@@ -13,7 +13,8 @@ from torch import distributions as td
 from metavae.data.meta import Batch, MetaDataset
 from metavae.models import MODEL_NAMES, build_model, make_model
 from metavae.models.conv_metavae import ConvDecoderBank
-from metavae.models.homoencoder import gaussian_kl, mixture_log_prob
+from metavae.distributions import gaussian_kl
+from metavae.models.homoencoder import mixture_log_prob
 from metavae.nets.conv import ConvEncoder, FCResBlock
 from metavae.train import TrainConfig, Trainer
 

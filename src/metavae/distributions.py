@@ -17,6 +17,25 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 
+# --- the Gaussian formulas, written once -------------------------------------------------------
+def standard_kl_per_dim(mu, logvar) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(0, 1)) per dimension."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p=None, logvar_p=None) -> torch.Tensor:
+    """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) of diagonal Gaussians, summed over the last
+    dim; the prior defaults to N(0, I)."""
+    if mu_p is None:
+        return standard_kl_per_dim(mu_q, logvar_q).sum(-1)
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1.0).sum(-1)
+
+
+def gaussian_log_prob(x, mu, logvar) -> torch.Tensor:
+    """log N(x; mu, diag(e^logvar)) summed over the last dim, with the full constant."""
+    return -0.5 * ((x - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
 # --- likelihoods ---------------------------------------------------------------------------
 class Bernoulli:
     """Bernoulli on [0, 1] values (cross-entropy on grey levels, as the paper). Decoders emit logits,
@@ -61,7 +80,7 @@ class Gaussian:
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, logvar = self._split(params)
-        return -0.5 * ((x - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+        return gaussian_log_prob(x, mean, logvar)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self._split(params)[0]
@@ -107,8 +126,7 @@ class GaussianLatent:
         return self.kl_per_dim(params).sum(-1)
 
     def kl_per_dim(self, params):
-        mu, logvar = self.split(params)
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+        return standard_kl_per_dim(*self.split(params))
 
     def _sample(self, params, n):
         mu, logvar = self.split(params)

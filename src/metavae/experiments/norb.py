@@ -40,6 +40,7 @@ import torch
 from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, NorbPart, group_key, correspondence,
                          get_split, group_names, group_values, norb_meta, resolve_split)
 from ..data.norb_loader import load_norb
+from ..data.transforms import data_fingerprint
 from ..models import MODEL_NAMES
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
@@ -195,7 +196,9 @@ def make_run(axis: str):
         kw = model_kwargs(model, cfg)
         info = {"experiment": f"norb-{axis}", "split": split,
                 "data": {"name": full.name, "source": str(full.source), "train_images": int(len(full.train.images)),
-                         "test_images": int(len(full.test.images))}}
+                         "test_images": int(len(full.test.images)),
+                         "train_sha256": data_fingerprint(full.train.images),
+                         "test_sha256": data_fingerprint(full.test.images)}}
         trained, history, seconds, trainer = train_on_seen(
             model, "conv", [x for x, _ in train], [x for x, _ in val], [names[g] for g in seen], cfg, out, seed,
             device, progress, model_kwargs=kw, run_info=info)
@@ -204,7 +207,7 @@ def make_run(axis: str):
         probe_data = {values[g]: (utrain[i], utest[i]) for i, g in enumerate(unseen)}
         metrics = evaluate_run(trained, trainer, probe_data, [values[g] for g in unseen], cfg, seed, device, progress)
         metrics.update({
-            "model": model, "label": run_label(model, cfg, next(iter(PRESETS.values()))), "split": split, "axis": axis, "data": full.name, "data_source": full.source,
+            "data_record": info["data"], "model": model, "label": run_label(model, cfg, next(iter(PRESETS.values()))), "split": split, "axis": axis, "data": full.name, "data_source": full.source,
             "seen": [values[g] for g in seen], "unseen": [values[g] for g in unseen],
             "seen_groups": list(seen), "unseen_groups": list(unseen),
             "train_images_per_value": len(train[0][0]), "test_images_per_value": len(val[0][0]),

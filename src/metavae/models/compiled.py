@@ -11,20 +11,16 @@ the objective. Batches carry the true latent as float ``labels`` (K, B, dz) or (
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..distributions import GaussianLatent
+from ..distributions import GaussianLatent, gaussian_log_prob
 from ..nets.mlp import mlp
 from ..nets.sets import MeanPool
 from .metavae import LossOutput, MetaVAE
 from .parts import build_part, part_name
-
-LOG_2PI = math.log(2 * math.pi)
-
 
 class CompiledInference(MetaVAE):
     """q(z | D, x) = N(mu, diag(sigma^2)) from ``head([query_encoder(x), summary(D)])``.
@@ -74,7 +70,7 @@ class CompiledInference(MetaVAE):
         """``-log q(z | .)`` per point: params (*lead, 2dz), z (*lead, dz) or (*lead,) when dz = 1."""
         mu, logvar = self.latent.split(params)
         z = z.reshape(mu.shape).to(mu.dtype)
-        return 0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+        return -gaussian_log_prob(z, mu, logvar)
 
     def loss(self, batch) -> LossOutput:
         """Mean over distributions of the mean NLL of the true latents (the reference sums over

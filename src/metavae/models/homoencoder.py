@@ -38,26 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.meta import PooledContext
-from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw
+from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import MeanPool
 from .metavae import LossOutput, Saveable
 
 
 # --- densities -----------------------------------------------------------------------------
-def gaussian_kl(mu_q, logvar_q, mu_p=None, logvar_p=None) -> torch.Tensor:
-    """KL(N(mu_q, e^logvar_q) || N(mu_p, e^logvar_p)) of diagonal Gaussians, summed over the last
-    dim; the prior defaults to N(0, I)."""
-    if mu_p is None:
-        return 0.5 * (mu_q.pow(2) + logvar_q.exp() - 1.0 - logvar_q).sum(-1)
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1.0).sum(-1)
-
-
-def gaussian_log_prob(x, mu, logvar) -> torch.Tensor:
-    """log N(x; mu, diag(e^logvar)) summed over the last dim, with the full constant."""
-    return -0.5 * ((x - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
-
-
 def mixture_log_prob(c: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log (1/M) sum_m N(c; mu_m, diag(e^logvar_m)) for c (..., D) and M components (M, D).
 
