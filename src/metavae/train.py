@@ -280,7 +280,9 @@ class Trainer:
             detail = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
             raise ValueError(f"checkpoint {self.last_path} belongs to another run ({detail[:600]}); "
                              "use another --out or delete it to start afresh")
-        if ckpt.get("model_config") != self._model_config():
+        from .models.registry import complete_config
+
+        if complete_config(ckpt.get("model_config")) != complete_config(self._model_config()):
             raise ValueError(
                 f"checkpoint {self.last_path} was written by a different model configuration; "
                 "use another --out or delete it to start afresh"

@@ -10,11 +10,12 @@ from torch import nn
 from ..data.meta import PooledContext
 from ..distributions import Bernoulli, draw, make_latent
 from ..nets.mlp import BatchedMLP, ScaledBank, mlp
-from ..nets.sets import MeanPool
+from ..nets.sets import AttentionPool, MeanPool
 from .. import objectives
 
 
 INITS = ("default", "xavier")
+POOLINGS = ("mean", "attention")
 
 
 def check_init(init: str) -> None:
@@ -220,13 +221,15 @@ def build_mlp_metavae(
     init: str = "default",
     free_bits: float = 0.0,
     decoder_scale: float | None = None,
+    pooling: str = "mean",
 ) -> MetaVAE:
     """The paper's MLP MetaVAE (docs/reproduction.md §2) by default, for any flat event.
 
     Defaults for 784-dim images reproduce the reference's layer sizes: summary 784-784-400-400
     (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary`` lists the
     summary net's layer sizes after the input (default ``(D, 400, 400)``). ``init``: see `apply_init`.
-    ``decoder_scale``: decoder outputs in units of this constant (`ScaledBank`).
+    ``decoder_scale``: decoder outputs in units of this constant (`ScaledBank`). ``pooling``: ``mean``
+    (the paper's) or ``attention`` (a Set Transformer summary, `AttentionPool`).
     """
     check_init(init)
     if n_decoders < 1:
@@ -236,8 +239,14 @@ def build_mlp_metavae(
     lat = make_latent(latent, z_dim)
     summary_sizes = list(summary) if summary is not None else [D, 400, 400]
     set_net = None
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
     if use_context:  # each element is flattened, so any event shape (e.g. 28x28 images) works
-        set_net = MeanPool(nn.Sequential(nn.Flatten(), mlp([D, *summary_sizes], summary_act)), event_dim=len(event_shape))
+        element = nn.Sequential(nn.Flatten(), mlp([D, *summary_sizes], summary_act))
+        if pooling == "mean":
+            set_net = MeanPool(element, event_dim=len(event_shape))
+        else:
+            set_net = AttentionPool(element, summary_sizes[-1], heads=4, event_dim=len(event_shape))
     s_dim = summary_sizes[-1] if use_context else 0
     head = mlp([D + s_dim, *hidden, lat.n_params], act)
     dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)
@@ -248,7 +257,7 @@ def build_mlp_metavae(
         kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=list(hidden),
         summary=summary_sizes, decoder_hidden=dec_hidden, summary_act=summary_act, act=act, use_context=use_context,
-        center=center, init=init, decoder_scale=decoder_scale, free_bits=free_bits,
+        center=center, init=init, decoder_scale=decoder_scale, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,
                     config=config, free_bits=free_bits)

@@ -73,6 +73,22 @@ def build_model(config: dict):
     return KINDS[kind](**cfg)
 
 
+def complete_config(config: dict) -> dict:
+    """``config`` with every builder argument it omits set to the builder's default: a config
+    saved before an argument existed then compares equal to today's config of the same model."""
+    import inspect
+
+    config = dict(config or {})
+    builder = KINDS.get(config.get("kind"))
+    if builder is None:
+        return config
+    for name, p in inspect.signature(builder).parameters.items():
+        if name not in config and p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD:
+            default = p.default
+            config[name] = list(default) if isinstance(default, tuple) else default
+    return config
+
+
 def _checked_config(model) -> dict:
     """The model's config, after checking that it rebuilds a model with the same tensors: a part
     the config does not describe is found at save time, not when someone tries to load."""

@@ -40,3 +40,56 @@ class MeanPool(nn.Module):
         weights = torch.zeros((K, B, P), dtype=h.dtype, device=h.device)
         weights.scatter_add_(2, index, torch.full(index.shape, 1.0 / N, dtype=h.dtype, device=h.device))
         return self.post(torch.bmm(weights, h))
+
+
+class _SetAttentionBlock(nn.Module):
+    """SAB(X) = LN(H + FF(H)), H = LN(X + MultiheadAttention(X, X, X)) (Lee et al. 2019)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(x + self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0])
+        return self.norm2(h + self.ff(h))
+
+
+class AttentionPool(nn.Module):
+    """A Set Transformer summary: h(D) = PMA(SAB^n(pre(D))) (Lee et al. 2019, "Set Transformer").
+
+    ``pre`` embeds each element to ``dim`` features; ``n_blocks`` self-attention blocks let the
+    elements interact; pooling by multihead attention (PMA) with one learned seed vector replaces
+    the mean, so the summary can weigh elements unequally. Permutation invariant. ``mask`` (..., N),
+    True for real elements, handles sets padded to a common size. Same interface as `MeanPool`."""
+
+    def __init__(self, pre: nn.Module, dim: int, heads: int = 4, n_blocks: int = 1, event_dim: int = 1):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} must be divisible by the {heads} heads")
+        self.pre, self.event_dim = pre, event_dim
+        self.blocks = nn.ModuleList(_SetAttentionBlock(dim, heads) for _ in range(n_blocks))
+        self.seed = nn.Parameter(torch.randn(1, 1, dim) / dim ** 0.5)
+        self.pma = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """context: (..., N, *event) -> (..., dim)."""
+        lead = context.shape[: context.dim() - self.event_dim]
+        if len(lead) < 1 or lead[-1] < 1:
+            raise ValueError(f"a context set needs at least one element, got shape {tuple(context.shape)}")
+        n = lead[-1]
+        h = self.pre(context.reshape(-1, *context.shape[len(lead):])).reshape(-1, n, self.seed.shape[-1])
+        pad = None
+        if mask is not None:
+            if tuple(mask.shape) != tuple(lead):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the sets {tuple(lead)}")
+            if not bool(mask.any(dim=-1).all()):
+                raise ValueError("every set needs at least one unmasked element")
+            pad = ~mask.reshape(-1, n).bool()
+        for block in self.blocks:
+            h = block(h, pad)
+        seed = self.seed.expand(h.shape[0], -1, -1)
+        out = self.norm(self.pma(seed, h, h, key_padding_mask=pad, need_weights=False)[0] + seed)
+        return out.reshape(*lead[:-1], -1)
