@@ -101,3 +101,39 @@ def test_vhe_samples_follow_the_context_distribution():
     got = torch.stack([model.sample(200, m + 0.3 * torch.randn(20, 1, generator=g)).mean() for m in unseen])
     assert torch.corrcoef(torch.stack([got, unseen]))[0, 1] > 0.9
     assert (got - unseen).abs().mean() < 1.0
+
+
+def test_attention_pooling_is_permutation_invariant_masks_padding_and_round_trips(tmp_path):
+    from metavae import load
+    from metavae.nets.sets import AttentionPool
+
+    torch.manual_seed(0)
+    pool = AttentionPool(torch.nn.Linear(3, 8), 8, heads=2).eval()
+    sets = torch.randn(4, 6, 3)
+    perm = sets[:, torch.randperm(6)]
+    torch.testing.assert_close(pool(sets), pool(perm))
+    padded = torch.cat([sets, torch.randn(4, 3, 3) * 100], dim=1)  # three junk elements per set
+    mask = torch.cat([torch.ones(4, 6), torch.zeros(4, 3)], dim=1).bool()
+    torch.testing.assert_close(pool(padded, mask), pool(sets), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pool(padded), pool(sets), atol=1e-3)  # without the mask the junk counts
+
+    model = build_mlp_metavae((2,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0),
+                              pooling="attention")
+    Trainer(model, _data(), TrainConfig(epochs=1, batch_size=8, context_size=4, steps_per_epoch=2),
+            progress=False).fit()
+    model.save(tmp_path / "m.pt")
+    x, ctx = torch.randn(5, 2), torch.randn(7, 2)
+    torch.testing.assert_close(load(tmp_path / "m.pt").embed(x, ctx), model.eval().embed(x, ctx))
+
+
+def test_train_with_attention_summary_from_the_command_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "small.npz", **{f"d{k}": rng.normal(size=(40, 2)) + k for k in range(3)})
+    assert main(["train", "--data", str(tmp_path / "small.npz"), "--out", str(tmp_path / "o0"), "--quiet"]) == 2
+    assert "validation part (val_fraction=0.1) would hold 4, fewer than context_size=10" in capsys.readouterr().err
+    np.savez(tmp_path / "f.npz", **{f"d{k}": rng.normal(size=(200, 2)) + k for k in range(3)})
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o"), "--summary", "attention",
+                 "--set", "epochs=1", "--quiet"]) == 0
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o2"), "--summary", "attention",
+                 "--model", "vhe", "--quiet"]) == 2
+    assert "built for the MetaVAE" in capsys.readouterr().err

@@ -55,12 +55,14 @@ def _notice_float64(family: Family) -> None:
         print("metavae: notice: float64 data cast to float32 (the models' precision)", file=sys.stderr)
 
 
-def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig):
+def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean"):
     lik = make_likelihood(cfg.likelihood, None) if cfg.likelihood == "gaussian" else make_likelihood("bernoulli")
+    if pooling != "mean" and model_name != "metavae":
+        raise ValueError(f"--summary {pooling} is built for the MetaVAE; the {model_name} pools by the mean")
     if model_name in ("metavae", "vae"):
         kw = dict(z_dim=cfg.z_dim, hidden=cfg.hidden, likelihood=lik)
         if model_name == "metavae":
-            kw["summary"] = cfg.summary
+            kw.update(summary=cfg.summary, pooling=pooling)
         return make_model(model_name, "mlp", event_shape, n, **kw)
     width = cfg.hidden[0]
     return make_model(model_name, "mlp", event_shape, n, z_dim=cfg.z_dim, c_dim=cfg.summary[-1], hidden=width,
@@ -69,7 +71,7 @@ def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig):
 
 def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainConfig = FileTrainConfig(),
                    dist_column: str = "distribution", label_column: str | None = None, tensorboard=None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, summary: str = "mean") -> dict:
     """Train ``model_name`` on every distribution in ``data_path``; writes ``out/model.pt`` (the
     `save_model` format, distribution names included), ``metrics.json``, ``metrics.jsonl`` and
     ``loss.png``. Returns the metrics."""
@@ -83,25 +85,26 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
     _notice_float64(family)
     if model_name == "vae" and len(family.names) > 1:
         logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
-    smallest = min(len(p) for p in family.points)
-    need = cfg.context_size + 2
-    if smallest < need:
-        name = family.names[int(np.argmin([len(p) for p in family.points]))]
-        raise ValueError(f"distribution {name!r} has {smallest} points; with context_size={cfg.context_size} each "
-                         f"distribution needs at least {need} (lower context_size or drop it)")
+    sizes = [len(p) for p in family.points]
+    k = int(np.argmin(sizes))
+    n_val = int(round(sizes[k] * cfg.val_fraction))  # contexts of validation queries come from the val part
+    if min(n_val, sizes[k] - n_val) < cfg.context_size:
+        raise ValueError(f"distribution {family.names[k]!r} has {sizes[k]} points: its validation part "
+                         f"(val_fraction={cfg.val_fraction}) would hold {n_val}, fewer than context_size="
+                         f"{cfg.context_size}; lower context_size, raise val_fraction or drop it")
     points = [torch.as_tensor(np.asarray(p)) for p in family.points]
     if model_name == "vae":
         points = [torch.cat(points)]
     data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
                        names=family.names if model_name != "vae" else ["all"])
     seed_everything(cfg.seed)
-    model = _build(model_name, family.event_shape, len(data), cfg)
+    model = _build(model_name, family.event_shape, len(data), cfg, summary)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
                      grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed,
                      tensorboard=str(tensorboard) if tensorboard else None)
     info = {"data": {"source": str(Path(data_path).expanduser().resolve()), "names": family.names,
                      "points": [len(p) for p in family.points]},
-            "model": model_name, "settings": {k: v for k, v in dataclasses.asdict(cfg).items()
+            "model": model_name, "summary": summary, "settings": {k: v for k, v in dataclasses.asdict(cfg).items()
                                               if k not in ("epochs", "patience")}}
     t0 = time.time()
     trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
