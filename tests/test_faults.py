@@ -277,3 +277,13 @@ def test_cache_info_and_clear(capsys, tmp_path, monkeypatch):
     assert main(["cache", "clear"]) == 0
     assert not (tmp_path / "mnist" / "transforms").exists()
     assert (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").exists()  # downloads kept unless --downloads
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    Trainer(_model(), _data(), _cfg(), out_dir=tmp_path, progress=False, run_info={"settings": {"lr": 1}}).fit()
+    later = {"settings": {"lr": 1, "free_bits": 0.0}}
+    Trainer(_model(), _data(), _cfg(2), out_dir=tmp_path, progress=False, run_info=later,
+            run_info_defaults={"settings.free_bits": 0.0}).fit()  # resumes
+    with pytest.raises(ValueError, match="settings.free_bits: checkpoint 0.0, now 0.5"):  # the resume recorded it
+        Trainer(_model(), _data(), _cfg(3), out_dir=tmp_path, progress=False,
+                run_info={"settings": {"lr": 1, "free_bits": 0.5}}, run_info_defaults={"settings.free_bits": 0.0}).fit()

@@ -178,11 +178,15 @@ class Trainer:
     (one line per epoch). With ``out_dir=None`` nothing is written and nothing resumes."""
 
     def __init__(self, model: torch.nn.Module, dataset: MetaDataset, config: TrainConfig, out_dir=None,
-                 progress: bool = True, desc: str = "train", run_info: dict | None = None):
+                 progress: bool = True, desc: str = "train", run_info: dict | None = None,
+                 run_info_defaults: dict | None = None):
         """``run_info``: what this run belongs to (experiment, options, data fingerprint...). It is
-        saved in ``last.pt``, and a resume whose ``run_info`` differs is refused, naming the keys."""
+        saved in ``last.pt``, and a resume whose ``run_info`` differs is refused, naming the keys.
+        ``run_info_defaults`` ({"settings.free_bits": 0.0, ...}): a key a checkpoint lacks (it was
+        written before the setting existed) matches when the run uses this default."""
         self.cfg = config
         self.run_info = json.loads(json.dumps(run_info or {}))  # plain JSON types: comparable after a reload
+        self.run_info_defaults = json.loads(json.dumps(run_info_defaults or {}))
         device = resolve_device(config.device)
         _, local_rank, world = distributed_env()
         if world > 1 and device.type == "cuda" and device.index is None:
@@ -273,10 +277,12 @@ class Trainer:
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint {self.last_path} has format version {ckpt.get('version')}, this metavae "
                              f"writes {CHECKPOINT_VERSION}; use another --out or delete it to start afresh")
-        saved_info = ckpt.get("run_info", {})
-        if saved_info != self.run_info:
-            a, b = _flatten(saved_info), _flatten(self.run_info)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        a, b = _flatten(ckpt.get("run_info", {})), _flatten(self.run_info)
+        for k, v in self.run_info_defaults.items():
+            if k not in a and b.get(k) == v:
+                a[k] = v
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
             detail = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
             raise ValueError(f"checkpoint {self.last_path} belongs to another run ({detail[:600]}); "
                              "use another --out or delete it to start afresh")

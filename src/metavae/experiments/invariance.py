@@ -329,7 +329,9 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
                      snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))
     info = dict(run_info or {}, model=model_name, arch=arch, seed=seed, settings=training_settings(cfg))
     t0 = time.time()
-    trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
+    defaults = {f"settings.{k}": v for k, v in training_settings(type(cfg)()).items()}
+    trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info,
+                      run_info_defaults=json.loads(json.dumps(defaults)))
     history = trainer.fit()
     return model, history, time.time() - t0, trainer
 
