@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .experiments import get_experiment, get_report, list_experiments
 from .data.mnist import DownloadError
-from .experiments.common import collect_metrics, resolve_preset
+from .experiments.common import collect_metrics, replace_block, resolve_preset
 from .io import RunFolder, RunLocked, cache_clear, cache_info, cache_root
 
 
@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("benchmark", help="mnist or norb")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
+    rep.add_argument("--readme", type=Path, default=None, metavar="README",
+                     help="also replace the table between <!-- BENCHMARK-table2 --> markers in this file")
     rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
                      help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
                           "then report from DIR (how results/ is filled)")
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
                 runs = args.collect
             result = get_report(args.benchmark)(runs, args.out)
             out = args.out or runs / f"{args.benchmark}-report"
+            if args.readme is not None:
+                replace_block(args.readme, f"{args.benchmark}-table2", (out / "table2.md").read_text())
             print((out / "report.md").read_text())
             if result["missing"]:
                 print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)
