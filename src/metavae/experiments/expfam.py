@@ -255,13 +255,15 @@ def exact_posterior_curve(ev: Evaluator, name: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- experiments
-def run_single(cfg: ExpfamConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
+def _start(cfg: ExpfamConfig, out, device: str, seed: int):
+    """What both experiments begin with: the out folder, the device, the clock, the training sets."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t0 = time.time()
-    sets = build_training_sets(cfg, seed)
-    models = {}
+    return out, resolve_device(device), time.time(), build_training_sets(cfg, seed), {}
+
+
+def run_single(cfg: ExpfamConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
+    out, dev, t0, sets, models = _start(cfg, out, device, seed)
     for i, name in enumerate(E.TRAIN_FAMILIES):
         seed_everything(seed + 1 + i)
         models[("metavae", name)] = train_metavae(f"metavae_{name}", [name], sets, cfg, out, device, seed, progress)
@@ -303,12 +305,7 @@ def _single_name(f: str) -> str:
 
 
 def run_many(cfg: ExpfamConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t0 = time.time()
-    sets = build_training_sets(cfg, seed)
-    models = {}
+    out, dev, t0, sets, models = _start(cfg, out, device, seed)
     seed_everything(seed)
     models[MANY] = train_metavae("metavae_many", list(E.TRAIN_FAMILIES), sets, cfg, out, device, seed, progress)
     for i, name in enumerate(E.TRAIN_FAMILIES):
