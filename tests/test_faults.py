@@ -287,3 +287,10 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
     with pytest.raises(ValueError, match="settings.free_bits: checkpoint 0.0, now 0.5"):  # the resume recorded it
         Trainer(_model(), _data(), _cfg(3), out_dir=tmp_path, progress=False,
                 run_info={"settings": {"lr": 1, "free_bits": 0.5}}, run_info_defaults={"settings.free_bits": 0.0}).fit()
+
+
+def test_torchrun_ranks_share_rank_zeros_lock(tmp_path, monkeypatch):
+    with RunFolder(tmp_path):  # rank 0 holds the folder
+        monkeypatch.setenv("RANK", "1")
+        with RunFolder(tmp_path):  # another rank of the same run is not refused
+            pass

@@ -66,8 +66,8 @@ class RunLocked(RuntimeError):
 
 class RunFolder(contextlib.AbstractContextManager):
     """``with RunFolder(out):`` -- the folder exists and is writable (checked before any data is
-    loaded), no other metavae process is writing into it (an OS lock, released even on kill -9),
-    and temporary files of killed runs are cleared."""
+    loaded), no other metavae run is writing into it (an OS lock held by rank 0, released even on
+    kill -9), and temporary files of killed runs are cleared."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -84,6 +84,8 @@ class RunFolder(contextlib.AbstractContextManager):
         except OSError as e:
             raise OSError(e.errno, f"output folder {self.path} is not writable ({os.strerror(e.errno or errno.EIO)})") \
                 from None
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the folder belongs to rank 0's lock
+            return self
         self._fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
