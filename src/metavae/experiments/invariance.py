@@ -230,6 +230,7 @@ def learning_curve_figure(path: Path, curves: dict, title: str) -> None:
         for ax, probe in zip(axes[:2], PROBES):
             ax.plot(steps, [p["mean_accuracy"][probe] for p in curve], "o-", color=f"C{i % 10}", label=label)
         axes[2].plot(steps, [p["val_loss"] for p in curve], "o-", color=f"C{i % 10}", label=label)
+    axes[2].set_yscale("log")  # an untrained decoder's loss can be 100x the trained one's
     for ax, name in zip(axes, [f"{PROBES[0]} probe accuracy", f"{PROBES[1]} probe accuracy", "validation loss (nats)"]):
         ax.set_xscale("log")
         ax.set_xlabel("training step (step 0 drawn at 1)")
