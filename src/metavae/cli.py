@@ -14,7 +14,7 @@ from .io import RunFolder, RunLocked, cache_clear, cache_info, cache_root
 
 
 # Failures a user can cause and fix: one line each, exit status 2, never a traceback.
-EXPECTED = (ValueError, KeyError, OSError, FloatingPointError, MemoryError, RunLocked, DownloadError)
+EXPECTED = (ValueError, OSError, FloatingPointError, MemoryError, RunLocked, DownloadError)
 
 
 def describe(e: BaseException) -> str:
@@ -25,8 +25,8 @@ def describe(e: BaseException) -> str:
         return f"training diverged: {e}"
     if isinstance(e, OSError) and e.strerror:  # e.g. "No space left on device: runs/x/last.pt"
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
