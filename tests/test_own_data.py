@@ -137,3 +137,31 @@ def test_train_with_attention_summary_from_the_command_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o2"), "--summary", "attention",
                  "--model", "vhe", "--quiet"]) == 2
     assert "built for the MetaVAE" in capsys.readouterr().err
+
+
+def test_vhe_log_prob_matches_brute_force_quadrature():
+    """On a 1-D VHE (c and z one-dimensional), log_prob with many importance samples equals
+    log of the integral over c ~ q(c|D) and z ~ p(z|c) of p(x|z,c), computed on a grid."""
+    torch.manual_seed(0)
+    model = build_homoencoder((1,), c_dim=1, z_dim=1, hidden=8, decoder_hidden=8, likelihood=Gaussian(0.5)).eval()
+    # points where this untrained q(z | x, c) is a usable proposal: far from it the importance
+    # weights are heavy-tailed and any finite-k estimate is noisy (a property of the estimator)
+    context, x = torch.randn(12, 1), torch.tensor([[0.3], [1.0], [2.0]])
+    est = model.log_prob(x, context, k=40_000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        c_mu, c_logvar = model.context_params(context.unsqueeze(0))[0].chunk(2, dim=-1)
+        sc = torch.exp(0.5 * c_logvar)
+        cs = torch.linspace(float(c_mu - 8 * sc), float(c_mu + 8 * sc), 401).reshape(-1, 1)
+        zs = torch.linspace(-12, 12, 1201)
+        log_qc = torch.distributions.Normal(c_mu, sc).log_prob(cs).squeeze(-1)  # (C,)
+        p_mu, p_logvar = model.latent_prior(cs).chunk(2, dim=-1)  # (C, 1)
+        log_pz = torch.distributions.Normal(p_mu, torch.exp(0.5 * p_logvar)).log_prob(zs)  # (C, Z)
+        cz = cs.unsqueeze(1).expand(-1, len(zs), -1)
+        mean = model.obs_decoder(zs.reshape(1, -1, 1).expand(len(cs), -1, -1), cz)  # (C, Z, 1)
+        truth = []
+        for xi in x[:, 0]:
+            log_px = torch.distributions.Normal(mean[..., 0], 0.5 ** 0.5).log_prob(xi)
+            inner = torch.logsumexp(log_px + log_pz, dim=1) + torch.log(zs[1] - zs[0])
+            truth.append(torch.logsumexp(inner + log_qc, dim=0) + torch.log(cs[1, 0] - cs[0, 0]))
+    torch.testing.assert_close(est, torch.stack(truth), atol=0.03, rtol=0)
+    assert (model.log_prob(x, context, k=1, generator=torch.Generator().manual_seed(2)) < est + 1.0).all()

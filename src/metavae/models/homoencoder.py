@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.meta import PooledContext
-from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl
+from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl, gaussian_log_prob
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import MeanPool
 from .metavae import LossOutput, Saveable
@@ -241,6 +241,35 @@ class HierarchicalVAE(Saveable, nn.Module):
         eps = torch.randn(p_mu.shape, generator=generator, dtype=p_mu.dtype, device=p_mu.device)
         params = self.obs_decoder(p_mu + torch.exp(0.5 * p_logvar) * eps, c)
         return draw(self.likelihood, params, mean, generator).reshape(n, *ev)
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor, k: int = 100, generator=None) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x | D) = log E_{c ~ q(c|D)} p(x | c) for points x
+        (n, *event) of the distribution that ``context`` (N, *event) was drawn from: k draws of
+        c ~ q(c | D) and z ~ q(z | x, c), weights p(x | z, c) p(z | c) / q(z | x, c). Per point (n,);
+        a stochastic lower bound that tightens as k grows (q(c | D) stands in for p(c | D))."""
+        ev = self.event_shape
+        if context.dim() != len(ev) + 1 or tuple(context.shape[1:]) != ev:
+            raise ValueError(f"context must be one set (N, *{ev}), got shape {tuple(context.shape)}")
+        if x.dim() != len(ev) + 1 or tuple(x.shape[1:]) != ev:
+            raise ValueError(f"x must be points (n, *{ev}), got shape {tuple(x.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        n = len(x)
+        c_mu, c_logvar = self.context_params(context.unsqueeze(0))[0].chunk(2, dim=-1)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=c_mu.dtype, device=c_mu.device)
+
+        c = (c_mu + torch.exp(0.5 * c_logvar) * randn(k, n, self.c_dim))  # (k, n, c_dim)
+        hx = self.element_features(x).unsqueeze(0).expand(k, n, -1)
+        q_mu, q_logvar = self.inference(hx, c).chunk(2, dim=-1)
+        z = q_mu + torch.exp(0.5 * q_logvar) * randn(*q_mu.shape)
+        p_mu, p_logvar = self.latent_prior(c).chunk(2, dim=-1)
+        flat = x.flatten(start_dim=1).unsqueeze(0).expand(k, n, -1)
+        log_w = (self.likelihood.log_prob(self.obs_decoder(z, c), flat) + gaussian_log_prob(z, p_mu, p_logvar)
+                 - gaussian_log_prob(z, q_mu, q_logvar))
+        return torch.logsumexp(log_w, dim=0) - math.log(k)
 
     def extra_repr(self) -> str:
         prior = "vampprior" if self.vampprior is not None else "gaussian"
