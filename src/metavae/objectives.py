@@ -14,11 +14,17 @@ def _log_lik(model, x, z, dist):
     return model.likelihood.log_prob(params, x.flatten(2).unsqueeze(2))
 
 
-def elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
-    """E_q[log p(x|z)] - KL(q(z|D,x) || p(z)), per point (K, B)."""
+def _reconstruction(model, x, context, dist, n_samples: int = 1) -> tuple:
+    """(E_q[log p(x|z)] per point (K, B), the parameters of q(z|D,x))."""
     params = model.encode(x, context)
     z, w = model.latent.draw(params, n_samples)
-    return (w * _log_lik(model, x, z, dist)).sum(-1) - model.latent.kl(params)
+    return (w * _log_lik(model, x, z, dist)).sum(-1), params
+
+
+def elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
+    """E_q[log p(x|z)] - KL(q(z|D,x) || p(z)), per point (K, B)."""
+    rec, params = _reconstruction(model, x, context, dist, n_samples)
+    return rec - model.latent.kl(params)
 
 
 def free_bits_meta_elbo(model, x, context=None, dist=None, free_bits: float = 0.0) -> torch.Tensor:
@@ -26,9 +32,7 @@ def free_bits_meta_elbo(model, x, context=None, dist=None, free_bits: float = 0.
     over the batch, counts as at least ``free_bits`` nats, so the optimiser gains nothing by
     pushing a dimension's posterior onto the prior below that: a remedy for posterior collapse.
     A training objective (a lower bound only when no dimension sits below the floor)."""
-    params = model.encode(x, context)
-    z, w = model.latent.draw(params, 1)
-    rec = (w * _log_lik(model, x, z, dist)).sum(-1)
+    rec, params = _reconstruction(model, x, context, dist)
     kl = model.latent.kl_per_dim(params).mean(dim=(0, 1)).clamp_min(free_bits).sum()
     return rec.mean(dim=1).mean(dim=0) - kl
 

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.meta import MetaDataset, PooledContext
-from .io import atomic_save, atomic_write_text  # noqa: F401  (re-exported: metavae.train.atomic_save)
+from .io import atomic_save, atomic_write_text
 
 CHECKPOINT_VERSION = 2  # 2: loadable with weights_only=True; records the run it belongs to
 
@@ -113,8 +113,12 @@ class TrainConfig:
     keep_worst: bool = False  # also keep worst.pt, the highest-validation-loss epoch (the reference's pick)
 
     def __post_init__(self):
+        for name in ("epochs", "batch_size", "context_size", "steps_per_epoch", "val_steps", "context_pool", "patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.context_size < 0:
             raise ValueError(f"context_size must be >= 0, got {self.context_size}")
@@ -122,10 +126,6 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        for name in ("epochs", "batch_size", "context_size", "steps_per_epoch", "val_steps", "context_pool", "patience"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
         for name in ("steps_per_epoch", "val_steps", "context_pool", "patience"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -295,7 +295,8 @@ class Trainer:
             )
         runtime = ("epochs", "device", "amp", "compile", "snapshot_steps", "keep_worst", "tensorboard",
                    "patience")  # may change between launches
-        saved = {k: v for k, v in ckpt["train_config"].items() if k not in runtime}
+        # settings added after the checkpoint was written compare at their defaults
+        saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["train_config"]}.items() if k not in runtime}
         now = {k: v for k, v in asdict(self.cfg).items() if k not in runtime}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
@@ -415,15 +416,13 @@ class Trainer:
             if score < self.state.best_val:
                 self.state.best_val, self.state.best_epoch = score, self.state.epoch
                 if self.best_path is not None and self.rank == 0:
-                    atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
-                                 "epoch": self.state.epoch, "val_loss": val}, self.best_path)
+                    self._save_weights(self.best_path, epoch=self.state.epoch, val_loss=val)
                 elif self.out is None:
                     self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.cfg.keep_worst and val is not None and val > self.state.worst_val:
                 self.state.worst_val, self.state.worst_epoch = val, self.state.epoch
                 if self.out is not None and self.rank == 0:
-                    atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
-                                 "epoch": self.state.epoch, "val_loss": val}, self.out / "worst.pt")
+                    self._save_weights(self.out / "worst.pt", epoch=self.state.epoch, val_loss=val)
             record["best"] = self.state.best_epoch == self.state.epoch
             self.state.history.append(record)
             self.save()
@@ -462,8 +461,11 @@ class Trainer:
         """The weights after ``state.step`` steps, when that step is one of ``snapshot_steps``."""
         if self.out is None or self.rank != 0 or self.state.step not in self.cfg.snapshot_steps:
             return
-        atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(),
-                     "step": self.state.step}, self.snapshot_path(self.state.step))
+        self._save_weights(self.snapshot_path(self.state.step), step=self.state.step)
+
+    def _save_weights(self, path: Path, **extra) -> None:
+        """A weights-only file (best.pt, worst.pt, snapshots) that `metavae.load` rebuilds."""
+        atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(), **extra}, path)
 
     def load_best(self) -> None:
         if self.best_path is not None and self.best_path.exists():

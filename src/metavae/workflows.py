@@ -56,7 +56,7 @@ def _notice_float64(family: Family) -> None:
 
 
 def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean"):
-    lik = make_likelihood(cfg.likelihood, None) if cfg.likelihood == "gaussian" else make_likelihood("bernoulli")
+    lik = make_likelihood(cfg.likelihood, None)  # Gaussian: a learned variance; Bernoulli takes none
     if pooling != "mean" and model_name != "metavae":
         raise ValueError(f"--summary {pooling} is built for the MetaVAE; the {model_name} pools by the mean")
     if model_name in ("metavae", "vae"):
@@ -174,14 +174,14 @@ def sample_files(model_path, out_path, n: int, context_path=None, dist: str | No
     shared decoder: NS, VHE), or from training distribution ``dist`` (a name or index; MetaVAE)."""
     model = load(model_path, device)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    context = None if context_path is None else _array(context_path, "context", model.event_shape).to(device)
     if hasattr(model, "c_dim"):
-        if context_path is None:
+        if context is None:
             raise ValueError("this model generates for a context set: pass --context")
-        x = model.sample(n, _array(context_path, "context", model.event_shape).to(device))
+        x = model.sample(n, context, generator=gen)
     else:
-        if context_path is not None:
-            model.sample(n, context=True)  # raises the MetaVAE's explanation
+        if context is not None:
+            model.sample(n, context=context)  # the MetaVAE explains why it cannot
         names = list(getattr(model, "extra", {}).get("distributions", []))
         if dist is None:
             raise ValueError("the MetaVAE samples from one training distribution's decoder: pass --dist NAME "

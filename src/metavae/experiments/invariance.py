@@ -20,6 +20,7 @@ import torch
 
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
+from ..models.metavae import INITS
 from ..train import Trainer, TrainConfig, load_checkpoint, seed_everything
 
 # Two linear probes read every embedding (docs/reproduction.md §13):
@@ -50,7 +51,7 @@ class InvarianceConfig:
     selection: str = "best"  # "best": lowest val loss, mean c; "reference": the reference's highest val loss, sampled c
     free_bits: float = 0.0  # MetaVAE and VAE training only: each latent dim's KL counts as >= this many nats
 
-    CHOICES: typing.ClassVar[dict] = {"init": ("default", "xavier"), "selection": ("best", "reference")}
+    CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference")}
 
     def check(self) -> None:
         if self.context_pool is not None and self.context_pool < self.context_size:
@@ -332,7 +333,7 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     t0 = time.time()
     defaults = {f"settings.{k}": v for k, v in training_settings(type(cfg)()).items()}
     trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info,
-                      run_info_defaults=json.loads(json.dumps(defaults)))
+                      run_info_defaults=defaults)
     history = trainer.fit()
     return model, history, time.time() - t0, trainer
 

@@ -16,8 +16,8 @@ from ..models import MODEL_NAMES
 from ..io import atomic_write_text
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
-                         find_runs, fmt_seeds, gather_tables, run_label, invariance_distances, learning_curve_figure, make_control, probe_unseen,
-                         summarise_probes, train_on_seen)
+                         find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control,
+                         probe_unseen, run_label, summarise_probes, train_on_seen)
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
 BASE = {"rotation": 0, "scale": 1.0, "shear": 0}  # the untransformed value of each axis
@@ -86,8 +86,8 @@ def make_run(key: str):
         train_t, test_t = _transformed(tr_x, axis, seen + unseen), _transformed(te_x, axis, seen + unseen)
         data = {v: ((train_t[v], tr_y), (test_t[v], te_y)) for v in unseen}
         record = data_record(data_dir, tr_x, te_x)
-        metrics = {"model": model, "label": run_label(model, cfg, next(iter(PRESETS.values()))), "split": split, "axis": key, "data": "mnist", "data_record": record,
-                   "seen": list(seen), "unseen": list(unseen),
+        metrics = {"model": model, "label": run_label(model, cfg, next(iter(PRESETS.values()))), "split": split,
+                   "axis": key, "data": "mnist", "data_record": record, "seen": list(seen), "unseen": list(unseen),
                    "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x), "seed": seed,
                    "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": asdict(cfg)}
         if model in CONTROLS:  # no training: the same probes on the same images
