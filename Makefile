@@ -24,5 +24,6 @@ test: $(STAMP)  ## the test suite (offline, CPU)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-bench: $(STAMP)  ## training-step benchmarks vs the machine's matmul peak -> benchmarks/results.json
-	$(BIN)/python benchmarks/bench.py
+BENCH ?=
+bench: $(STAMP)  ## training-step benchmarks vs the machine's fp32 and bf16 matmul peaks -> benchmarks/results.json
+	$(BIN)/python benchmarks/bench.py $(BENCH)  # e.g. make bench BENCH="--only mlp,conv --steps 5"

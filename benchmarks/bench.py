@@ -1,28 +1,39 @@
-"""Training-step benchmarks against the machine's own matmul peak.
+"""Training-step benchmarks against the machine's own matmul peaks (fp32 and bf16).
 
-    python benchmarks/bench.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench.py [--device cpu|cuda] [--quick] [--only SECTION,...] [--steps N]
 
-Measures, for the MetaVAE on transformed-MNIST-sized data (MLP, K=9, B=100, N=10) and the
-convolutional MetaVAE (32x32): training steps per second (context sampling included), query and
-context images per second, FLOPs per step counted by torch's FlopCounterMode (forward and
-backward matmuls/convs), achieved FLOP/s, and the dense fp32 matmul FLOP/s of a large `torch.mm`
-measured around each configuration, so ``fraction_of_peak = achieved / peak``. Also peak
-resident memory, the time of one epoch of the paper preset (60,000 images / B steps, extrapolated
-from the mean step time), and a sweep of step time over K, B and N (figure `step_time_sweep.png`).
-On the CPU it also times the authors' own step pattern re-implemented in `reference_step.py`
-(per-image PIL transforms, per-query numpy context draws, a Python loop over the K datasets), so
-every MLP row carries ``speedup_vs_reference`` measured on this machine, beside
-``speedup_vs_issue``: 350 s (the project's reference figure for one authors' epoch, measured on another machine, with a
-350 GFLOP/s matmul peak) over our epoch, and ``speedup_vs_issue_peak_scaled``, the same with our
-epoch scaled to that peak. Results are merged into `benchmarks/results.json` under the device's name.
+Sections (all by default; ``--only`` picks some, the others keep their stored results):
+  mlp       the MLP MetaVAE on transformed-MNIST-sized data (K=9, B=100, N=10), plain and with context
+            pools of 100 and 50, each in fp32 and bf16 (``TrainConfig(amp="bf16")``'s policy), the two
+            precisions timed *interleaved* step by step in one process so that a shared machine's drift
+            hits both alike;
+  conv      the full-width convolutional MetaVAE (32x32, K=3, B=32, N=10): fp32, bf16, and both with
+            channels-last activations, interleaved;
+  epoch     one real 600-step epoch of the paper preset (60,000 images / B=100) for fp32 and bf16,
+            interleaved in blocks of 25 steps, in raw seconds;
+  ksweep    step time and peak memory at K = 10, 100, 1000 small MLP decoders, all K per step or
+            ``distributions_per_step=10`` (figure ``k_sweep_<device>.png``), one process per point;
+  mapped    a family several GB on disk (uint8 .npy, one per distribution, under /tmp), trained from
+            the in-memory padded storage and from ``storage="mapped"``: resident memory and step time,
+            one process each; the files are deleted afterwards;
+  sweep     the MLP step time over K, B and N around (9, 100, 10) (figure ``step_time_sweep_<device>.png``);
+  reference the authors' step pattern (`reference_step.py`), on the CPU only.
+
+Every row has the FLOPs per step counted by torch's FlopCounterMode (forward and backward
+matmuls/convs, whatever their dtype), the achieved FLOP/s, and the dense fp32 and bf16 ``torch.mm``
+FLOP/s measured just before and after it: ``fraction_of_peak`` is achieved / the peak of the row's
+own precision (fp32 rows: the fp32 peak; bf16 rows: the bf16 peak), ``fraction_of_fp32_peak`` beside
+it. Results are merged into `benchmarks/results.json` under the device's name.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,12 +42,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from metavae import MetaDataset, build_mlp_metavae
-from metavae.train import atomic_write_text, make_optimizer, resolve_device
+from metavae.io import atomic_write_text
+from metavae.training import make_optimizer, resolve_device
+from metavae.training.precision import bf16_autocast, cpu_bf16_support
 
 HERE = Path(__file__).resolve().parent
 PAPER_TRAIN_IMAGES = 60_000
 ISSUE_REFERENCE_EPOCH_S = 350.0  # the authors' epoch as measured in issue #7 (another machine) ...
 ISSUE_PEAK_GFLOPS = 350.0  # ... whose fp32 torch.mm peak was about this
+SECTIONS = ("mlp", "conv", "epoch", "ksweep", "mapped", "sweep", "reference")
 
 
 def sync(device):
@@ -44,8 +58,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, n=2048, reps=10) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, dtype=torch.float32, n=2048, reps=10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -57,77 +71,400 @@ def matmul_peak(device, n=2048, reps=10) -> float:
     return 2 * n**3 / best
 
 
-def make_data(K, event, n, device):
+def peaks(device) -> dict:
+    return {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+
+
+def rss() -> dict:
+    """Peak and current resident memory (MB): ``peak_rss_mb`` is this process's VmHWM from
+    /proc/self/status (getrusage's ru_maxrss would carry over the parent's peak into a benchmark
+    worker started by fork + exec), beside VmRSS, RssAnon (the process's own memory) and RssFile
+    (mapped files: shared libraries, memory-mapped data)."""
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+        out["peak_rss_mb"] = out.get("VmHWM", out["peak_rss_mb"])
+    except OSError:
+        pass
+    return out
+
+
+def make_data(K, event, n, device, storage="padded"):
     g = torch.Generator().manual_seed(0)
     dists = [torch.randint(0, 256, (n, *event), generator=g, dtype=torch.uint8) for _ in range(K)]
     return MetaDataset(dists, val_fraction=0, test_fraction=0).to(device)
 
 
 def conv_model(K):
-    """The convolutional MetaVAE, where the models package provides one."""
-    try:
-        from metavae.models import make_model
-    except ImportError:
-        return None
+    from metavae.models import make_model
+
     return make_model("metavae", arch="conv", event_shape=(1, 32, 32), n_distributions=K)
 
 
-def time_steps(model, data, B, N, device, steps, pool=None, amp=None):
-    """Mean seconds per full training step (sampling, forward, backward, Adam) and FLOPs per step."""
-    opt = make_optimizer(model.parameters(), 2e-4)
-    g = torch.Generator(device=device).manual_seed(0)
+class Stepper:
+    """One configuration's full training step (sampling, forward, backward, Adam), as the Trainer runs it."""
 
-    def step():
-        batch = data.sample(B, N, generator=g, context_pool=pool)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            loss = model.loss(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, model, data, B, N, device, pool=None, amp=None, channels_last=False):
+        self.model, self.data, self.B, self.N, self.device = model, data, B, N, device
+        self.pool, self.amp, self.channels_last = pool, amp, channels_last
+        self.opt = make_optimizer(model.parameters(), 2e-4)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.times: list[float] = []
+        model.train()
+
+    def __call__(self):
+        batch = self.data.sample(self.B, self.N, generator=self.gen, context_pool=self.pool)
+        with _channels_last(self.channels_last):
+            if self.amp == "bf16":
+                with bf16_autocast(self.model, self.device.type):
+                    loss = self.model.loss(batch)["loss"]
+            else:
+                loss = self.model.loss(batch)["loss"]
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    model.train()
-    for _ in range(2):
-        step()
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    times = []
-    for _ in range(steps):
-        sync(device)
+    def timed(self):
+        sync(self.device)
         t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), statistics.mean(times), flops
+        self()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t)
+
+    def flops(self) -> int:
+        with FlopCounterMode(display=False) as fc:
+            self()
+        return fc.get_total_flops()
 
 
-def record(name, model, data, K, B, N, device, steps, pool=None, amp=None):
-    """One configuration's row. The peak is measured just before and just after it and averaged: a
-    shared VM's speed drifts (we have seen 170-260 GFLOP/s within minutes), and the fraction must
-    compare like with like; both values are kept, so a drifting row shows."""
-    before = matmul_peak(device)
-    med, mean, flops = time_steps(model, data, B, N, device, steps, pool, amp)
-    after = matmul_peak(device)
-    peak = (before + after) / 2
-    achieved = flops / med
-    row = {
-        "K": K, "B": B, "N": N, "context_pool": pool, "amp": amp,
-        "step_ms": round(med * 1e3, 2),
-        "steps_per_s": round(1 / med, 3),
-        "query_images_per_s": round(K * B / med, 1),
-        "context_images_per_s": round(K * B * N / med, 1),
-        "gflop_per_step": round(flops / 1e9, 3),
-        "achieved_gflops": round(achieved / 1e9, 2),
-        "peak_gflops": round(peak / 1e9, 2),
-        "peak_gflops_before_after": [round(before / 1e9, 1), round(after / 1e9, 1)],
-        "fraction_of_peak": round(achieved / peak, 3),
-        "paper_epoch_s": round(mean * -(-PAPER_TRAIN_IMAGES // B), 1),
-        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    print(f"{name:22s} {row['step_ms']:9.1f} ms/step  {row['achieved_gflops']:7.1f} GFLOP/s "
-          f"({row['fraction_of_peak']:.2f} of peak)  epoch {row['paper_epoch_s']:.0f} s", flush=True)
-    return row
+def _channels_last(enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from metavae.nets.conv import channels_last
+
+    return channels_last()
+
+
+def interleaved(steppers: dict, steps: int, device, warmup: int = 2) -> dict:
+    """Time each configuration ``steps`` times, one step of each in turn, between two peak measurements."""
+    for s in steppers.values():
+        for _ in range(warmup):
+            s()
+    flops = {name: s.flops() for name, s in steppers.items()}
+    before = peaks(device)
+    for _ in range(steps):
+        for s in steppers.values():
+            s.timed()
+    after = peaks(device)
+    rows = {}
+    for name, s in steppers.items():
+        med, mean = statistics.median(s.times), statistics.mean(s.times)
+        achieved = flops[name] / med
+        pk = {k: (before[k] + after[k]) / 2 for k in before}
+        own = "bf16" if s.amp == "bf16" else "fp32"
+        K, B, N = len(s.data), s.B, s.N
+        rows[name] = {
+            "K": K, "B": B, "N": N, "context_pool": s.pool, "amp": s.amp, "channels_last": s.channels_last,
+            "step_ms": round(med * 1e3, 2), "step_ms_mean": round(mean * 1e3, 2), "steps_timed": len(s.times),
+            "steps_per_s": round(1 / med, 3),
+            "query_images_per_s": round(K * B / med, 1),
+            "context_images_per_s": round(K * B * N / med, 1),
+            "gflop_per_step": round(flops[name] / 1e9, 3),
+            "achieved_gflops": round(achieved / 1e9, 2),
+            "peak_gflops": round(pk[own] / 1e9, 2),
+            "peak_gflops_before_after": [round(before[own] / 1e9, 1), round(after[own] / 1e9, 1)],
+            "fraction_of_peak": round(achieved / pk[own], 3),
+            "fp32_peak_gflops": round(pk["fp32"] / 1e9, 2),
+            "bf16_peak_gflops": round(pk["bf16"] / 1e9, 2),
+            "fraction_of_fp32_peak": round(achieved / pk["fp32"], 3),
+            "paper_epoch_s": round(mean * -(-PAPER_TRAIN_IMAGES // B), 1),
+            "rss_mb": rss()["peak_rss_mb"],
+            "parameters": sum(p.numel() for p in s.model.parameters()),
+        }
+        r = rows[name]
+        print(f"{name:28s} {r['step_ms']:9.1f} ms/step  {r['achieved_gflops']:7.1f} GFLOP/s "
+              f"({r['fraction_of_peak']:.2f} of the {own} peak {r['peak_gflops']:.0f}, "
+              f"{r['fraction_of_fp32_peak']:.2f} of fp32's)  epoch {r['paper_epoch_s']:.0f} s", flush=True)
+    return rows
+
+
+def section_mlp(device, steps) -> dict:
+    K, B, N = 9, 100, 10
+    data = make_data(K, (784,), 6000, device)
+    out = {}
+    for suffix, pool in (("", None), ("_pool100", 100), ("_pool50", 50)):
+        steppers = {}
+        for amp in (None, "bf16"):
+            torch.manual_seed(0)
+            name = f"metavae_mlp{suffix}" + ("_bf16" if amp else "")
+            steppers[name] = Stepper(build_mlp_metavae((784,), K).to(device), data, B, N, device, pool, amp)
+        rows = interleaved(steppers, steps, device)
+        for name, row in rows.items():
+            row["speedup_vs_issue"] = round(ISSUE_REFERENCE_EPOCH_S / row["paper_epoch_s"], 2)
+            # had this machine the reference figure's fp32 peak (an estimate: a matmul-bound step scales with it)
+            row["speedup_vs_issue_peak_scaled"] = round(
+                row["speedup_vs_issue"] * ISSUE_PEAK_GFLOPS / row["fp32_peak_gflops"], 2)
+        out.update(rows)
+    return out
+
+
+def section_conv(device, steps, B: int = 32) -> dict:
+    data = make_data(3, (1, 32, 32), 2000, device)
+    steppers = {}
+    for cl in (False, True):
+        for amp in (None, "bf16"):
+            torch.manual_seed(0)
+            name = "metavae_conv" + ("_bf16" if amp else "") + ("_channels_last" if cl else "")
+            steppers[name] = Stepper(conv_model(3).to(device), data, B, 10, device, None, amp, cl)
+    return interleaved(steppers, steps, device, warmup=1)
+
+
+def section_epoch(device, n_steps: int | None = None, block: int = 25) -> dict:
+    """One real epoch of the paper preset (600 steps at B=100; ``n_steps`` fewer) per precision,
+    interleaved in blocks of ``block`` steps."""
+    K, B, N = 9, 100, 10
+    data = make_data(K, (784,), 6000, device)
+    epoch_steps = -(-PAPER_TRAIN_IMAGES // B)
+    n_steps = n_steps or epoch_steps
+    steppers = {}
+    for amp in (None, "bf16"):
+        torch.manual_seed(0)
+        steppers[amp or "fp32"] = Stepper(build_mlp_metavae((784,), K).to(device), data, B, N, device, None, amp)
+    for s in steppers.values():
+        s()
+    before = peaks(device)
+    totals = {k: 0.0 for k in steppers}
+    done = 0
+    while done < n_steps:
+        for name, s in steppers.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(min(block, n_steps - done)):
+                s()
+            sync(device)
+            totals[name] += time.perf_counter() - t
+        done += min(block, n_steps - done)
+    after = peaks(device)
+    out = {"steps": n_steps, "K": K, "B": B, "N": N, "interleaved_block_steps": block,
+           "fp32_peak_gflops_before_after": [round(before["fp32"] / 1e9, 1), round(after["fp32"] / 1e9, 1)],
+           "bf16_peak_gflops_before_after": [round(before["bf16"] / 1e9, 1), round(after["bf16"] / 1e9, 1)]}
+    for name, total in totals.items():
+        out[f"{name}_seconds"] = round(total, 1)
+        out[f"{name}_epoch_s"] = round(total * epoch_steps / n_steps, 1)
+        print(f"{n_steps} steps (K={K}, B={B}, N={N}) {name}: {total:.1f} s; a {epoch_steps}-step epoch "
+              f"{out[f'{name}_epoch_s']:.0f} s", flush=True)
+    return out
+
+
+# --- K sweep: one process per point, so each peak RSS is its own ----------------------------------
+KSWEEP_EVENT, KSWEEP_B, KSWEEP_N, KSWEEP_SUBSET, KSWEEP_POINTS = 64, 32, 10, 10, 200
+
+
+def ksweep_model(K):
+    from metavae import Gaussian
+
+    return build_mlp_metavae((KSWEEP_EVENT,), K, z_dim=16, hidden=(128,), summary=(128, 128),
+                             decoder_hidden=(128, 128), likelihood=Gaussian(1.0))
+
+
+def worker_ksweep(K: int, subset: int | None, steps: int) -> dict:
+    from metavae import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = MetaDataset([torch.randn(KSWEEP_POINTS, KSWEEP_EVENT, generator=g) for _ in range(K)],
+                       val_fraction=0, test_fraction=0)
+    model = ksweep_model(K)
+    cfg = TrainConfig(batch_size=KSWEEP_B, context_size=KSWEEP_N, lr=1e-3, steps_per_epoch=steps + 3,
+                      distributions_per_step=subset)
+    tr = Trainer(model, data, cfg, progress=False)
+    base = rss().get("VmRSS")
+    sample_t, model_t = [], []
+    it = tr._train_batches()  # the Trainer's own batches and step (fit's loop body)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        with tr._autocast():
+            loss = tr._step_module(batch)["loss"]
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.optimizer.step()
+        model_t.append(time.perf_counter() - t1)
+        sample_t.append(t1 - t0)
+    sample_ms = statistics.median(sample_t[3:]) * 1e3
+    model_ms = statistics.median(model_t[3:]) * 1e3
+    bank = sum(p.numel() for p in model.decoder.parameters())
+    m = rss()
+    return {"K": K, "distributions_per_step": subset, "step_ms": round(model_ms + sample_ms, 2),
+            "model_step_ms": round(model_ms, 2), "sample_ms": round(sample_ms, 2),
+            "steps_timed": len(model_t) - 3, "peak_rss_mb": m["peak_rss_mb"], "rss_after_setup_mb": base,
+            "decoder_parameters": bank, "parameters": sum(p.numel() for p in model.parameters()),
+            "optimizer": type(tr.optimizer).__name__}
+
+
+def section_ksweep(device, steps) -> dict:
+    rows = []
+    for K in (10, 100, 1000):
+        for subset in (None, min(KSWEEP_SUBSET, K)):
+            row = _subprocess(["--worker", "ksweep", "--K", str(K), "--subset", str(subset or 0), "--steps", str(steps)])
+            rows.append(row)
+            print(f"  K={K:5d} distributions_per_step={str(subset):5s} {row['step_ms']:8.1f} ms/step "
+                  f"(sampling {row['sample_ms']:.1f})  peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    plot_ksweep(rows, HERE / f"k_sweep_{device.type}.png")
+    return {"event": KSWEEP_EVENT, "B": KSWEEP_B, "N": KSWEEP_N, "points_per_distribution": KSWEEP_POINTS,
+            "model": "MLP MetaVAE z=16, encoder/summary 128 wide, decoders 16-128-128-64 (Gaussian)",
+            "rows": rows}
+
+
+def plot_ksweep(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for subset, label in ((None, "all K distributions per step"), (KSWEEP_SUBSET, f"distributions_per_step={KSWEEP_SUBSET}")):
+        rs = [r for r in rows if r["distributions_per_step"] == subset]
+        if not rs:
+            continue
+        axes[0].plot([r["K"] for r in rs], [r["step_ms"] for r in rs], "o-", label=label)
+        axes[1].plot([r["K"] for r in rs], [r["peak_rss_mb"] for r in rs], "o-", label=label)
+    for ax, what in zip(axes, ("ms per training step", "peak resident memory (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("K (training distributions = decoders)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Step cost vs K: B={KSWEEP_B}, N={KSWEEP_N}, small MLP decoders (CPU, {torch.get_num_threads()} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- a family larger than the in-memory path would like -------------------------------------------
+MAPPED_K, MAPPED_ROWS, MAPPED_EVENT = 10, 320_000, 784  # 10 x 320,000 x 784 bytes = 2.51 GB of uint8
+
+
+def write_family(folder: Path) -> int:
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    total = 0
+    for k in range(MAPPED_K):
+        a = np.lib.format.open_memmap(folder / f"d{k:02d}.npy", mode="w+", dtype=np.uint8,
+                                      shape=(MAPPED_ROWS, MAPPED_EVENT))
+        for start in range(0, MAPPED_ROWS, 20_000):
+            a[start:start + 20_000] = rng.integers(0, 256, (min(20_000, MAPPED_ROWS - start), MAPPED_EVENT),
+                                                   dtype=np.uint8)
+        a.flush()
+        total += a.nbytes
+        del a
+    return total
+
+
+def evict(folder: Path) -> None:
+    """Drop these files' pages from the page cache (only theirs), so every run starts cold."""
+    for f in sorted(folder.glob("*.npy")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def worker_mapped(folder: str, storage: str, steps: int) -> dict:
+    """The Trainer's own step loop (so the mapped storage's prefetch thread is part of it)."""
+    from metavae import TrainConfig, Trainer
+    from metavae.data.files import read_family
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    fam = read_family(folder)
+    data = MetaDataset(fam.points, names=fam.names, val_fraction=0.01, test_fraction=0.01, storage=storage)
+    build_s = time.perf_counter() - t
+    after_build = rss()
+    model = build_mlp_metavae((MAPPED_EVENT,), len(data))
+    tr = Trainer(model, data, TrainConfig(batch_size=100, context_size=10, steps_per_epoch=steps + 1), progress=False)
+    times = []
+    t = time.perf_counter()
+    for batch in tr._train_batches():  # fit's loop body; a step's time includes waiting for its batch
+        with tr._autocast():
+            loss = tr._step_module(batch)["loss"]
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.optimizer.step()
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    m = rss()
+    return {"storage": storage, "K": len(data), "B": 100, "N": 10, "build_s": round(build_s, 1),
+            "rss_after_build_mb": after_build.get("VmRSS"), "step_ms": round(statistics.median(times[1:]) * 1e3, 2),
+            "first_steps_ms": [round(x * 1e3, 1) for x in times[:3]], "steps_timed": len(times) - 1,
+            "prefetch_thread": storage == "mapped", **m}
+
+
+def section_mapped(device, steps, folder: Path) -> dict:
+    total = write_family(folder)
+    print(f"  wrote {total / 1e9:.2f} GB under {folder} ({MAPPED_K} x {MAPPED_ROWS} x {MAPPED_EVENT} uint8)", flush=True)
+    try:
+        rows = []
+        # cold: the files evicted from the page cache first; the padded run reads them whole, so the
+        # last mapped run finds them in the page cache (what a family that fits the cache gets)
+        for storage, cache in (("mapped", "cold"), ("padded", "cold"), ("mapped", "warm")):
+            if cache == "cold":
+                evict(folder)
+            row = _subprocess(["--worker", "mapped", "--storage", storage, "--dir", str(folder), "--steps", str(steps)])
+            row["page_cache"] = cache
+            rows.append(row)
+            print(f"  storage={storage:7s} ({cache} page cache) build {row['build_s']:6.1f} s  {row['step_ms']:7.1f} ms/step  "
+                  f"peak RSS {row['peak_rss_mb']:7.0f} MB (RssAnon {row.get('RssAnon')}, RssFile {row.get('RssFile')})",
+                  flush=True)
+    finally:
+        for f in folder.glob("*.npy"):
+            f.unlink()
+        folder.rmdir()
+    mem = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(("MemTotal", "MemAvailable")):
+                mem[line.split(":")[0]] = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {"family_gb": round(total / 1e9, 2), "files": MAPPED_K, "rows_per_file": MAPPED_ROWS,
+            "event": MAPPED_EVENT, "machine_memory_gb": mem, "rows": rows}
+
+
+def _subprocess(args) -> dict:
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+                         env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"benchmark worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the existing sweep and the authors' step -------------------------------------------------------
+def time_steps(model, data, B, N, device, steps, pool=None, amp=None):
+    """Median and mean seconds per full training step and FLOPs per step (kept for other scripts)."""
+    s = Stepper(model, data, B, N, device, pool, amp)
+    for _ in range(2):
+        s()
+    flops = s.flops()
+    for _ in range(steps):
+        s.timed()
+    return statistics.median(s.times), statistics.mean(s.times), flops
 
 
 def sweep(device, steps):
@@ -169,41 +506,78 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    ap.add_argument("--quick", action="store_true", help="fewer steps and no sweep (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 steps, only the mlp and conv sections, conv at B<=4 (a smoke test)")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)}")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    ap.add_argument("--mapped-dir", type=Path, default=Path("/tmp/metavae-bench-family"))
+    ap.add_argument("--conv-batch", type=int, default=32, help="queries per distribution in the conv rows")
+    ap.add_argument("--archive-previous", action="store_true",
+                    help="copy the stored results of this device under 'previous' before updating them")
+    ap.add_argument("--epoch-steps", type=int, default=None, help="steps of the epoch section (default: all 600)")
+    ap.add_argument("--worker", choices=("ksweep", "mapped"), help=argparse.SUPPRESS)
+    ap.add_argument("--K", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--subset", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--storage", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker == "ksweep":
+        print(json.dumps(worker_ksweep(args.K, args.subset or None, args.steps)))
+        return 0
+    if args.worker == "mapped":
+        print(json.dumps(worker_mapped(args.dir, args.storage, args.steps)))
+        return 0
+
     device = resolve_device(args.device)
     steps = 2 if args.quick else args.steps
+    sections = args.only.split(",") if args.only else (["mlp", "conv"] if args.quick else list(SECTIONS))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     device_name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "_")
-    peak = matmul_peak(device)
-    print(f"device {device_name}: dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+    pk = peaks(device)
+    print(f"device {device_name}: dense matmul peak fp32 {pk['fp32'] / 1e9:.1f}, bf16 {pk['bf16'] / 1e9:.1f} GFLOP/s, "
+          f"{torch.get_num_threads()} threads", flush=True)
 
-    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_gflops": round(peak / 1e9, 2)}
-    K, B, N = 9, 100, 10
-    data = make_data(K, (784,), 6000, device)
-    mlp_rows = {"metavae_mlp": {}, "metavae_mlp_pool100": {"pool": 100}, "metavae_mlp_pool50": {"pool": 50}}
-    if device.type == "cuda":
-        mlp_rows["metavae_mlp_bf16"] = {"amp": "bf16"}
-    for row_name, kw in mlp_rows.items():
-        row = record(row_name, build_mlp_metavae((784,), K).to(device), data, K, B, N, device, steps, **kw)
-        row["speedup_vs_issue"] = round(ISSUE_REFERENCE_EPOCH_S / row["paper_epoch_s"], 2)
-        # The same, had this run's machine the reference figure's matmul peak (an estimate: assumes the step
-        # scales with the peak, as a matmul-bound step does; this VM's peak varies by ~1.5x).
-        row["speedup_vs_issue_peak_scaled"] = round(row["speedup_vs_issue"] * ISSUE_PEAK_GFLOPS / row["peak_gflops"], 2)
-        res[row_name] = row
-    model = conv_model(3)
-    if model is not None:
-        cdata = make_data(3, (1, 32, 32), 2000, device)
-        res["metavae_conv"] = record("metavae_conv", model.to(device), cdata, 3, 32, 10, device, steps)
-    else:
-        res["metavae_conv"] = None
-        print("metavae_conv: skipped (no convolutional MetaVAE in this checkout)")
-    if not args.quick:
+    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+    res = merged.get(device_name, {})
+    if args.archive_previous and res.get("measured_at"):  # keep the stored run whole (the README may quote it)
+        import copy
+
+        merged.setdefault("previous", {}).setdefault(f"{device_name} {res['measured_at']}", copy.deepcopy(res))
+    res.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_gflops": round(pk["fp32"] / 1e9, 2),
+                "bf16_peak_gflops": round(pk["bf16"] / 1e9, 2)})
+    if device.type == "cpu":
+        res["cpu_bf16"] = cpu_bf16_support()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    res.setdefault("sections_measured_at", {})
+
+    def done(name, **extra):
+        res["sections_measured_at"][name] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_at_start": load,
+                                             "steps": steps, "threads": torch.get_num_threads(), **extra}
+
+    if "mlp" in sections:
+        res.update(section_mlp(device, steps))
+        done("mlp")
+    if "conv" in sections:
+        conv_batch = min(args.conv_batch, 4) if args.quick else args.conv_batch
+        res.update(section_conv(device, max(1, steps // 3), conv_batch))
+        done("conv", steps=max(1, steps // 3), batch=conv_batch)
+    if "epoch" in sections:
+        res["epoch_60k"] = section_epoch(device, args.epoch_steps)
+        done("epoch")
+    if "ksweep" in sections:
+        res["k_sweep"] = section_ksweep(device, steps)
+        done("ksweep")
+    if "mapped" in sections:
+        res["mapped_family"] = section_mapped(device, steps, args.mapped_dir)
+        done("mapped")
+    if "sweep" in sections:
         res["sweep"] = sweep(device, max(3, steps // 3))
         plot_sweep(res["sweep"], args.out.with_name(f"step_time_sweep_{device_name}.png"), device_name)
-
-    if device.type == "cpu":  # last: its 1.7 GB of context caches would inflate the other rows' peak RSS
+        done("sweep")
+    if "reference" in sections and device.type == "cpu":  # last: its 1.7 GB of context caches inflate peak RSS
         sys.path.insert(0, str(HERE))
         from reference_step import reference_step_time
 
@@ -213,15 +587,15 @@ def main(argv=None):
         res["reference_mlp"] = ref
         print(f"{'reference_mlp':22s} {ref['step_ms']:9.1f} ms/step  (data {ref['data_ms']:.0f} ms, "
               f"model {ref['model_ms']:.0f} ms)  epoch {ref['paper_epoch_s']:.0f} s", flush=True)
-        for row_name in mlp_rows:
+        done("reference")
+    if "reference" in sections and "reference_mlp" in res:  # only against a reference measured in this run
+        for row_name in [k for k in res if k.startswith("metavae_mlp")]:
             row = res[row_name]
-            row["speedup_vs_reference"] = round(ref["step_ms"] / row["step_ms"], 2)
-            print(f"  {row_name}: {row['speedup_vs_reference']:.1f}x the reference step on this machine, "
-                  f"{row['speedup_vs_issue']:.1f}x the reference 350 s epoch "
-                  f"({row['speedup_vs_issue_peak_scaled']:.1f}x scaled to its peak)", flush=True)
+            row["speedup_vs_reference"] = round(res["reference_mlp"]["step_ms"] / row["step_ms"], 2)
 
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
     merged[device_name] = res
+    if device.type == "cpu" and "cuda" not in str(merged.keys()):
+        merged["cuda_note"] = "no GPU in the sessions that measured these numbers: no CUDA rows yet"
     atomic_write_text(json.dumps(merged, indent=2) + "\n", args.out)
     print(f"wrote {args.out}")
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from metavae import Gaussian, MetaDataset, Trainer, TrainConfig, build_mlp_metavae, seed_everything
-from metavae.train import is_main_process
+from metavae.training import is_main_process
 
 out, epochs = Path(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)

@@ -4,7 +4,6 @@ embeddings, sets of one element, the batched conv decoder bank, and training on 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +13,10 @@ from metavae.data.meta import Batch, MetaDataset
 from metavae.models import MODEL_NAMES, build_model, make_model
 from metavae.models.conv_metavae import ConvDecoderBank
 from metavae.distributions import gaussian_kl
-from metavae.models.homoencoder import mixture_log_prob
+from metavae.models.hierarchical import mixture_log_prob
 from metavae.nets.conv import ConvEncoder, FCResBlock
-from metavae.train import TrainConfig, Trainer
+from metavae.training import TrainConfig, Trainer
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 FLAT = (784,)
 IMG = (28, 28)
 
@@ -361,13 +359,11 @@ def test_make_model_rejects_unknown_names():
 
 # --- training on rotated MNIST through the core Trainer ---------------------------------------
 @pytest.fixture(scope="module")
-def rotated_mnist():
-    if not (MNIST / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"shared MNIST copy not found at {MNIST}")
+def rotated_mnist(shared_mnist):
     from metavae.data.mnist import load_mnist
     from metavae.data.transforms import apply_transform
 
-    images, _ = load_mnist(MNIST, "test", download=False)
+    images, _ = load_mnist(shared_mnist, "test", download=False)
     images = images[:600]
     rots = [apply_transform(images, "rotation", a) for a in (-80, 0, 80)]
     return MetaDataset.from_parts(train=[r[:500] for r in rots], val=[r[500:] for r in rots])

@@ -14,7 +14,7 @@ from metavae.experiments import expfam as X
 from metavae.experiments import get_experiment
 from metavae.models.expfam import ExpFamLikelihood, FamilyParams, KnownLikelihoodDecoder, build_expfam_metavae
 from metavae.objectives import elbo
-from metavae.train import Trainer, TrainConfig, seed_everything
+from metavae.training import Trainer, TrainConfig, seed_everything
 
 FAMS = list(E.TRAIN_FAMILIES)
 TORCH = {
@@ -157,7 +157,7 @@ def _check_split(block, has_outside):
 
 
 def test_single_family_run_writes_the_issue_layout(tmp_path):
-    assert get_experiment("expfam-single").PRESETS
+    assert get_experiment("expfam-single").presets
     m = _run("expfam-single", tmp_path)
     assert set(m["mse"]) == {"metavae", "vae"}
     for model in m["mse"].values():

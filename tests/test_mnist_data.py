@@ -12,14 +12,7 @@ import torch
 
 from metavae.data import mnist
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 TRAIN_LABEL_COUNTS = [2406, 2770, 2381, 2524, 2386, 2181, 2401, 2524, 2328, 2444]
-
-
-def _shared():
-    if not (SHARED / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"shared MNIST copy not found at {SHARED}")
-    return SHARED
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -51,8 +44,8 @@ def _no_network(monkeypatch):
 # --------------------------------------------------------------------------- shared real files
 
 
-def test_shared_train_and_test_counts(caplog):
-    folder = _shared()
+def test_shared_train_and_test_counts(shared_mnist, caplog):
+    folder = shared_mnist
     with caplog.at_level(logging.INFO, logger="metavae.data.mnist"):
         x, y = mnist.load_mnist(folder, "train", download=False)
     assert x.shape == (24345, 28, 28) and x.dtype == torch.uint8
@@ -164,14 +157,14 @@ def _copying_fetch(source_dir: Path, calls: list):
     return fetch
 
 
-def test_shared_test_files_are_official():
-    folder = _shared()
+def test_shared_test_files_are_official(shared_mnist):
+    folder = shared_mnist
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         assert hashlib.md5((folder / name).read_bytes()).hexdigest() == mnist.MD5[name]
 
 
-def test_download_into_cache(tmp_path, monkeypatch):
-    folder = _shared()
+def test_download_into_cache(shared_mnist, tmp_path, monkeypatch):
+    folder = shared_mnist
     calls = []
     monkeypatch.setattr(mnist, "_fetch", _copying_fetch(folder, calls))
     x, y = mnist.load_mnist(split="test", cache_dir=tmp_path)
@@ -183,8 +176,8 @@ def test_download_into_cache(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def test_download_uses_env_cache(tmp_path, monkeypatch):
-    folder = _shared()
+def test_download_uses_env_cache(shared_mnist, tmp_path, monkeypatch):
+    folder = shared_mnist
     monkeypatch.setenv("METAVAE_DATA", str(tmp_path))
     monkeypatch.setattr(mnist, "_fetch", _copying_fetch(folder, []))
     mnist.load_mnist(split="test")
@@ -200,8 +193,8 @@ def test_download_md5_mismatch(tmp_path, monkeypatch):
     assert list((tmp_path / "mnist").iterdir()) == []  # bad file deleted, nothing half-written
 
 
-def test_download_falls_back_to_next_mirror(tmp_path, monkeypatch):
-    folder = _shared()
+def test_download_falls_back_to_next_mirror(shared_mnist, tmp_path, monkeypatch):
+    folder = shared_mnist
     calls = []
     good = _copying_fetch(folder, calls)
 

@@ -7,7 +7,8 @@ import torch
 from metavae import Gaussian, MetaDataset, TrainConfig, Trainer, build_mlp_metavae
 from metavae.cli import main
 from metavae.data.files import read_family
-from metavae.models import build_homoencoder
+from metavae.models import build_vhe
+from metavae.models import load as load_model
 
 
 def _table(tmp_path, suffix):
@@ -94,7 +95,7 @@ def test_vhe_samples_follow_the_context_distribution():
     g = torch.Generator().manual_seed(0)
     means = torch.linspace(-4, 4, 12)
     data = MetaDataset([m + 0.3 * torch.randn(200, 1, generator=g) for m in means])
-    model = build_homoencoder((1,), c_dim=2, z_dim=1, hidden=32, decoder_hidden=32, likelihood=Gaussian(None))
+    model = build_vhe((1,), c_dim=2, z_dim=1, hidden=32, decoder_hidden=32, likelihood=Gaussian(None))
     Trainer(model, data, TrainConfig(epochs=6, batch_size=32, context_size=10, lr=3e-3, steps_per_epoch=100),
             progress=False).fit()
     unseen = torch.tensor([-3.3, -1.7, 0.5, 2.2, 3.6])
@@ -135,15 +136,18 @@ def test_train_with_attention_summary_from_the_command_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o"), "--summary", "attention",
                  "--set", "epochs=1", "--quiet"]) == 0
     assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o2"), "--summary", "attention",
-                 "--model", "vhe", "--quiet"]) == 2
-    assert "built for the MetaVAE" in capsys.readouterr().err
+                 "--model", "vhe", "--set", "epochs=1", "--quiet"]) == 0
+    assert load_model(tmp_path / "o2" / "model.pt").config["pooling"] == "attention"
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o3"), "--summary", "attention",
+                 "--model", "vae", "--quiet"]) == 2
+    assert "the VAE has no context set to pool" in capsys.readouterr().err
 
 
 def test_vhe_log_prob_matches_brute_force_quadrature():
     """On a 1-D VHE (c and z one-dimensional), log_prob with many importance samples equals
     log of the integral over c ~ q(c|D) and z ~ p(z|c) of p(x|z,c), computed on a grid."""
     torch.manual_seed(0)
-    model = build_homoencoder((1,), c_dim=1, z_dim=1, hidden=8, decoder_hidden=8, likelihood=Gaussian(0.5)).eval()
+    model = build_vhe((1,), c_dim=1, z_dim=1, hidden=8, decoder_hidden=8, likelihood=Gaussian(0.5)).eval()
     # points where this untrained q(z | x, c) is a usable proposal: far from it the importance
     # weights are heavy-tailed and any finite-k estimate is noisy (a property of the estimator)
     context, x = torch.randn(12, 1), torch.tensor([[0.3], [1.0], [2.0]])

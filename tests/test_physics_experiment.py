@@ -13,7 +13,7 @@ from metavae.data.meta import MetaDataset
 from metavae.experiments import get_experiment
 from metavae.experiments import physics as X
 from metavae.models.compiled import build_compiled_inference
-from metavae.train import Trainer, TrainConfig, seed_everything
+from metavae.training import Trainer, TrainConfig, seed_everything
 
 
 def gen(seed=0):
@@ -94,9 +94,9 @@ def test_short_training_on_two_simulators_beats_the_prior_mean():
     cfg = X.PhysicsConfig(train_samples=400, val_samples=100, context_size=64, batch_size=32, hidden=(32, 32),
                           summary=(32, 32))
     sims = [(4, 30), (8, 50)]
-    data = X._dataset(sims, cfg, gen(0))
+    data = X.simulator_dataset(sims, cfg, gen(0))
     seed_everything(0)
-    model = X._model(cfg)
+    model = X.build_model(cfg)
     tc = TrainConfig(epochs=1, batch_size=32, context_size=64, lr=3e-3, steps_per_epoch=150, shared_context=True,
                      grad_clip=10.0, seed=0)
     Trainer(model, data, tc, progress=False).fit()
@@ -117,7 +117,7 @@ TINY = ["train_samples=40", "val_samples=20", "test_samples=20", "context_pool=3
 
 
 def test_cli_run_writes_metrics_in_the_issue_layout(tmp_path, capsys):
-    assert get_experiment("physics").PRESETS
+    assert get_experiment("physics").presets
     args = ["run", "physics", "--out", str(tmp_path), "--quiet"]
     for s in TINY:
         args += ["--set", s]

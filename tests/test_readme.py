@@ -36,7 +36,7 @@ def test_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
     section = text[text.index("## Your own family of data sets"):text.index("## Command line")]
     commands = [line for line in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines() if line.strip()]
     assert [c.split()[:2] for c in commands] == [["metavae", "train"], ["metavae", "embed"], ["metavae", "train"],
-                                                ["metavae", "sample"]]
+                                                ["metavae", "sample"], ["metavae", "adapt"], ["metavae", "sample"]]
     rng = np.random.default_rng(0)
     monkeypatch.chdir(tmp_path)
     np.savez("family.npz", **{f"site{k}": rng.normal(size=(120, 3)) + 3 * rng.normal(size=3) for k in range(4)})
@@ -47,9 +47,12 @@ def test_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
         argv = shlex.split(command)[1:]
         if argv[0] == "train":  # as written, but shorter and quiet
             argv += ["--set", "epochs=2", "--quiet"]
+        if argv[0] == "adapt":
+            argv += ["--steps", "50", "--quiet"]
         assert main(argv) == 0, command
     assert "float64 data cast to float32" in capsys.readouterr().err
     assert np.load("z.npy").shape == (10, 4) and np.load("samples.npy").shape == (64, 3)
+    assert np.load("new-samples.npy").shape == (64, 3)
     for name in ("model.pt", "metrics.json", "metrics.jsonl", "loss.png"):
         assert (tmp_path / "my-run" / name).exists(), name
 
@@ -73,3 +76,20 @@ def test_layout_names_every_module():
     src = README.parent / "src" / "metavae"
     missing = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
     assert not missing, f"README Layout does not name: {missing}"
+
+
+def _block(name: str) -> str:
+    text = README.read_text()
+    return text[text.index(f"<!-- {name} -->") + len(f"<!-- {name} -->"):text.index(f"<!-- /{name} -->")].strip()
+
+
+def test_readme_generation_and_pooling_tables_are_rebuilt_from_results():
+    import json
+
+    from metavae.experiments.generation import likelihood_table
+    from metavae.experiments.mog import pooling_table
+
+    results = README.parent / "results"
+    assert _block("generation-table") == likelihood_table(
+        json.loads((results / "generation" / "metrics.json").read_text())).strip()
+    assert _block("pooling-table") == pooling_table(results / "pooling").strip()

@@ -5,20 +5,20 @@ import torch
 
 import metavae
 from metavae.distributions import Gaussian
-from metavae.models import KINDS, build_conv_metavae, build_homoencoder, build_mlp_metavae, build_statistician, load
+from metavae.models import KINDS, build_conv_metavae, build_vhe, build_mlp_metavae, build_ns, load
 from metavae.models.compiled import build_compiled_inference
 from metavae.models.expfam import build_expfam_metavae
 
 
 def _mog_model():
-    from metavae.experiments.mog import MogConfig, _model
+    from metavae.experiments.mog import MogConfig, build_model as _model
 
     return _model(torch.randn(3, 40, 2), MogConfig(), True)
 
 
 def _physics_models():
     from metavae.data.meta import MetaDataset
-    from metavae.experiments.physics import PhysicsConfig, _model
+    from metavae.experiments.physics import PhysicsConfig, build_model as _model
 
     cfg = PhysicsConfig()
     data = MetaDataset.from_parts(train=[torch.stack([torch.rand(30), torch.zeros(30)], -1)])
@@ -32,12 +32,12 @@ CASES = {
     "mog": _mog_model,
     "conv_metavae": lambda: build_conv_metavae((28, 28), 2, z_dim=3, hidden=8, channels=(2, 4, 4), res_layers=1,
                                                groups=1),
-    "vhe": lambda: build_homoencoder((6,), c_dim=3, z_dim=2, hidden=8, decoder_hidden=8),
-    "vhe_vampprior": lambda: build_homoencoder((6,), prior="vampprior", c_dim=3, z_dim=2, hidden=8, decoder_hidden=8,
+    "vhe": lambda: build_vhe((6,), c_dim=3, z_dim=2, hidden=8, decoder_hidden=8),
+    "vhe_vampprior": lambda: build_vhe((6,), prior="vampprior", c_dim=3, z_dim=2, hidden=8, decoder_hidden=8,
                                                n_components=2, n_pseudo=2),
-    "vhe_conv": lambda: build_homoencoder((28, 28), arch="conv", c_dim=3, z_dim=2, hidden=8, channels=(2, 4, 4),
+    "vhe_conv": lambda: build_vhe((28, 28), arch="conv", c_dim=3, z_dim=2, hidden=8, channels=(2, 4, 4),
                                           groups=1),
-    "ns": lambda: build_statistician((6,), c_dim=3, z_dim=2, hidden=8, decoder_hidden=8),
+    "ns": lambda: build_ns((6,), c_dim=3, z_dim=2, hidden=8, decoder_hidden=8),
     "expfam": lambda: build_expfam_metavae(["gaussian", "exponential"], draw_features=(4,), meta_summary=(4,),
                                            hidden=(8,)),
     "physics_metavae": lambda: _physics_models()[0],
@@ -72,6 +72,23 @@ def test_round_trip_gives_identical_outputs(name, tmp_path):
     assert type(back) is type(model) and back.extra == {"note": "hello"}
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+    x, ctx = _inputs(model)
+    assert torch.equal(model.embed(x, ctx), back.embed(x, ctx))
+
+
+@pytest.mark.parametrize("old, case", [("homoencoder", "vhe"), ("statistician", "ns")])
+def test_files_written_under_an_old_kind_name_still_load(old, case, tmp_path):
+    """The VHE and NS kinds were once called "homoencoder" and "statistician"."""
+    from metavae.models.registry import complete_config
+
+    model = CASES[case]().eval()
+    model.save(tmp_path / "m.pt")
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    raw["config"]["kind"] = old
+    del raw["config"]["pooling"]  # written before the setting existed
+    torch.save(raw, tmp_path / "old.pt")
+    back = metavae.load(tmp_path / "old.pt")
+    assert type(back) is type(model) and complete_config(raw["config"]) == complete_config(model.config)
     x, ctx = _inputs(model)
     assert torch.equal(model.embed(x, ctx), back.embed(x, ctx))
 
@@ -113,3 +130,20 @@ def test_experiment_checkpoints_load(tmp_path):
     with pytest.raises(ValueError, match="not a metavae model"):
         torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
         load(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("name, arch", [("ns", "mlp"), ("vhe", "mlp"), ("vhe", "conv")])
+def test_attention_pooling_for_ns_and_vhe_round_trips_and_is_permutation_invariant(name, arch, tmp_path):
+    from metavae.models import make_model
+    from metavae.nets.sets import AttentionPool
+
+    torch.manual_seed(0)
+    shape = (28, 28) if arch == "conv" else (6,)
+    kw = dict(channels=(2, 4, 4), groups=1) if arch == "conv" else dict(decoder_hidden=8)
+    model = make_model(name, arch, shape, c_dim=3, z_dim=2, hidden=8, pooling="attention", **kw).eval()
+    assert any(isinstance(m, AttentionPool) for m in model.modules()) and model.config["pooling"] == "attention"
+    model.save(tmp_path / "m.pt")
+    back = metavae.load(tmp_path / "m.pt")
+    x, ctx = torch.rand(4, *shape), torch.rand(4, 5, *shape)
+    assert torch.equal(model.embed(x, ctx), back.embed(x, ctx))
+    torch.testing.assert_close(model.embed(x, ctx), model.embed(x, ctx[:, torch.randperm(5)]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metavae import MetaDataset, Trainer, TrainConfig, build_mlp_metavae, seed_everything
-from metavae.train import resolve_device
+from metavae.training import resolve_device
 
 
 def _data():

@@ -6,7 +6,6 @@ assert equality.
 """
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +16,11 @@ from metavae.data.mnist import load_mnist
 
 Image = pytest.importorskip("PIL.Image")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 @pytest.fixture(scope="module")
-def digits():
-    if not (SHARED / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"shared MNIST copy not found at {SHARED}")
-    images, _ = load_mnist(SHARED, "test", download=False)
+def digits(shared_mnist):
+    images, _ = load_mnist(shared_mnist, "test", download=False)
     return images[:8].clone()
 
 

@@ -7,7 +7,7 @@ from .data.meta import Batch, MetaDataset
 from .distributions import Bernoulli, CategoricalLatent, Gaussian, GaussianLatent
 from .models import MetaVAE, build_mlp_metavae, build_model, build_vae, load, make_model, save_model
 from .objectives import elbo, iw_log_likelihood, meta_elbo
-from .train import Trainer, TrainConfig, seed_everything
+from .training import Trainer, TrainConfig, seed_everything
 
 __version__ = "0.1.0"
 __all__ = [

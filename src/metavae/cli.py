@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="output folder (model.pt, metrics.json, loss.png)")
     t.add_argument("--model", default="metavae", help="metavae (default), vae, ns, vhe or vhe-vampprior")
     t.add_argument("--summary", default="mean", choices=("mean", "attention"),
-                   help="how the MetaVAE pools a context set: mean (the paper's) or attention (a Set Transformer)")
+                   help="how the MetaVAE, NS or VHE pools a context set: mean (the paper's) or attention (a Set Transformer)")
     t.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
     t.add_argument("--label-column", default=None, help="CSV/Parquet: a column of labels to keep out of the features")
     t.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard event files into this folder")
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--query", type=Path, required=True, help=".npy of query points (n, ...)")
     e.add_argument("--context", type=Path, default=None, help=".npy of points of the queries' distribution")
     e.add_argument("--out", type=Path, required=True, help=".npy to write the (n, z_dim) embeddings to")
+    e.add_argument("--refine-steps", type=int, default=0,
+                   help="MetaVAE: refine each query's q by this many ELBO gradient steps under decoder --dist")
+    e.add_argument("--dist", default=None, help="with --refine-steps: the decoder (distribution name or index)")
     sm = sub.add_parser("sample", help="generate points for a context set's distribution (NS, VHE) "
                                        "or a training distribution (MetaVAE)")
     sm.add_argument("--model", type=Path, required=True)
@@ -70,11 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("-n", type=int, default=64, help="how many points")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--out", type=Path, required=True, help=".npy to write the (n, ...) points to")
+    a = sub.add_parser("adapt", help="MetaVAE: fit a decoder for an unseen distribution (encoder frozen), "
+                                     "so that `sample --dist NAME` generates it")
+    a.add_argument("--model", type=Path, required=True, help="a MetaVAE model.pt (or a checkpoint)")
+    a.add_argument("--data", type=Path, required=True, help=".npy of the new distribution's points (n, ...)")
+    a.add_argument("--name", default=None, help="the new distribution's name (default: the file's stem)")
+    a.add_argument("--steps", type=int, default=500, help="Adam steps on the ELBO (default 500)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", type=Path, required=True, help="where to save the model with its new decoder")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("cache", help="show or clear what metavae keeps under $METAVAE_DATA")
     c.add_argument("action", choices=("info", "clear"))
     c.add_argument("--downloads", action="store_true", help="with clear: delete the downloaded data sets too")
     rep = sub.add_parser("report", help="gather finished runs into the paper's tables and figures")
-    rep.add_argument("benchmark", help="mnist or norb")
+    rep.add_argument("benchmark", help="the family of experiments: mnist or norb")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
     rep.add_argument("--readme", type=Path, default=None, metavar="README",
@@ -98,13 +110,12 @@ def _overrides(pairs: list[str]) -> dict:
 def run_command(args) -> int:
     exp = get_experiment(args.experiment)
     options = {k: getattr(args, k) for k in ("model", "split", "data_dir") if getattr(args, k) is not None}
-    unsupported = sorted(set(options) - set(exp.OPTIONS))
+    unsupported = sorted(set(options) - exp.options)
     if unsupported:
         flags = ", ".join("--" + u.replace("_", "-") for u in unsupported)
         raise ValueError(f"experiment '{args.experiment}' does not take {flags}")
-    cfg = resolve_preset(exp.PRESETS, args.preset, _overrides(args.set))
-    default = getattr(exp, "default_out", None)
-    out = args.out or (default(**options) if default else Path("runs") / args.experiment)
+    cfg = resolve_preset(exp.presets, args.preset, _overrides(args.set))
+    out = args.out or (exp.default_out(**options) if exp.default_out else Path("runs") / args.experiment)
     t0 = time.time()
     with RunFolder(out):  # writable, ours alone, no stale temporaries: checked before any data loads
         metrics = exp.run(cfg, out=out, device=args.device, seed=args.seed, progress=not args.quiet, **options)
@@ -124,8 +135,15 @@ def own_data_command(args) -> int:
         stop = " (stopped early)" if m["stopped_early"] else ""
         print(f"trained {m['model']} on {len(m['data']['names'])} distributions for {m['epochs_trained']} epochs{stop}; "
               f"best validation loss {m['best_val_loss']:.4g} at epoch {m['best_epoch']}; wrote {args.out / 'model.pt'}")
+    elif args.command == "adapt":
+        k = W.adapt_files(args.model, args.data, args.out, args.name, args.steps, args.seed, progress=not args.quiet)
+        print(f"fitted decoder {k} for {args.name or args.data.stem}; wrote {args.out} "
+              f"(metavae sample --model {args.out} --dist {args.name or args.data.stem})")
     elif args.command == "embed":
-        z = W.embed_files(args.model, args.query, args.context, args.out)
+        if args.refine_steps < 0:
+            raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+        z = W.embed_files(args.model, args.query, args.context, args.out, refine_steps=args.refine_steps,
+                          dist=args.dist)
         print(f"wrote {z.shape[0]} embeddings of dimension {z.shape[1]} to {args.out}")
     else:
         if args.n < 1:
@@ -156,7 +174,7 @@ def main(argv=None) -> int:
             return 0
         if args.command == "cache":
             return cache_command(args)
-        if args.command in ("train", "embed", "sample"):
+        if args.command in ("train", "embed", "sample", "adapt"):
             return own_data_command(args)
         if args.command == "report":
             runs = args.runs

@@ -1,4 +1,4 @@
-"""Files: the one atomic writer, and the lock that makes a run folder belong to one run.
+"""Files: the one atomic writer, the one safe reader of torch files, and the lock that makes a run folder belong to one run.
 
 Every file metavae writes goes through `atomic_write`: a temporary file in the target's folder,
 flushed to disk, then renamed over the target, so a crash leaves the old file or the new one and
@@ -40,6 +40,19 @@ def atomic_save(obj, path: Path) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def safe_load(path: Path, what: str = "checkpoint") -> object:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only, so a file planted
+    in a run folder cannot run code), to the CPU; an unreadable or unsafe file raises one clear error."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or unsafe file names itself rather than dying deep in pickle
+        why = "it holds objects other than tensors and plain data, refused unread" if "GLOBAL" in str(e) \
+            else f"corrupt or truncated ({type(e).__name__})"
+        raise ValueError(f"cannot read {what} {path}: {why}; delete it to start afresh") from None
 
 
 def atomic_write_text(text: str, path: Path) -> Path:

@@ -8,23 +8,29 @@ from __future__ import annotations
 import torch
 
 
-def _log_lik(model, x, z, dist):
+def decoder_log_lik(model, x, z, dist):
     """log p(x | z_s) for every drawn z: z (K, B, S, dz) -> (K, B, S)."""
     params = model.decode(z, dist)
     return model.likelihood.log_prob(params, x.flatten(2).unsqueeze(2))
 
 
-def _reconstruction(model, x, context, dist, n_samples: int = 1) -> tuple:
-    """(E_q[log p(x|z)] per point (K, B), the parameters of q(z|D,x))."""
-    params = model.encode(x, context)
-    z, w = model.latent.draw(params, n_samples)
-    return (w * _log_lik(model, x, z, dist)).sum(-1), params
+def expected_log_lik(latent, params, log_lik, n_samples: int = 1) -> torch.Tensor:
+    """E_q[log p(x|z)] per point for q = ``latent`` with ``params``; ``log_lik(z)`` maps the drawn
+    points (..., S, dz) to (..., S). Any likelihood works, not only a model's decoder."""
+    z, w = latent.draw(params, n_samples)
+    return (w * log_lik(z)).sum(-1)
+
+
+def elbo_of(latent, params, log_lik, n_samples: int = 1) -> torch.Tensor:
+    """E_q[log p(x|z)] - KL(q || p(z)) per point for given parameters of q: the one ELBO formula,
+    which `elbo` applies to an encoder's output and `refine` optimises per point."""
+    return expected_log_lik(latent, params, log_lik, n_samples) - latent.kl(params)
 
 
 def elbo(model, x, context=None, dist=None, n_samples: int = 1) -> torch.Tensor:
     """E_q[log p(x|z)] - KL(q(z|D,x) || p(z)), per point (K, B)."""
-    rec, params = _reconstruction(model, x, context, dist, n_samples)
-    return rec - model.latent.kl(params)
+    params = model.encode(x, context)
+    return elbo_of(model.latent, params, lambda z: decoder_log_lik(model, x, z, dist), n_samples)
 
 
 def free_bits_meta_elbo(model, x, context=None, dist=None, free_bits: float = 0.0) -> torch.Tensor:
@@ -32,7 +38,8 @@ def free_bits_meta_elbo(model, x, context=None, dist=None, free_bits: float = 0.
     over the batch, counts as at least ``free_bits`` nats, so the optimiser gains nothing by
     pushing a dimension's posterior onto the prior below that: a remedy for posterior collapse.
     A training objective (a lower bound only when no dimension sits below the floor)."""
-    rec, params = _reconstruction(model, x, context, dist)
+    params = model.encode(x, context)
+    rec = expected_log_lik(model.latent, params, lambda z: decoder_log_lik(model, x, z, dist))
     kl = model.latent.kl_per_dim(params).mean(dim=(0, 1)).clamp_min(free_bits).sum()
     return rec.mean(dim=1).mean(dim=0) - kl
 
@@ -48,4 +55,4 @@ def iw_log_likelihood(model, x, context=None, dist=None, k: int = 10) -> torch.T
     It is >= the ELBO and tightens as k grows; with an enumerable latent it is exact."""
     params = model.encode(x, context)
     z, corr = model.latent.importance(params, k)
-    return torch.logsumexp(_log_lik(model, x, z, dist) + corr, dim=-1)
+    return torch.logsumexp(decoder_log_lik(model, x, z, dist) + corr, dim=-1)

@@ -21,7 +21,7 @@ from .data.meta import MetaDataset
 from .distributions import make_likelihood
 from .io import atomic_write_text
 from .models import MODEL_NAMES, load, make_model
-from .train import Trainer, TrainConfig, seed_everything
+from .training import Trainer, TrainConfig, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def _notice_float64(family: Family) -> None:
 
 def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean"):
     lik = make_likelihood(cfg.likelihood, None)  # Gaussian: a learned variance; Bernoulli takes none
-    if pooling != "mean" and model_name != "metavae":
-        raise ValueError(f"--summary {pooling} is built for the MetaVAE; the {model_name} pools by the mean")
+    if pooling != "mean" and model_name == "vae":
+        raise ValueError(f"--summary {pooling}: the VAE has no context set to pool")
     if model_name in ("metavae", "vae"):
         kw = dict(z_dim=cfg.z_dim, hidden=cfg.hidden, likelihood=lik)
         if model_name == "metavae":
@@ -66,7 +66,7 @@ def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: 
         return make_model(model_name, "mlp", event_shape, n, **kw)
     width = cfg.hidden[0]
     return make_model(model_name, "mlp", event_shape, n, z_dim=cfg.z_dim, c_dim=cfg.summary[-1], hidden=width,
-                      decoder_hidden=cfg.hidden[-1], likelihood=lik)
+                      decoder_hidden=cfg.hidden[-1], likelihood=lik, pooling=pooling)
 
 
 def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainConfig = FileTrainConfig(),
@@ -156,16 +156,43 @@ def _array(path, what: str, event_shape) -> torch.Tensor:
     return checked_points(a, what, path.name).float()
 
 
-def embed_files(model_path, query_path, context_path, out_path, device: str = "cpu") -> np.ndarray:
+def embed_files(model_path, query_path, context_path, out_path, device: str = "cpu", refine_steps: int = 0,
+                dist: str | None = None, lr: float = 0.05) -> np.ndarray:
     """Posterior means (n, z_dim) of the queries in ``query_path``, all with the context set in
-    ``context_path`` (points of the same distribution), saved as ``out_path`` (.npy)."""
+    ``context_path`` (points of the same distribution), saved as ``out_path`` (.npy). With
+    ``refine_steps`` (MetaVAE), each query's q is refined by that many ELBO steps under decoder
+    ``dist`` (a training distribution's or an adapted one: `metavae.refine`)."""
     model = load(model_path, device)
     ev = model.event_shape
     q = _array(query_path, "query", ev).to(device)
     ctx = _array(context_path, "context", ev).to(device) if getattr(model, "uses_context", True) else None
-    z = model.embed(q, ctx).cpu().numpy()
+    if dist is not None and not refine_steps:
+        raise ValueError("--dist names the decoder that --refine-steps refines under; pass --refine-steps K too")
+    if refine_steps:
+        from .refine import refined_encode
+
+        if not hasattr(model, "n_decoders"):
+            raise ValueError("--refine-steps refines a MetaVAE's q under one of its decoders; this model has none")
+        if dist is None:
+            raise ValueError("--refine-steps needs --dist: the decoder (training or adapted distribution) whose ELBO "
+                             "the steps climb")
+        k = decoder_index(model, dist)
+        params = refined_encode(model, q.unsqueeze(0), ctx, torch.tensor([k]), steps=refine_steps, lr=lr)[0]
+        z = model.latent.mean(params).cpu().numpy()
+    else:
+        z = model.embed(q, ctx).cpu().numpy()
     _save_npy(out_path, z)
     return z
+
+
+def decoder_index(model, dist: str) -> int:
+    """A MetaVAE decoder named by its distribution's name (as saved with the model) or its index."""
+    names = list(getattr(model, "extra", {}).get("distributions", []))
+    k = names.index(dist) if dist in names else (int(dist) if str(dist).isdigit() else None)
+    if k is None or not 0 <= k < model.n_decoders:
+        raise ValueError(f"unknown distribution {dist!r}; the model's decoders: {', '.join(names[:10]) or 'indices'}"
+                         f" (0..{model.n_decoders - 1})")
+    return k
 
 
 def sample_files(model_path, out_path, n: int, context_path=None, dist: str | None = None, seed: int = 0,
@@ -182,17 +209,33 @@ def sample_files(model_path, out_path, n: int, context_path=None, dist: str | No
     else:
         if context is not None:
             model.sample(n, context=context)  # the MetaVAE explains why it cannot
-        names = list(getattr(model, "extra", {}).get("distributions", []))
         if dist is None:
+            names = list(getattr(model, "extra", {}).get("distributions", []))
             raise ValueError("the MetaVAE samples from one training distribution's decoder: pass --dist NAME "
                              f"(one of {', '.join(names[:10]) or 'its indices'})")
-        k = names.index(dist) if dist in names else (int(dist) if str(dist).isdigit() else None)
-        if k is None:
-            raise ValueError(f"unknown distribution {dist!r}; the model was trained on {', '.join(names[:10])}")
-        x = model.sample(n, dist=k, generator=gen)
+        x = model.sample(n, dist=decoder_index(model, dist), generator=gen)
     x = x.cpu().numpy()
     _save_npy(out_path, x)
     return x
+
+
+def adapt_files(model_path, data_path, out_path, name: str | None = None, steps: int = 500, seed: int = 0,
+                progress: bool = True, device: str = "cpu") -> int:
+    """Fit a MetaVAE decoder for the unseen distribution whose points are in ``data_path`` (encoder
+    frozen, `MetaVAE.adapt`) and save the grown model as ``out_path``; the new decoder's index.
+    ``name`` (default: the file's stem) is how `metavae sample --dist` finds it."""
+    model = load(model_path, device)
+    if not hasattr(model, "adapt"):
+        raise ValueError(f"adapt fits a decoder for a MetaVAE; {type(model).__name__} needs none: it generates "
+                         "for a context set directly (metavae sample --context)")
+    points = _array(data_path, "points", model.event_shape).to(device)
+    names = list(model.extra.get("distributions", [str(k) for k in range(model.n_decoders)]))
+    name = name or Path(data_path).stem
+    if name in names:
+        raise ValueError(f"the model already has a distribution named {name!r}; pass another --name")
+    k = model.adapt(points, steps=steps, seed=seed, progress=progress)
+    model.save(out_path, **{**model.extra, "distributions": names + [name]})
+    return k
 
 
 def _save_npy(path, array: np.ndarray) -> None:

@@ -3,7 +3,8 @@
 Accepted layouts (`read_family`):
   * ``family.npz``: one array per distribution, the array names naming the distributions;
   * a directory of ``.npy`` files: one per distribution, the file stems naming them (opened
-    memory-mapped, so only what is used is read);
+    memory-mapped, so only what is used is read; ``MetaDataset(family.points, storage="mapped")``
+    trains on them without loading them, for families larger than memory);
   * ``table.csv`` / ``table.parquet``: one row per point, a column naming the distribution
     (``dist_column``), the other numeric columns the point's features; optionally a column of
     labels (``label_column``), kept aside for read-outs. Read with pandas (pyarrow for Parquet).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .meta import checked_points
+from .meta import check_points
 
 
 @dataclass
@@ -41,7 +42,7 @@ def _check(names, arrays, source) -> None:
             raise ValueError(f"{source}: distribution {name!r} is 1-D (shape {a.shape}); give points as rows "
                              "(n, features), e.g. a.reshape(-1, 1) for scalars")
         shapes.setdefault(tuple(a.shape[1:]), []).append(name)
-        checked_points(a, source, repr(name))  # empty, non-numeric, NaN/inf: named here
+        check_points(a, source, repr(name))  # empty, non-numeric, NaN/inf: named here (a memmap: in chunks)
     if len(shapes) > 1:
         desc = "; ".join(f"{list(s)} for {', '.join(map(repr, ns[:3]))}" for s, ns in shapes.items())
         raise ValueError(f"{source}: distributions disagree on the point shape (ragged): {desc}")

@@ -1,46 +1,56 @@
-"""The paper's experiments, each a module with presets, ``run`` and a report.
+"""The paper's experiments: each module (or folder) holds its own configs, models it alone uses,
+``run`` and report, and declares an `Experiment` record (`base.py`) listed below.
 
-An experiment module defines ``DESCRIPTION`` (one line), ``PRESETS`` (name -> config
-dataclass; the first is the default), ``OPTIONS`` (the CLI options it accepts beyond the
-common ones) and ``run(config, out, device, seed, progress, **options) -> metrics``.
-An entry is a module path, or ``module:attribute`` where one module serves several experiments.
-Modules are imported lazily so ``metavae list`` stays instant.
+An entry is ``module:attribute`` naming that record. Modules are imported lazily so ``metavae
+list`` stays quick and a broken experiment cannot stop the others from running.
 """
 from __future__ import annotations
 
 import importlib
 
+from .base import Experiment
+
 EXPERIMENTS = {
-    "mog": "metavae.experiments.mog",
+    "mog": "metavae.experiments.mog:EXPERIMENT",
     "mnist-rotate": "metavae.experiments.mnist:rotate",
     "mnist-scale": "metavae.experiments.mnist:scale",
     "mnist-shear": "metavae.experiments.mnist:shear",
+    "mnist-generation": "metavae.experiments.generation:EXPERIMENT",
     "norb-elevation": "metavae.experiments.norb:elevation",
     "norb-azimuth": "metavae.experiments.norb:azimuth",
     "norb-lighting": "metavae.experiments.norb:lighting",
-    "physics": "metavae.experiments.physics",
-    "expfam-single": "metavae.experiments.expfam_single",
-    "expfam-many": "metavae.experiments.expfam_many",
+    "physics": "metavae.experiments.physics:EXPERIMENT",
+    "expfam-single": "metavae.experiments.expfam:single",
+    "expfam-many": "metavae.experiments.expfam:many",
+    "gap": "metavae.experiments.gap:EXPERIMENT",
 }
 
 
-def get_experiment(name: str):
+def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment '{name}'; known: {', '.join(sorted(EXPERIMENTS))} (see `metavae list`)")
     module, _, attr = EXPERIMENTS[name].partition(":")
-    found = importlib.import_module(module)
-    return getattr(found, attr) if attr else found
+    return getattr(importlib.import_module(module), attr)
 
 
-REPORTS = {"mnist": "metavae.experiments.mnist", "norb": "metavae.experiments.norb"}
+def report_families() -> list[str]:
+    """The names ``metavae report`` takes: the families (``mnist`` of ``mnist-rotate``) with a report."""
+    families = {}
+    for name in EXPERIMENTS:
+        family = name.split("-")[0]
+        if family not in families:
+            families[family] = get_experiment(name).report is not None
+    return sorted(f for f, has in families.items() if has)
 
 
-def get_report(name: str):
-    """The ``report(runs, out)`` function that gathers finished runs of one benchmark."""
-    if name not in REPORTS:
-        raise ValueError(f"unknown report '{name}'; known: {', '.join(sorted(REPORTS))}")
-    return importlib.import_module(REPORTS[name]).report
+def get_report(family: str):
+    """The ``report(runs, out)`` function that gathers the finished runs of one family."""
+    first = next((n for n in EXPERIMENTS if n.split("-")[0] == family), None)
+    report = None if first is None else get_experiment(first).report
+    if report is None:
+        raise ValueError(f"unknown report '{family}'; known: {', '.join(report_families())}")
+    return report
 
 
 def list_experiments() -> list[tuple[str, str]]:
-    return [(name, get_experiment(name).DESCRIPTION) for name in EXPERIMENTS]
+    return [(name, get_experiment(name).description) for name in EXPERIMENTS]

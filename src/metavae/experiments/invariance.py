@@ -21,7 +21,7 @@ import torch
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
 from ..models.metavae import INITS
-from ..train import Trainer, TrainConfig, load_checkpoint, seed_everything
+from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
 
 # Two linear probes read every embedding (docs/reproduction.md §13):
 # * reference: one-vs-rest liblinear logistic regression with sklearn's historic defaults (C=1, L2,
@@ -404,7 +404,7 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
     included where their runs exist) and Table 1 (the interleaved MetaVAE's invariance distances
     per axis, mean over seeds) from finished runs ``found[(axis, split, model)] = [metrics, ...]``,
     written as table1.json / table2.json; also the commands that would make the missing runs."""
-    from ..train import atomic_write_text
+    from ..io import atomic_write_text
 
     table2, table1, missing = {}, {}, []
     for axis in axes:
@@ -412,7 +412,7 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
         for model in tuple(models) + CONTROLS:
             runs = found.get((axis, "contiguous", model), [])
             table2[axis][model] = table2_entry(runs)
-            if not runs and model not in CONTROLS:
+            if not runs and model not in CONTROLS and "(" not in model:  # variants ("metavae (init xavier)") are optional
                 missing.append(f"metavae run {experiment}-{axis} --split contiguous --model {model}{flag}")
         runs = [r for r in found.get((axis, "interleaved", "metavae"), []) if r.get("invariance_distance")]
         table1[axis] = ({a: float(np.mean([r["invariance_distance"][a] for r in runs])) for a in runs[0]["invariance_distance"]}

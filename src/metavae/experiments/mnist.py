@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 
 from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
 from ..io import atomic_write_text
+from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
                          find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control,
@@ -170,18 +170,6 @@ def _report(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _experiment(key: str) -> SimpleNamespace:
-    return SimpleNamespace(
-        DESCRIPTION=f"Transformed MNIST, {key}: train on seen {AXES[key]} values, linear probe on unseen "
-                    "(Fig. 7, Tables 1-2)",
-        PRESETS=PRESETS, OPTIONS=OPTIONS, run=make_run(key),
-        default_out=lambda model="metavae", split="contiguous", **_: default_out(key, model, split),
-    )
-
-
-rotate, scale, shear = (_experiment(k) for k in AXES)
-
-
 # --- `metavae report mnist` ----------------------------------------------------------------
 TABLE2_MODELS = ("metavae", "vhe-vampprior", "vhe", "ns")
 
@@ -257,3 +245,16 @@ def _write_summary(out, table1, table2, found, missing, models):
         "\n".join(f"- `{c}`" for c in missing) if missing else "None.",
     ])
     write_report(out, text)
+
+
+def _experiment(key: str) -> Experiment:
+    return Experiment(
+        name=f"mnist-{key}",
+        description=f"Transformed MNIST, {key}: train on seen {AXES[key]} values, linear probe on unseen "
+                    "(Fig. 7, Tables 1-2)",
+        presets=PRESETS, options=OPTIONS, run=make_run(key), report=report,
+        default_out=lambda model="metavae", split="contiguous", **_: default_out(key, model, split),
+    )
+
+
+rotate, scale, shear = (_experiment(k) for k in AXES)

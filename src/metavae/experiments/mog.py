@@ -7,6 +7,7 @@ unseen mixtures: clustering error up to label permutation of argmax q(z | D, x).
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from ..data import mog
 from ..data.meta import MetaDataset
 from ..distributions import Gaussian
 from ..models import build_mlp_metavae
-from ..train import resolve_device, seed_everything
+from ..models.metavae import POOLINGS
+from ..training import resolve_device, seed_everything
+from .base import Experiment
 from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
@@ -39,6 +42,9 @@ class MogConfig:
     summary: tuple = (64, 64, 64)
     center: bool = True  # translation-invariant inference (query and context minus the context mean)
     grad_clip: float | None = 10.0
+    pooling: str = "mean"  # how the MetaVAE summarises D: mean (the paper's) or attention (a Set Transformer)
+
+    CHOICES: typing.ClassVar[dict] = {"pooling": POOLINGS}
 
 
 EVALUATION_ONLY = ("epochs", "test_mixtures", "test_points")  # a resume may change these
@@ -48,12 +54,12 @@ PRESETS = {
 }
 
 
-def _model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
+def build_model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
     """A model with one decoder per training mixture, decoders initialised from their data."""
     model = build_mlp_metavae(
         (2,), len(train_points), z_dim=2, latent="categorical", likelihood=Gaussian(mog.VARIANCE),
         hidden=cfg.hidden, summary=cfg.summary, decoder_hidden=(), use_context=use_context,
-        center=cfg.center and use_context, decoder_scale=mog.MEAN_RANGE,
+        center=cfg.center and use_context, decoder_scale=mog.MEAN_RANGE, pooling=cfg.pooling,
     )
     _init_decoders(model.decoder.bank.layers[0], train_points, mog.MEAN_RANGE)
     return model
@@ -119,11 +125,11 @@ def run(cfg: MogConfig, out: Path, device: str = "cpu", seed: int = 0, progress:
     for i, k in enumerate(sorted(cfg.train_mixtures)):
         seed_everything(seed + 1 + i)
         data = MetaDataset(list(x[:k]), labels=list(y[:k]), seed=seed)
-        model = _model(data.part("train").data, cfg, True)
+        model = build_model(data.part("train").data, cfg, True)
         models[f"metavae_{k}"] = train_shared("mog", f"metavae_{k}", model, data, cfg, out, device, seed, progress, evaluation_only=EVALUATION_ONLY)
     seed_everything(seed)
     data = MetaDataset([x[0]], labels=[y[0]], seed=seed)
-    models["vae"] = train_shared("mog", "vae", _model(data.part("train").data, cfg, False), data, cfg, out, device, seed,
+    models["vae"] = train_shared("mog", "vae", build_model(data.part("train").data, cfg, False), data, cfg, out, device, seed,
                                   progress, evaluation_only=EVALUATION_ONLY)
 
     errors, preds = {}, {}
@@ -224,3 +230,27 @@ plane, applied to every unseen mixture. The MetaVAEs see D and adapt.
 - One context set per mixture and step is shared by that step's queries (`shared_context`), which
   makes a step K*N rather than K*B*N summary evaluations; D is still a fresh random draw every step.
 """
+
+
+def pooling_table(folder) -> str:
+    """Mean vs attention pooling from finished runs under ``folder`` (one subfolder per run, each
+    with metrics.json and, per MetaVAE, its epoch log ``NAME.jsonl`` or ``checkpoints/NAME/metrics.jsonl``):
+    clustering error and training seconds of each MetaVAE."""
+    import json
+
+    rows = []
+    for run in sorted(Path(folder).iterdir()):
+        if not (run / "metrics.json").is_file():
+            continue
+        m = json.loads((run / "metrics.json").read_text())
+        cells = [f"`{run.name}`", m["config"].get("pooling", "mean"), m["config"]["epochs"]]
+        for name in sorted(k for k in m["error"] if k.startswith("metavae_")):
+            log = run / f"{name}.jsonl"
+            log = log if log.is_file() else run / "checkpoints" / name / "metrics.jsonl"
+            seconds = sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip())
+            cells.append(f"{100 * m['error'][name]:.2f}% ({seconds:.0f} s)")
+        rows.append(cells)
+    return markdown_table(["run", "pooling", "epochs", "MetaVAE 10", "MetaVAE 20", "MetaVAE 50"], rows)
+
+
+EXPERIMENT = Experiment(name="mog", description=DESCRIPTION, presets=PRESETS, run=run, options=OPTIONS)

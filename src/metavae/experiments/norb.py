@@ -32,7 +32,6 @@ import shutil
 import typing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, Nor
 from ..data.norb_loader import load_norb
 from ..data.transforms import data_fingerprint
 from ..models import MODEL_NAMES
+from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
                          fmt_seeds, gather_tables, invariance_distances, run_label, train_on_seen)
@@ -348,19 +348,6 @@ def differences(m: dict) -> list[str]:
     return out
 
 
-def _experiment(axis: str) -> SimpleNamespace:
-    return SimpleNamespace(
-        DESCRIPTION=f"Small NORB, {axis} (real smallNORB with --data-dir, else synthnorb): train on seen groups, "
-                    "linear probe on unseen (Fig. 7, Tables 1-2)",
-        PRESETS=PRESETS, OPTIONS=OPTIONS, run=make_run(axis),
-        default_out=lambda model="metavae", split="contiguous", data_dir=None, **_: default_out(
-            axis, model, split, data_dir),
-    )
-
-
-elevation, azimuth, lighting = (_experiment(a) for a in AXES)
-
-
 # --- `metavae report norb` ------------------------------------------------------------------
 def _find(runs: Path) -> dict:
     """{data: {(axis, split, model): [metrics, ...]}} (one per seed)."""
@@ -467,3 +454,17 @@ def _write_summary(out, data, table1, table2, found, missing):
         "\n".join(f"- `{c}`" for c in missing) if missing else "None.",
     ])
     write_report(out, text)
+
+
+def _experiment(axis: str) -> Experiment:
+    return Experiment(
+        name=f"norb-{axis}",
+        description=f"Small NORB, {axis} (real smallNORB with --data-dir, else synthnorb): train on seen groups, "
+                    "linear probe on unseen (Fig. 7, Tables 1-2)",
+        presets=PRESETS, options=OPTIONS, run=make_run(axis), report=report,
+        default_out=lambda model="metavae", split="contiguous", data_dir=None, **_: default_out(
+            axis, model, split, data_dir),
+    )
+
+
+elevation, azimuth, lighting = (_experiment(a) for a in AXES)

@@ -28,7 +28,8 @@ from torch import nn
 from ..data import physics as P
 from ..data.meta import MetaDataset
 from ..models.compiled import build_compiled_inference
-from ..train import resolve_device, seed_everything
+from ..training import resolve_device, seed_everything
+from .base import Experiment
 from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
 
 DESCRIPTION = "Inclined plane: meta-compiled inference of friction over 25 simulators vs one, on 304 unseen, vs Bayes"
@@ -113,7 +114,7 @@ class FixedStandardize(nn.Module):
         return torch.stack([(x[..., 0] - self.mean) / self.std * (1 - x[..., 1]), x[..., 1]], dim=-1), None
 
 
-def _model(cfg: PhysicsConfig, data: MetaDataset | None = None):
+def build_model(cfg: PhysicsConfig, data: MetaDataset | None = None):
     """The MetaVAE (``data=None``) or the no-context baseline standardised on ``data``."""
     if data is None:
         pre = StandardizeOnContext() if cfg.standardize else None
@@ -125,7 +126,7 @@ def _model(cfg: PhysicsConfig, data: MetaDataset | None = None):
                                     preprocess=FixedStandardize(v.mean(), v.std()))
 
 
-def _dataset(sims, cfg: PhysicsConfig, gen: torch.Generator) -> MetaDataset:
+def simulator_dataset(sims, cfg: PhysicsConfig, gen: torch.Generator) -> MetaDataset:
     n = cfg.train_samples + cfg.val_samples
     x, mu, _ = P.simulate_many(sims, n, gen)
     feats, labels = features(x), mu.unsqueeze(-1)
@@ -170,8 +171,8 @@ def run(cfg: PhysicsConfig, out: Path, device: str = "cpu", seed: int = 0, progr
     dev = resolve_device(device)
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
-    meta_data = _dataset(P.TRAIN_SIMULATORS, cfg, gen)
-    base_data = _dataset([P.BASELINE_SIMULATOR], cfg, gen)
+    meta_data = simulator_dataset(P.TRAIN_SIMULATORS, cfg, gen)
+    base_data = simulator_dataset([P.BASELINE_SIMULATOR], cfg, gen)
     # Test simulations come from their own stream, so they do not depend on the training settings.
     tgen = torch.Generator().manual_seed(seed + 10_000)
     sims = P.TEST_SIMULATORS
@@ -179,10 +180,10 @@ def run(cfg: PhysicsConfig, out: Path, device: str = "cpu", seed: int = 0, progr
     pool, _, _ = P.simulate_many(sims, cfg.context_pool, tgen)
 
     seed_everything(seed + 1)
-    meta = train_shared("physics", "metavae", _model(cfg), meta_data, cfg, out, device, seed, progress,
+    meta = train_shared("physics", "metavae", build_model(cfg), meta_data, cfg, out, device, seed, progress,
                         evaluation_only=EVALUATION_ONLY)
     seed_everything(seed + 2)
-    vae = train_shared("physics", "vae", _model(cfg, base_data), base_data, cfg, out, device, seed, progress,
+    vae = train_shared("physics", "vae", build_model(cfg, base_data), base_data, cfg, out, device, seed, progress,
                        epochs=cfg.baseline_epochs, evaluation_only=EVALUATION_ONLY)
     train_seconds = time.time() - t0
 
@@ -405,3 +406,6 @@ Per angle (mean over L = 1..19):
 - The Bayes-optimal MSE and the censoring floor are our additions: they show why the paper's "< 0.001"
   cannot hold where boxes stop (A <= 45 degrees).
 """
+
+
+EXPERIMENT = Experiment(name="physics", description=DESCRIPTION, presets=PRESETS, run=run, options=OPTIONS)

@@ -7,13 +7,14 @@ mean of z), ``uses_context``, ``config`` and ``save(path)``; ``build_model(model
 rebuilds it and ``load(path)`` reads a saved model (or a Trainer checkpoint) back.
 """
 from .conv_metavae import build_conv_metavae, build_conv_vae
-from .homoencoder import HierarchicalVAE, HomoEncoder, build_homoencoder
+from .hierarchical import HierarchicalVAE
 from .metavae import LossOutput, MetaVAE, build_mlp_metavae, build_vae
 from .registry import ARCHS, KINDS, MODEL_NAMES, build_model, load, make_model, save_model
-from .statistician import NeuralStatistician, build_statistician
+from .ns import NeuralStatistician, build_ns
+from .vhe import VariationalHomoencoder, build_vhe
 
 __all__ = [
-    "LossOutput", "MetaVAE", "HierarchicalVAE", "HomoEncoder", "NeuralStatistician", "build_mlp_metavae", "build_vae",
-    "build_conv_metavae", "build_conv_vae", "build_homoencoder", "build_statistician", "build_model", "make_model",
+    "LossOutput", "MetaVAE", "HierarchicalVAE", "VariationalHomoencoder", "NeuralStatistician", "build_mlp_metavae", "build_vae",
+    "build_conv_metavae", "build_conv_vae", "build_vhe", "build_ns", "build_model", "make_model",
     "load", "save_model", "KINDS", "MODEL_NAMES", "ARCHS",
 ]

@@ -15,19 +15,21 @@ from ..distributions import make_likelihood
 from .compiled import build_compiled_inference
 from .conv_metavae import build_conv_metavae, build_conv_vae
 from .expfam import build_expfam_metavae
-from .homoencoder import build_homoencoder
 from .metavae import build_mlp_metavae, build_vae
-from .statistician import build_statistician
+from .ns import build_ns
+from .vhe import build_vhe
 
 # kind (as written in ``config["kind"]``) -> the builder that takes the rest of the config
 KINDS = {
     "mlp_metavae": build_mlp_metavae,
     "conv_metavae": build_conv_metavae,
-    "homoencoder": build_homoencoder,
-    "statistician": build_statistician,
+    "vhe": build_vhe,
+    "ns": build_ns,
     "expfam_metavae": build_expfam_metavae,
     "compiled_inference": build_compiled_inference,
 }
+# Kinds written by earlier versions, read as today's: model files and checkpoints keep loading.
+OLD_KINDS = {"homoencoder": "vhe", "statistician": "ns"}
 
 # The comparison's names (the experiments' and `metavae train`'s ``--model``).
 MODEL_NAMES = ("metavae", "ns", "vhe", "vhe-vampprior", "vae")
@@ -57,15 +59,16 @@ def make_model(name: str, arch: str = "mlp", event_shape=(28, 28), n_distributio
     if name == "vae":
         return (build_vae if arch == "mlp" else build_conv_vae)(event_shape, **kw)
     if name == "ns":
-        return build_statistician(event_shape, arch=arch, **kw)
+        return build_ns(event_shape, arch=arch, **kw)
     prior = "vampprior" if name == "vhe-vampprior" else "gaussian"
-    return build_homoencoder(event_shape, arch=arch, prior=prior, **kw)
+    return build_vhe(event_shape, arch=arch, prior=prior, **kw)
 
 
 def build_model(config: dict):
     """Rebuild a model from ``model.config`` (as saved in checkpoints and model files)."""
     cfg = dict(config or {})
     kind = cfg.pop("kind", None)
+    kind = OLD_KINDS.get(kind, kind)
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r} in config; known: {', '.join(sorted(KINDS))}")
     if "likelihood" in cfg:
@@ -79,13 +82,18 @@ def complete_config(config: dict) -> dict:
     import inspect
 
     config = dict(config or {})
+    if config.get("kind") in OLD_KINDS:
+        config["kind"] = OLD_KINDS[config["kind"]]
     builder = KINDS.get(config.get("kind"))
     if builder is None:
         return config
-    for name, p in inspect.signature(builder).parameters.items():
-        if name not in config and p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD:
-            default = p.default
-            config[name] = list(default) if isinstance(default, tuple) else default
+    # a builder that passes **kwargs on (build_vhe, build_ns -> build_hierarchical) names where
+    for fn in (builder, getattr(builder, "forwards_to", None)):
+        for name, p in (inspect.signature(fn).parameters.items() if fn is not None else ()):
+            if name not in config and p.default is not inspect.Parameter.empty and p.kind in (
+                    p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                default = p.default
+                config[name] = list(default) if isinstance(default, tuple) else default
     return config
 
 
@@ -124,12 +132,14 @@ def save_model(model, path, extra: dict | None = None) -> Path:
 def load(path, device: str | torch.device = "cpu"):
     """A model saved by `save_model` (or a Trainer checkpoint: ``best.pt``, ``last.pt``), rebuilt
     from its config, weights loaded, in eval mode. The file is read with ``weights_only=True``."""
-    from ..train import load_checkpoint
+    from ..io import safe_load
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
-    ck = load_checkpoint(path, key=None)
+    ck = safe_load(path, "model file")
+    if not isinstance(ck, dict):
+        raise ValueError(f"{path}: not a metavae model file or checkpoint")
     if ck.get("format") == FORMAT:
         if ck.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: model format version {ck.get('format_version')}; this metavae reads "

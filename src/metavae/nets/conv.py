@@ -37,6 +37,7 @@ evaluation, where every post-pool BatchNorm is skipped. We normalise every sampl
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -44,10 +45,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import BatchedLinear
+from .mlp import BatchedLinear, fp32_output_layer, gather_rows
 
 DEFAULT_CHANNELS = (64, 128, 256)
 GROUPS = 32
+_CHANNELS_LAST = [False]
+
+
+@contextlib.contextmanager
+def channels_last(enabled: bool = True):
+    """Within this block the conv trunks run on channels-last (NHWC) activations. Same function, other
+    summation order: results agree to float rounding, not bit for bit. On the 2-core AVX512 CPU of
+    docs/performance.md §4 it measured 1-5% slower than the default layout (oneDNN reorders to its
+    own blocked layout either way), so nothing enables it by default; GPUs may differ."""
+    before, _CHANNELS_LAST[0] = _CHANNELS_LAST[0], enabled
+    try:
+        yield
+    finally:
+        _CHANNELS_LAST[0] = before
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST[0] else x
 
 
 def norm_groups(channels: int, groups: int = GROUPS) -> int:
@@ -92,7 +111,7 @@ class ConvEncoder(nn.Module):
         self.out_features = channels[-1] * self.out_spatial[0] * self.out_spatial[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(-1, *self.image_shape)).flatten(1)
+        return self.net(_layout(x.reshape(-1, *self.image_shape))).flatten(1)
 
 
 # --- a bank of n convolutional decoders evaluated as grouped convolutions --------------------
@@ -104,6 +123,8 @@ class BankConv2d(nn.Module):
     and g must be 1 (rows are folded into the batch dimension instead). ``dist`` (g,) picks which
     members serve the g rows. Default init equals PyTorch's Conv2d/ConvTranspose2d init per member.
     """
+
+    bank_rows = True  # dim 0 of every parameter is the distribution (see `nets.mlp.bank_parameters`)
 
     def __init__(self, n: int, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0,
                  transpose: bool = False):
@@ -123,7 +144,7 @@ class BankConv2d(nn.Module):
         if self.n == 1:
             return w[0], b[0]
         if dist is not None:
-            w, b = w[dist], b[dist]
+            w, b = gather_rows(w, dist), gather_rows(b, dist)
         return w.reshape(g * w.shape[1], *w.shape[2:]), b.reshape(-1)
 
     def forward(self, h: torch.Tensor, dist: torch.Tensor | None = None, g: int = 1) -> torch.Tensor:
@@ -140,6 +161,8 @@ class BankConv2d(nn.Module):
 class BankGroupNorm(nn.Module):
     """GroupNorm with per-member affine parameters for packed bank inputs (see `BankConv2d`)."""
 
+    bank_rows = True
+
     def __init__(self, n: int, channels: int, groups: int = GROUPS, eps: float = 1e-5):
         super().__init__()
         self.n, self.channels, self.groups, self.eps = n, channels, norm_groups(channels, groups), eps
@@ -152,7 +175,7 @@ class BankGroupNorm(nn.Module):
             w, b = w[0], b[0]
         else:
             if dist is not None:
-                w, b = w[dist], b[dist]
+                w, b = gather_rows(w, dist), gather_rows(b, dist)
             w, b = w.reshape(-1), b.reshape(-1)
         # groups never straddle two members: member k owns channels [k*C, (k+1)*C)
         return F.group_norm(h, g * self.groups, w, b, self.eps)
@@ -202,9 +225,10 @@ class ConvDecoderTrunk(nn.Module):
             g, x = 1, h.reshape(K * M, self.c0, s0, s1)
         else:  # K decoders: pack the rows along channels, grouped convolutions
             g, x = K, h.reshape(K, M, self.c0, s0, s1).transpose(0, 1).reshape(M, K * self.c0, s0, s1)
+        x = _layout(x)
         for conv, norm in zip(self.convs, self.norms):
             x = self.act(norm(conv(x, dist, g), dist, g))
-        x = self.out(x, dist, g)
+        x = fp32_output_layer(self.out, x, dist, g)  # the likelihood's parameters: float32 under autocast
         _, H, W = self.out_image
         if (H, W) != self.full:  # e.g. 28x28 from the 32x32 canvas: centre crop
             top, left = (self.full[0] - H) // 2, (self.full[1] - W) // 2

@@ -1,8 +1,16 @@
-"""Plain MLPs, and a bank of K MLPs evaluated in one batched call (one per distribution)."""
+"""Plain MLPs, and a bank of K MLPs evaluated in one batched call (one per distribution).
+
+Bank parameters are stored (K, ...) with one row per training distribution. A batch that holds a
+subset of the distributions (``TrainConfig(distributions_per_step=S)``) gathers only those rows;
+inside `sparse_bank_gradients` the gradient of such a gather is a sparse tensor holding only the
+selected rows (`gather_rows`), so a step's cost and memory do not grow with K, and an optimizer
+that reads the rows (`metavae.training.optim.RowAdam`) updates only the distributions in the step.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +41,66 @@ def mlp(sizes: Sequence[int], act: str = "relu", final_act: bool = False) -> nn.
     return nn.Sequential(*layers)
 
 
+_SPARSE = [False]  # inside `sparse_bank_gradients`: row gathers of bank parameters give sparse gradients
+
+
+@contextlib.contextmanager
+def sparse_bank_gradients(enabled: bool = True):
+    """Within this block a bank's row gather (``dist`` naming a subset of its members) records a
+    sparse gradient (only the gathered rows) instead of a dense (K, ...) one with zeros elsewhere.
+    The forward pass must run inside the block; the backward may run after it."""
+    before, _SPARSE[0] = _SPARSE[0], enabled
+    try:
+        yield
+    finally:
+        _SPARSE[0] = before
+
+
+class _GatherRows(torch.autograd.Function):
+    """``weight.index_select(0, rows)`` whose gradient is a sparse COO tensor with one sparse dim."""
+
+    @staticmethod
+    def forward(ctx, weight, rows):
+        ctx.save_for_backward(rows)
+        ctx.shape = weight.shape
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, check_invariants=False), None
+
+
+def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``weight[rows]``: rows of a bank parameter, one per distribution in the batch. Sparse-gradient
+    inside `sparse_bank_gradients` (when autograd records), otherwise exactly ``weight[rows]``."""
+    if _SPARSE[0] and weight.requires_grad and torch.is_grad_enabled():
+        return _GatherRows.apply(weight, rows.to(weight.device))
+    return weight[rows]
+
+
+def bank_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters of ``module``'s decoder banks with more than one member: dim 0 indexes the
+    training distributions (`BatchedLinear`, and the conv banks of `metavae.nets.conv`)."""
+    seen = set()
+    for m in module.modules():
+        if getattr(m, "bank_rows", False) and getattr(m, "n", 1) > 1:
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+
+def fp32_output_layer(layer, h: torch.Tensor, *args):
+    """``layer(h, *args)``, computed in float32 when autocast is on (a decoder's last layer: its
+    outputs are a likelihood's parameters, which bf16 would round to 1/256 of their size); exactly
+    ``layer(h, *args)`` otherwise."""
+    if not torch.is_autocast_enabled(h.device.type):
+        return layer(h, *args)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return layer(h.float(), *args)
+
+
 class BatchedLinear(nn.Module):
     """K independent linear layers stored as one (K, in, out) weight.
 
@@ -40,6 +108,8 @@ class BatchedLinear(nn.Module):
     kernel call instead of a Python loop over distributions. With K=1 the single layer is
     shared by every distribution (broadcast), which is how a plain VAE's decoder is built.
     """
+
+    bank_rows = True  # dim 0 of every parameter is the distribution (see `bank_parameters`)
 
     def __init__(self, n: int, in_features: int, out_features: int):
         super().__init__()
@@ -56,7 +126,7 @@ class BatchedLinear(nn.Module):
         if self.n == 1:
             w, b = w.expand(h.shape[0], -1, -1), b.expand(h.shape[0], -1, -1)
         elif dist is not None:
-            w, b = w[dist], b[dist]
+            w, b = gather_rows(w, dist), gather_rows(b, dist)
         return torch.baddbmm(b, h, w)
 
     def extra_repr(self) -> str:
@@ -88,10 +158,12 @@ class BatchedMLP(nn.Module):
         K, mid = z.shape[0], z.shape[1:-1]
         check_bank_rows(self.n, K, dist)
         h = z.reshape(K, -1, z.shape[-1])
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, dist)
-            if i < len(self.layers) - 1:
-                h = self.act(h)
+            if i < last:
+                h = self.act(layer(h, dist))
+            else:  # the likelihood's parameters: float32 under autocast
+                h = fp32_output_layer(layer, h, dist)
         return h.reshape(K, *mid, h.shape[-1])
 
 

@@ -1,15 +1,10 @@
-"""The Variational Homoencoder (Hewitt et al. 2018), optionally with a VampPrior on c, and the
-machinery it shares with the Neural Statistician (`statistician.py`).
-
-Both models have a global latent c per set and a local latent z per element:
+"""What the Neural Statistician (`ns.py`) and the Variational Homoencoder (`vhe.py`) share: a
+global latent c per set and a local latent z per element,
   q(c | D)      statistic network: mean-pooled element features -> (mu_c, logvar_c)
   q(z | x, c)   inference network
   p(z | c)      latent decoder
-  p(x | z, c)   observation decoder, one shared by every distribution
-The VHE objective is the paper's Eq. 13, per query x with its own context set D of N elements:
-  loss(x, D) = -log p(x | z, c) + KL(q(z|x,c) || p(z|c)) + (1/N) KL(q(c|D) || p(c)),
-with c ~ q(c|D) and z ~ q(z|x,c) one reparameterised sample each; averaged over the queries and
-distributions. The reference drops the 1/N (``context_kl_weight=1.0`` reproduces it).
+  p(x | z, c)   observation decoder, one shared by every distribution,
+their networks (`build_parts`), one builder (`build_hierarchical`) and an optional VampPrior on c.
 
 VampPrior (``prior="vampprior"``): p(c) = (1/M) sum_m q(c | U_m), U_m a learned pseudo-dataset of
 ``n_pseudo`` pseudo-inputs (M = 500 components of 10, MLP and conv alike: the reference's conv
@@ -19,7 +14,6 @@ log q(c|D) - log p(c) at the sampled c, with the normalising constants of the fu
 (the reference's helper took the constant from a size-1 axis, an offset of about -274.8 nats).
 
 Differences from the reference, all deliberate:
-  * 1/N on the context KL (Eq. 13);
   * ``embed`` uses the *mean* of q(c|D), so embeddings are deterministic (the reference samples c);
   * conv variants: GroupNorm/LayerNorm instead of BatchNorm (see `metavae.nets.conv`);
   * the MLP VHE's statistic network is affine in the elements (Lin(784->400), no nonlinearity,
@@ -37,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.meta import PooledContext
 from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl, gaussian_log_prob
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
-from ..nets.sets import MeanPool
-from .metavae import LossOutput, Saveable
+from ..nets.sets import AttentionPool, MeanPool
+from .metavae import POOLINGS, Saveable
 
 
 # --- densities -----------------------------------------------------------------------------
@@ -276,44 +269,24 @@ class HierarchicalVAE(Saveable, nn.Module):
         return f"c_dim={self.c_dim}, z_dim={self.z_dim}, prior={prior}"
 
 
-class HomoEncoder(HierarchicalVAE):
-    """The Variational Homoencoder: every query with its own context set; objective Eq. 13."""
-
-    def __init__(self, *args, context_kl_weight: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.context_kl_weight = context_kl_weight  # None: 1/N (Eq. 13); 1.0: the reference
-
-    def loss(self, batch) -> LossOutput:
-        """Mean over the K x B queries of -log p(x|z,c) + KL_z + w KL_c, w = 1/N (Eq. 13).
-        c is sampled per query (from its own set's q(c|D), or a shared set's). With a
-        `PooledContext` the element features run once per pool point (`MeanPool.pooled`)."""
-        x, context = batch.x, batch.context
-        if context is None:
-            raise ValueError("the VHE needs a context set per query: train with context_size >= 1")
-        ne = len(self.event_shape)
-        K, B = x.shape[:2]
-        if isinstance(context, PooledContext):  # element features once per pool point, then averaged
-            context.check_queries(x)
-            N = context.index.shape[2]
-            c_params = self.statistic.pooled(self.element_features(context.pool), context.index)
-        else:
-            if context.dim() != ne + 3:
-                raise ValueError(f"batch context must be (K, B or 1, N, *event), got {tuple(context.shape)}")
-            N = context.shape[2]
-            c_params = self.context_params(context)
-        c, eps, c_mu, c_logvar = self.sample_c(c_params, (K, B))
-        rec, kl_z = self.local_terms(x, self.element_features(x), c)
-        kl_c = self.context_kl(c_mu, c_logvar, c, eps).expand(K, B)
-        w = self.context_kl_weight if self.context_kl_weight is not None else 1.0 / N
-        loss = (-rec + kl_z + w * kl_c).mean()
-        return LossOutput(loss=loss, nll=-rec.detach().mean(), kl_z=kl_z.detach().mean(),
-                          kl_c=kl_c.detach().mean(), kl_c_weight=w)
-
-
 # --- builders ------------------------------------------------------------------------------
+def _attention_statistic(mean_pool: MeanPool, width: int) -> nn.Module:
+    """``mean_pool``'s networks around a Set Transformer pool (`AttentionPool`) in place of the mean:
+    its per-element part, widened to ``width`` features where it has none (the MLP VHE's)."""
+    pre = mean_pool.pre
+    if isinstance(pre, nn.Identity):  # the MLP VHE pools before its first Lin: attend after it instead
+        first, *rest = mean_pool.post
+        pre, post = first, nn.Sequential(*rest)
+    else:
+        post = mean_pool.post
+    return nn.Sequential(AttentionPool(pre, width, heads=4), post)
+
+
 def build_parts(event_shape, arch: str, c_dim: int, z_dim: int, hidden: int, hidden_statistic: int | None,
-                decoder_hidden: int, channels, groups: int, likelihood, statistician: bool) -> dict:
-    """The networks of NS / VHE (docs/reproduction.md §3.5-3.6 for conv, 4.1-4.2 for MLP)."""
+                decoder_hidden: int, channels, groups: int, likelihood, statistician: bool,
+                pooling: str = "mean") -> dict:
+    """The networks of NS / VHE (docs/reproduction.md §3.5-3.6 for conv, 4.1-4.2 for MLP); with
+    ``pooling="attention"`` the statistic network pools by attention instead of the mean."""
     D = math.prod(event_shape)
     n_out = likelihood.n_params(D)
     hs = hidden_statistic or hidden
@@ -347,6 +320,8 @@ def build_parts(event_shape, arch: str, c_dim: int, z_dim: int, hidden: int, hid
                                                            lin(2 * hidden, trunk.in_features), TrunkHead(trunk)))
     else:
         raise ValueError(f"unknown architecture '{arch}'; choose 'mlp' or 'conv'")
+    if pooling == "attention":
+        statistic = _attention_statistic(statistic, hs)
     return dict(features=features, statistic=statistic, inference=inference, latent_prior=latent_prior,
                 obs_decoder=obs)
 
@@ -355,36 +330,26 @@ def build_hierarchical(cls, kind: str, event_shape: Sequence[int], arch: str = "
                        c_dim: int = 300, z_dim: int = 40, hidden: int = 400, hidden_statistic: int | None = None,
                        decoder_hidden: int = 4096, channels: Sequence[int] = DEFAULT_CHANNELS, groups: int = GROUPS,
                        n_components: int = 500, n_pseudo: int = 10, pseudo_mean: float = 0.05,
-                       pseudo_std: float = 0.01, likelihood=None, **objective):
-    """One builder for the models with a context latent c (`HomoEncoder`, `NeuralStatistician`):
+                       pseudo_std: float = 0.01, likelihood=None, pooling: str = "mean", **objective):
+    """One builder for the models with a context latent c (`VariationalHomoencoder`, `NeuralStatistician`):
     the parts of `build_parts`, the reference's init, an optional VampPrior over c, and the config
     (``kind`` plus every argument) that rebuilds it. ``objective``: the class's own weight argument."""
     if prior not in ("gaussian", "vampprior"):
         raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
     likelihood = likelihood if likelihood is not None else Bernoulli()
     parts = build_parts(tuple(event_shape), arch, c_dim, z_dim, hidden, hidden_statistic, decoder_hidden, channels,
-                        groups, likelihood, statistician=kind == "statistician")
+                        groups, likelihood, statistician=kind == "ns", pooling=pooling)
     config = dict(
         kind=kind, event_shape=list(event_shape), arch=arch, prior=prior, c_dim=c_dim, z_dim=z_dim,
         hidden=hidden, hidden_statistic=hidden_statistic, decoder_hidden=decoder_hidden, channels=list(channels),
         groups=groups, n_components=n_components, n_pseudo=n_pseudo, pseudo_mean=pseudo_mean, pseudo_std=pseudo_std,
-        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), **objective,
+        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), pooling=pooling,
+        **objective,
     )
     model = cls(event_shape, **parts, likelihood=likelihood, c_dim=c_dim, z_dim=z_dim, config=config, **objective)
     reference_init(model)
     if prior == "vampprior":
         model.vampprior = VampPrior(n_components, n_pseudo, event_shape, pseudo_mean, pseudo_std)
     return model
-
-
-def build_homoencoder(event_shape: Sequence[int], context_kl_weight: float | None = None, **kwargs) -> HomoEncoder:
-    """The VHE (``prior="gaussian"``) or VHE + VampPrior (``prior="vampprior"``); ``kwargs``: see
-    `build_hierarchical`.
-
-    MLP (docs/reproduction.md §4.2/4.3): 8,284,104 parameters; + 500*10*784 = 3,920,000 pseudo-input weights
-    for the VampPrior (12,204,104), as docs/reproduction.md §12. Conv (3.5/3.7): 16,577,161; VampPrior +500*10*H*W
-    (5,120,000 at 32x32). ``decoder_hidden`` is the MLP observation decoder's wide layer (4096).
-    ``context_kl_weight``: None for Eq. 13's 1/N, 1.0 for the reference's objective.
-    """
-    return build_hierarchical(HomoEncoder, "homoencoder", event_shape, context_kl_weight=context_kl_weight, **kwargs)
-

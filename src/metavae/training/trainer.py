@@ -11,62 +11,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.meta import MetaDataset, PooledContext
-from .io import atomic_save, atomic_write_text
-
-CHECKPOINT_VERSION = 2  # 2: loadable with weights_only=True; records the run it belongs to
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N'; a clear error where the device is unknown or absent."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device '{name}': use cpu or cuda[:N]") from e
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device '{name}': use cpu or cuda[:N]")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device '{name}' requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) exist")
-    return device
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when not launched by it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
-
-
-def is_main_process() -> bool:
-    """Only rank 0 writes files (checkpoints, metrics, reports) in a multi-process run."""
-    return distributed_env()[0] == 0
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group once (gloo on CPU, nccl on CUDA); (rank, world) to use."""
-    rank, _, world = distributed_env()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world
+from ..data.meta import MetaDataset
+from ..io import atomic_save, atomic_write_text
+from ..nets.mlp import bank_parameters, sparse_bank_gradients
+from .checkpoint import CHECKPOINT_VERSION, check_resumable, load_checkpoint
+from .config import TrainConfig
+from .distributed import LossModule, init_distributed, process_device, resolve_device
+from .optim import RowAdam, clip_grad_norm
+from .precision import check_bf16, fp32_parameter_outputs
+from .rng import rng_state, seed_everything, set_rng_state
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -80,58 +41,48 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-class _LossModule(torch.nn.Module):
-    """DDP synchronises gradients only through ``forward``: route ``model.loss`` through it."""
+def _prefetched(batches):
+    """``batches``, each drawn in a worker thread while the previous one trains (one ahead). The
+    batches and the generator's state at the end are exactly those of drawing them inline: only the
+    worker draws, in the same order, and never past the last batch."""
+    import queue
+    import threading
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
 
-    def forward(self, batch):
-        return self.model.loss(batch)
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
+    def work():
+        try:
+            for b in batches:
+                if not put(b):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the training thread
+            put(e)
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 100
-    context_size: int = 10
-    lr: float = 2e-4
-    steps_per_epoch: int | None = None  # default: one pass over the largest distribution
-    val_steps: int | None = None  # default: one pass over the val part
-    exclude_query: bool = False  # draw contexts from the other points only
-    shared_context: bool = False  # one context set per distribution and step, shared by its B queries
-    context_pool: int | None = None  # draw each query's context from P points embedded once per step
-    grad_clip: float | None = None
-    seed: int = 0
-    device: str = "cpu"
-    amp: str | None = None  # "bf16": autocast the forward pass to bfloat16
-    compile: bool = False  # torch.compile the loss (pays a one-off compile time)
-    patience: int | None = None  # early stopping: stop after this many epochs without a lower val loss
-    tensorboard: str | None = None  # a folder for TensorBoard event files (needs the tensorboard package)
-    snapshot_steps: tuple = ()  # also keep the weights after these steps (0: at init), for learning curves
-    keep_worst: bool = False  # also keep worst.pt, the highest-validation-loss epoch (the reference's pick)
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "context_size", "steps_per_epoch", "val_steps", "context_pool", "patience"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.context_size < 0:
-            raise ValueError(f"context_size must be >= 0, got {self.context_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.amp not in (None, "bf16"):
-            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
-        for name in ("steps_per_epoch", "val_steps", "context_pool", "patience"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {v}")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be positive or None (no clipping), got {self.grad_clip}")
+    worker = threading.Thread(target=work, name="metavae-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 @dataclass
@@ -143,33 +94,6 @@ class _State:
     worst_val: float = -math.inf
     worst_epoch: int = -1
     history: list = field(default_factory=list)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"settings": {"lr": 1}} -> {"settings.lr": 1}: differences named by their full key."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def load_checkpoint(path: Path, key: str | None = "model") -> dict:
-    """A checkpoint read with ``weights_only=True``: tensors and plain containers only, so a file
-    planted in a run folder cannot run code. Unreadable or foreign files raise one clear error."""
-    path = Path(path)
-    try:
-        # to the CPU: RNG states must stay CPU tensors; load_state_dict moves weights to the device
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or unsafe file names itself rather than dying deep in pickle
-        why = "it holds objects other than tensors and plain data, refused unread" if "GLOBAL" in str(e) \
-            else f"corrupt or truncated ({type(e).__name__})"
-        raise ValueError(f"cannot read checkpoint {path}: {why}; delete it to start afresh") from None
-    if not isinstance(ckpt, dict) or (key is not None and key not in ckpt):
-        raise ValueError(f"cannot read checkpoint {path}: not a metavae checkpoint")
-    return ckpt
 
 
 class Trainer:
@@ -187,16 +111,25 @@ class Trainer:
         self.cfg = config
         self.run_info = json.loads(json.dumps(run_info or {}))  # plain JSON types: comparable after a reload
         self.run_info_defaults = json.loads(json.dumps(run_info_defaults or {}))
-        device = resolve_device(config.device)
-        _, local_rank, world = distributed_env()
-        if world > 1 and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
-        self.device = device
-        self.rank, self.world = init_distributed(device)
+        self.device = process_device(resolve_device(config.device))
+        self.rank, self.world = init_distributed(self.device)
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
+        self.n_dists = len(dataset)
+        self.subset = config.distributions_per_step  # None: every distribution in every step
+        if self.subset is not None:
+            if self.subset > self.n_dists:
+                raise ValueError(f"distributions_per_step {self.subset} exceeds the {self.n_dists} distributions "
+                                 "of the training data")
+            if self.world > 1:
+                raise ValueError("distributions_per_step is not supported under torchrun yet (sparse decoder "
+                                 "gradients are not all-reduced); train in one process or leave it unset")
+            if config.compile:
+                raise ValueError("distributions_per_step cannot be combined with compile=True yet")
+        if config.amp == "bf16":
+            check_bf16(self.device)
         self.model = model.to(self.device)
-        self._step_module = _LossModule(self.model)
+        self._step_module = LossModule(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._step_module = torch.nn.parallel.DistributedDataParallel(self._step_module, device_ids=ids)
@@ -207,11 +140,18 @@ class Trainer:
         self.progress, self.desc = progress and self.rank == 0, desc
         uses_context = getattr(model, "uses_context", True)
         self.context_size = config.context_size if uses_context else 0
-        self.optimizer = make_optimizer(self.model.parameters(), config.lr)
+        if self.subset is None:
+            self.optimizer = make_optimizer(self.model.parameters(), config.lr)
+        else:  # decoders of distributions not in a step must not move: Adam state per bank row
+            self.optimizer = RowAdam(self.model.parameters(), bank_parameters(self.model), config.lr)
         self.gen = torch.Generator(device=self.device)
         self.state = _State()
-        self.steps_per_epoch = config.steps_per_epoch or dataset.steps_per_epoch(config.batch_size)
+        full = dataset.steps_per_epoch(config.batch_size)
+        if self.subset is not None:  # as many draws per distribution as a full-K epoch, on average
+            full = -(-full * self.n_dists // self.subset)
+        self.steps_per_epoch = config.steps_per_epoch or full
         self._fresh = True
+        self._best = None  # the best weights so far, on the CPU (no GPU memory); best.pt is their copy on disk
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -221,26 +161,6 @@ class Trainer:
     @property
     def best_path(self) -> Path | None:
         return None if self.out is None else self.out / "best.pt"
-
-    def _rng_state(self) -> dict:
-        """Every RNG state as tensors, ints and tuples only, so checkpoints load with weights_only=True."""
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-            "python": random.getstate(),
-            "data": self.gen.get_state(),
-        }
-
-    def _set_rng_state(self, s: dict) -> None:
-        torch.set_rng_state(s["torch"])
-        if s.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
-        name, keys, pos, has_gauss, cached = s["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        random.setstate(s["python"])
-        self.gen.set_state(s["data"])
 
     def _model_config(self) -> dict:
         return dict(getattr(self.model, "config", {}) or {})
@@ -254,7 +174,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "state": asdict(self.state),
-                "rng": self._rng_state(),
+                "rng": rng_state(self.gen),
                 "train_config": asdict(self.cfg),
                 "model_config": self._model_config(),
                 "run_info": self.run_info,
@@ -274,43 +194,28 @@ class Trainer:
         if self.last_path is None or not self.last_path.exists():
             return False
         ckpt = load_checkpoint(self.last_path)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint {self.last_path} has format version {ckpt.get('version')}, this metavae "
-                             f"writes {CHECKPOINT_VERSION}; use another --out or delete it to start afresh")
-        a, b = _flatten(ckpt.get("run_info", {})), _flatten(self.run_info)
-        for k, v in self.run_info_defaults.items():
-            if k not in a and b.get(k) == v:
-                a[k] = v
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:6])
-            raise ValueError(f"checkpoint {self.last_path} belongs to another run ({detail[:600]}); "
-                             "use another --out or delete it to start afresh")
-        from .models.registry import complete_config
-
-        if complete_config(ckpt.get("model_config")) != complete_config(self._model_config()):
-            raise ValueError(
-                f"checkpoint {self.last_path} was written by a different model configuration; "
-                "use another --out or delete it to start afresh"
-            )
-        runtime = ("epochs", "device", "amp", "compile", "snapshot_steps", "keep_worst", "tensorboard",
-                   "patience")  # may change between launches
-        # settings added after the checkpoint was written compare at their defaults
-        saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["train_config"]}.items() if k not in runtime}
-        now = {k: v for k, v in asdict(self.cfg).items() if k not in runtime}
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"checkpoint {self.last_path} used other training settings ({', '.join(diff)})")
+        check_resumable(ckpt, self.last_path, self.run_info, self.run_info_defaults, self._model_config(), self.cfg)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = _State(**ckpt["state"])
-        self._set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.gen)
+        if self.state.best_epoch >= 0 and self.best_path.exists():
+            self._best = load_checkpoint(self.best_path)["model"]
         self._fresh = False
         self._write_log()  # a kill between the checkpoint and its log leaves the log behind: catch it up
         return True
 
     # -- loop -------------------------------------------------------------------------------
     def _train_batches(self):
+        from ..data.meta import MappedPart
+
+        batches = self._subset_batches() if self.subset is not None else self._epoch_batches()
+        if isinstance(self.data.part("train"), MappedPart):  # rows read from disk: overlap them with the step
+            yield from _prefetched(batches)
+        else:
+            yield from batches
+
+    def _epoch_batches(self):
         def epoch():
             return self.data.epoch(self.cfg.batch_size, self.context_size, "train", self.gen,
                                    self.cfg.exclude_query, self.cfg.shared_context, self.cfg.context_pool)
@@ -323,26 +228,26 @@ class Trainer:
                 it = epoch()
                 yield next(it)
 
-    def _shard(self, batch):
-        """This rank's contiguous slice of the B queries of every distribution. Every rank drew the
-        same global batch from the same generator, so the ranks' slices partition it exactly and
-        DDP's gradient average equals the single-process gradient of the global batch."""
-        if self.world == 1:
-            return batch
-        b = batch.x.shape[1] // self.world
-        sl = slice(self.rank * b, (self.rank + 1) * b)
-        ctx = batch.context
-        if isinstance(ctx, PooledContext):
-            ctx = ctx.select(sl)
-        elif ctx is not None and ctx.shape[1] != 1:  # a shared set (K, 1, N, ...) goes to every rank
-            ctx = ctx[:, sl]
-        labels = None if batch.labels is None else batch.labels[:, sl]
-        return type(batch)(batch.x[:, sl], ctx, labels, batch.dist)
+    def _subset_batches(self):
+        """``distributions_per_step`` S: each step, S distributions drawn without replacement (in
+        increasing order), B random queries from each (with replacement across steps)."""
+        cfg = self.cfg
+        for _ in range(self.steps_per_epoch):
+            perm = torch.randperm(self.n_dists, generator=self.gen, device=self.gen.device)
+            dists = perm[: self.subset].sort().values.cpu()
+            yield self.data.sample(cfg.batch_size, self.context_size, "train", self.gen, cfg.exclude_query,
+                                   cfg.shared_context, cfg.context_pool, dists=dists)
 
     def _autocast(self):
+        """A training step's forward pass: bf16 autocast with ``amp="bf16"`` (float32 losses: see
+        `precision`; `fit` holds the float32 output hooks), and sparse row gradients for the decoder
+        banks when a step holds a subset of the distributions."""
+        stack = contextlib.ExitStack()
         if self.cfg.amp == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        if self.subset is not None:
+            stack.enter_context(sparse_bank_gradients())
+        return stack
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -354,21 +259,33 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         total, n = 0.0, 0
         devices = [self.device] if self.device.type == "cuda" else []
+        # With distributions_per_step S the val part is scored S distributions at a time (memory
+        # bounded as a training step's); each chunk's losses weigh by its number of distributions.
+        chunks = [None] if self.subset is None else [torch.arange(i, min(i + self.subset, self.n_dists))
+                                                       for i in range(0, self.n_dists, self.subset)]
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 2)
-            batches = self.data.epoch(self.cfg.batch_size, self.context_size, "val", gen,
-                                      shared_context=self.cfg.shared_context)
-            for i, batch in enumerate(batches):
-                if self.cfg.val_steps is not None and i >= self.cfg.val_steps:
-                    break
-                total += float(self.model.loss(batch)["loss"])
-                n += 1
+            for dists in chunks:
+                weight = 1 if dists is None else len(dists)
+                batches = self.data.epoch(self.cfg.batch_size, self.context_size, "val", gen,
+                                          shared_context=self.cfg.shared_context, dists=dists)
+                for i, batch in enumerate(batches):
+                    if self.cfg.val_steps is not None and i >= self.cfg.val_steps:
+                        break
+                    total += float(self.model.loss(batch)["loss"]) * weight
+                    n += weight
         self.model.train()
         return total / max(n, 1)
 
     def fit(self, resume: bool = True) -> list[dict]:
         """Train up to ``config.epochs`` epochs (continuing a saved run when ``resume``), then load
         the best weights by validation loss (the last ones if there is no val part)."""
+        if self.cfg.amp is None:
+            return self._fit(resume)
+        with fp32_parameter_outputs(self.model):  # losses in float32 under bf16 autocast (precision.py)
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> list[dict]:
         if resume:
             self.resume()
         if self._fresh:
@@ -387,10 +304,12 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for i, batch in enumerate(self._train_batches()):
                 with self._autocast():
-                    loss = self._step_module(self._shard(batch))["loss"]
+                    loss = self._step_module(batch.shard(self.rank, self.world))["loss"]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.cfg.grad_clip:
+                if self.cfg.grad_clip and self.subset is not None:  # some gradients are sparse (bank rows)
+                    clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
+                elif self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.optimizer.step()
                 loss_sum += loss.detach().float()
@@ -415,10 +334,9 @@ class Trainer:
             score = val if val is not None else record["train_loss"]
             if score < self.state.best_val:
                 self.state.best_val, self.state.best_epoch = score, self.state.epoch
+                self._best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 if self.best_path is not None and self.rank == 0:
                     self._save_weights(self.best_path, epoch=self.state.epoch, val_loss=val)
-                elif self.out is None:
-                    self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.cfg.keep_worst and val is not None and val > self.state.worst_val:
                 self.state.worst_val, self.state.worst_epoch = val, self.state.epoch
                 if self.out is not None and self.rank == 0:
@@ -468,7 +386,6 @@ class Trainer:
         atomic_save({"model": self.model.state_dict(), "model_config": self._model_config(), **extra}, path)
 
     def load_best(self) -> None:
-        if self.best_path is not None and self.best_path.exists():
-            self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
-        elif getattr(self, "_best_weights", None) is not None:
-            self.model.load_state_dict(self._best_weights)
+        """The weights of the lowest-validation-loss epoch (kept as they are when no epoch ran)."""
+        if self._best is not None:
+            self.model.load_state_dict(self._best)

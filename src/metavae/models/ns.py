@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .homoencoder import HierarchicalVAE, build_hierarchical
+from .hierarchical import HierarchicalVAE, build_hierarchical
 from .metavae import LossOutput
 
 
@@ -76,10 +76,13 @@ class NeuralStatistician(HierarchicalVAE):
         return params.squeeze(0) if single else params
 
 
-def build_statistician(event_shape: Sequence[int], set_kl_weight: float | None = None, **kwargs) -> NeuralStatistician:
+def build_ns(event_shape: Sequence[int], set_kl_weight: float | None = None, **kwargs) -> NeuralStatistician:
     """The Neural Statistician (docs/reproduction.md §4.1 MLP: 8,284,104 parameters; 3.6 conv: 16,577,167);
     ``kwargs``: see `build_hierarchical`. ``prior="vampprior"`` is available but not part of the paper's comparison."""
-    return build_hierarchical(NeuralStatistician, "statistician", event_shape, set_kl_weight=set_kl_weight, **kwargs)
+    return build_hierarchical(NeuralStatistician, "ns", event_shape, set_kl_weight=set_kl_weight, **kwargs)
 
 
-__all__ = ["NeuralStatistician", "build_statistician"]
+build_ns.forwards_to = build_hierarchical  # its **kwargs' defaults, for `registry.complete_config`
+
+
+__all__ = ["NeuralStatistician", "build_ns"]

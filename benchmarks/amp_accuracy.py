@@ -1,0 +1,71 @@
+"""Accuracy of ``amp="bf16"`` against fp32 at the same seeds (docs/performance.md quotes its output).
+
+    python benchmarks/amp_accuracy.py mog --seeds 0,1,2,3,4 [--out DIR]
+    python benchmarks/amp_accuracy.py mnist --seeds 0,1 --data-dir ../shared/data/mnist [--out DIR]
+
+``mog``: the demo (`metavae run mog`, quick preset), whose configs declare no ``amp``: the run uses
+a subclass of its config that adds one, which `experiments.common.train_shared` passes to the
+Trainer. ``mnist``: `metavae run mnist-rotate --preset quick --model metavae --split contiguous`;
+its TrainConfig is built in `experiments.invariance` (no amp setting there), so the bf16 run wraps
+TrainConfig with ``amp="bf16"``. Each line printed is one run's JSON; fp32 and bf16 alternate.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def mog(seed: int, amp, out: Path) -> dict:
+    from metavae.experiments import mog as M
+
+    @dataclasses.dataclass(frozen=True)
+    class MogAmp(M.MogConfig):
+        amp: str | None = None
+
+    t = time.time()
+    m = M.run(MogAmp(amp=amp), out, seed=seed, progress=False)
+    return {"seed": seed, "amp": amp or "fp32", "seconds": round(time.time() - t, 1), **m["error"],
+            "bayes": m["bayes_floor"]}
+
+
+def mnist(seed: int, amp, out: Path, data_dir: str) -> dict:
+    from metavae.experiments import invariance, mnist as M
+    from metavae.experiments.common import resolve_preset
+    from metavae.training import TrainConfig
+
+    original = invariance.TrainConfig
+    invariance.TrainConfig = functools.partial(TrainConfig, amp=amp)
+    try:
+        t = time.time()
+        m = M.make_run("rotate")(resolve_preset(M.PRESETS, "quick"), out, seed=seed, progress=False,
+                                 model="metavae", split="contiguous", data_dir=data_dir)
+    finally:
+        invariance.TrainConfig = original
+    return {"seed": seed, "amp": amp or "fp32", "seconds": round(time.time() - t, 1),
+            "train_seconds": m["train_seconds"], "best_val_loss": min(h["val_loss"] for h in m["history"]),
+            "mean_unseen_accuracy": m["mean_unseen_accuracy"], "embedding_std": m["embedding_std"],
+            "untrained": m["untrained"]["mean_unseen_accuracy"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiment", choices=("mog", "mnist"))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", type=Path, default=Path("runs/amp-accuracy"))
+    args = ap.parse_args(argv)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for amp in (None, "bf16"):
+            out = args.out / args.experiment / (amp or "fp32") / f"seed{seed}"
+            row = mog(seed, amp, out) if args.experiment == "mog" else mnist(seed, amp, out, args.data_dir)
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""`RowAdam`: Adam that updates a decoder bank one distribution (row) at a time.
+
+With ``TrainConfig(distributions_per_step=S)`` each step trains S of the K training distributions.
+A bank parameter (K, ...) then holds the decoders of all K, but only the S selected rows get a
+gradient (a sparse one, see `metavae.nets.mlp.sparse_bank_gradients`). Plain Adam would still move
+every other row through its momentum (and decay their second moments), so a decoder would change in
+steps that never saw its data. `RowAdam` keeps Adam's state per row, with a step count per row for
+the bias corrections: a row is updated exactly as Adam would update that decoder alone, over the
+steps in which its distribution was drawn, and an unselected row's weights and state are untouched.
+Its cost is that of the selected rows (index_select / index_copy), independent of K. Every other
+parameter (the shared encoder) takes torch's own Adam step (the fused kernel where available).
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import adam as _adam
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam (PyTorch's default betas and eps, no weight decay) with row-wise state for ``bank_params``."""
+
+    def __init__(self, params, bank_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        params = list(params)
+        bank = {id(p) for p in bank_params}
+        dense = [p for p in params if id(p) not in bank]
+        rows = [p for p in params if id(p) in bank]
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in dense)
+        groups = []
+        if dense:
+            groups.append({"params": dense, "rows": False, "fused": fused})
+        if rows:
+            groups.append({"params": rows, "rows": True, "fused": False})
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            if group["rows"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._row_step(p, group["lr"], b1, b2, group["eps"])
+            else:
+                self._dense_step(group, b1, b2)
+        return loss
+
+    def _dense_step(self, group, b1, b2):
+        params, grads, avgs, sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("RowAdam: a parameter outside the decoder banks got a sparse gradient")
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["fused"] else "cpu")
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            avgs.append(st["exp_avg"])
+            sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        if params:
+            _adam(params, grads, avgs, sqs, [], steps, foreach=None, capturable=False, differentiable=False,
+                  fused=group["fused"] or None, grad_scale=None, found_inf=None, has_complex=False,
+                  amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=0.0, eps=group["eps"],
+                  maximize=False)
+
+    def _row_step(self, p, lr, b1, b2, eps):
+        st = self.state[p]
+        if not st:
+            st["row_step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grad = p.grad
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            rows, g = grad.indices()[0], grad.values()
+            t = st["row_step"].index_select(0, rows).add_(1)
+            st["row_step"].index_copy_(0, rows, t)
+            m = st["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
+            v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+            st["exp_avg"].index_copy_(0, rows, m)
+            st["exp_avg_sq"].index_copy_(0, rows, v)
+            target = p.index_select(0, rows)
+        else:  # every row has a gradient (all K distributions in the step)
+            rows, g = None, grad
+            t = st["row_step"].add_(1)
+            m = st["exp_avg"].lerp_(g, 1 - b1)
+            v = st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            target = p
+        step_size = (lr / (1 - torch.pow(b1, t))).view(shape)
+        denom = (v.sqrt() / (1 - torch.pow(b2, t)).sqrt().view(shape)).add_(eps)
+        target.sub_(step_size * m / denom)
+        if rows is not None:
+            p.index_copy_(0, rows, target)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for gradients of which some are sparse (row gradients of a
+    decoder bank): the 2-norm over every gradient's stored values, each scaled by
+    min(1, max_norm / (norm + 1e-6))."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norms = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            norms.append(torch.linalg.vector_norm(p.grad.values()))
+        else:
+            norms.append(torch.linalg.vector_norm(p.grad))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        (p.grad.values() if p.grad.is_sparse else p.grad).mul_(coef)
+    return total
