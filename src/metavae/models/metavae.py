@@ -246,8 +246,7 @@ class MetaVAE(Saveable, nn.Module):
         was_training = self.training
         self.eval()
         member = _bank_member(self.decoder, self._nearest_decoder(fit, batch_size, context_size, seed))
-        _fit_member(_FrozenEncoder(self, member), fit, held, steps, lr, batch_size,
-                    context_size if self.uses_context else 0, seed, progress)
+        _fit_member(_FrozenEncoder(self, member), fit, held, steps, lr, batch_size, context_size, seed, progress)
         _append_member(self.decoder, member)
         self.config["n_decoders"] = self.n_decoders
         self.train(was_training)
@@ -259,8 +258,7 @@ class MetaVAE(Saveable, nn.Module):
         from ..data.meta import MetaDataset
 
         gen = torch.Generator(device=points.device).manual_seed(seed)
-        batch = MetaDataset.from_parts(train=[points]).sample(batch_size, context_size if self.uses_context else 0,
-                                                              generator=gen)
+        batch = MetaDataset.from_parts(train=[points]).sample(batch_size, context_size, generator=gen)
         x = batch.x.expand(self.n_decoders, *batch.x.shape[1:])
         ctx = None if batch.context is None else batch.context.expand(self.n_decoders, *batch.context.shape[1:])
         return int(objectives.elbo(self, x, ctx).mean(1).argmax())
@@ -316,7 +314,7 @@ def _fit_member(frozen: _FrozenEncoder, fit: torch.Tensor, held: torch.Tensor, s
 
     data = MetaDataset.from_parts(train=[fit])
     gen = torch.Generator(device=fit.device).manual_seed(seed)
-    ctx = fit[:max(context_size, 1)] if context_size else None  # the held-out points' one context set
+    ctx = fit[:context_size]  # the held-out points' one context set
 
     def held_out_elbo() -> float:
         devices = [fit.device] if fit.device.type == "cuda" else []
