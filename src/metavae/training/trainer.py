@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.meta import MetaDataset
+from ..data.meta import MappedPart, MetaDataset
 from ..io import atomic_save, atomic_write_text
 from ..nets.mlp import bank_parameters, sparse_bank_gradients
 from .checkpoint import CHECKPOINT_VERSION, check_resumable, load_checkpoint
@@ -207,8 +207,6 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
     def _train_batches(self):
-        from ..data.meta import MappedPart
-
         batches = self._subset_batches() if self.subset is not None else self._epoch_batches()
         if isinstance(self.data.part("train"), MappedPart):  # rows read from disk: overlap them with the step
             yield from _prefetched(batches)
