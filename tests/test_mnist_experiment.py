@@ -104,3 +104,17 @@ def test_table1_distances_on_a_hand_built_embedding():
     by_value = {v: base + v / 10 for v in (-20, 0, 20, 40)}  # the first pixel carries the shift
     d = invariance_distances(Shift(), {"rotation": by_value}, {"rotation": 0}, InvarianceConfig(), 0, "cpu")
     assert d["rotation"] == pytest.approx((2 + 2 + 4) / 3, rel=1e-6)
+
+
+def test_attention_pooling_setting_trains_a_set_transformer_and_names_the_variant(shared_mnist, tmp_path, capsys):
+    import metavae
+
+    out = tmp_path / "att"
+    assert main(["run", "mnist-scale", "--data-dir", str(shared_mnist), "--out", str(out), "--set", "pooling=attention"]
+                + TINY) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["label"] == "metavae (pooling attention)" and m["config"]["pooling"] == "attention"
+    assert metavae.load(out / "checkpoints" / "best.pt").config["pooling"] == "attention"
+    assert main(["run", "mnist-scale", "--model", "vae", "--data-dir", str(shared_mnist), "--out", str(tmp_path / "v"),
+                 "--set", "pooling=attention"] + TINY) == 2
+    assert "needs a model that pools a context set" in capsys.readouterr().err

@@ -127,6 +127,20 @@ def test_attention_pooling_is_permutation_invariant_masks_padding_and_round_trip
     torch.testing.assert_close(load(tmp_path / "m.pt").embed(x, ctx), model.eval().embed(x, ctx))
 
 
+def test_attention_pool_on_a_context_pool_equals_the_materialised_sets():
+    """`AttentionPool.pooled` embeds the P pool points once; the summaries must not change."""
+    from metavae.data.meta import PooledContext
+
+    torch.manual_seed(0)
+    model = build_mlp_metavae((5,), 2, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0),
+                              pooling="attention")
+    pool, x = torch.randn(2, 9, 5), torch.randn(2, 4, 5)
+    index = torch.stack([torch.stack([torch.randperm(9)[:3] for _ in range(4)]) for _ in range(2)])
+    context = PooledContext(pool, index)
+    torch.testing.assert_close(model.encode(x, context), model.encode(x, context.materialize()))
+    assert not torch.allclose(model.encode(x, context), model.encode(x, PooledContext(pool, index.flip(1))))
+
+
 def test_train_with_attention_summary_from_the_command_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "small.npz", **{f"d{k}": rng.normal(size=(40, 2)) + k for k in range(3)})

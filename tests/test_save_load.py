@@ -132,15 +132,16 @@ def test_experiment_checkpoints_load(tmp_path):
         load(tmp_path / "x.pt")
 
 
-@pytest.mark.parametrize("name, arch", [("ns", "mlp"), ("vhe", "mlp"), ("vhe", "conv")])
-def test_attention_pooling_for_ns_and_vhe_round_trips_and_is_permutation_invariant(name, arch, tmp_path):
+@pytest.mark.parametrize("name, arch", [("ns", "mlp"), ("vhe", "mlp"), ("vhe", "conv"), ("metavae", "conv")])
+def test_attention_pooling_round_trips_and_is_permutation_invariant(name, arch, tmp_path):
     from metavae.models import make_model
     from metavae.nets.sets import AttentionPool
 
     torch.manual_seed(0)
     shape = (28, 28) if arch == "conv" else (6,)
     kw = dict(channels=(2, 4, 4), groups=1) if arch == "conv" else dict(decoder_hidden=8)
-    model = make_model(name, arch, shape, c_dim=3, z_dim=2, hidden=8, pooling="attention", **kw).eval()
+    kw.update(n_distributions=2, summary=(8, 8)) if name == "metavae" else kw.update(c_dim=3)
+    model = make_model(name, arch, shape, z_dim=2, hidden=8, pooling="attention", **kw).eval()
     assert any(isinstance(m, AttentionPool) for m in model.modules()) and model.config["pooling"] == "attention"
     model.save(tmp_path / "m.pt")
     back = metavae.load(tmp_path / "m.pt")

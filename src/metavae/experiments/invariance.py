@@ -20,7 +20,7 @@ import torch
 
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
-from ..models.metavae import INITS
+from ..models.metavae import INITS, POOLINGS
 from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
 
 # Two linear probes read every embedding (docs/reproduction.md §13):
@@ -50,8 +50,9 @@ class InvarianceConfig:
     init: str = "default"  # MetaVAE and VAE only: "default" (PyTorch's, the reference) or "xavier" (the baselines', always used by NS/VHE)
     selection: str = "best"  # "best": lowest val loss, mean c; "reference": the reference's highest val loss, sampled c
     free_bits: float = 0.0  # MetaVAE and VAE training only: each latent dim's KL counts as >= this many nats
+    pooling: str = "mean"  # MetaVAE, NS and VHE: how the context set is pooled, "mean" (the paper's) or "attention"
 
-    CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference")}
+    CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference"), "pooling": POOLINGS}
 
     def check(self) -> None:
         if self.context_pool is not None and self.context_pool < self.context_size:
@@ -300,6 +301,7 @@ def make_control(name: str, event_shape, z_dim: int) -> PixelControl:
 
 # Each model kind's init stream is offset from the run seed, so that kinds sharing parts (the VHE
 # and the VHE+VampPrior) do not start from bit-identical weights.
+POOLED_MODELS = ("metavae", "ns", "vhe", "vhe-vampprior")
 INIT_STREAM = {"metavae": 0, "vae": 0, "ns": 0, "vhe": 0, "vhe-vampprior": 7919}
 
 
@@ -323,6 +325,11 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     if model_name in ("metavae", "vae"):
         kwargs.setdefault("init", cfg.init)
         kwargs.setdefault("free_bits", cfg.free_bits)
+    if cfg.pooling != "mean":  # the builders' default; only models that pool a context set take it
+        if model_name not in POOLED_MODELS:
+            raise ValueError(f"pooling={cfg.pooling!r} needs a model that pools a context set "
+                             f"({', '.join(POOLED_MODELS)}), not {model_name!r}")
+        kwargs.setdefault("pooling", cfg.pooling)
     model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
                        **kwargs)
     steps = cfg.epochs * data.steps_per_epoch(cfg.batch_size)
@@ -425,7 +432,7 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
     return table1, table2, missing
 
 
-VARIANT_SETTINGS = ("init", "free_bits", "selection")  # settings that make a run a variant of its model
+VARIANT_SETTINGS = ("init", "free_bits", "selection", "pooling")  # settings that make a run a variant of its model
 
 
 def run_label(model: str, cfg, default_cfg) -> str:

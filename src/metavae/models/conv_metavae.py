@@ -26,8 +26,7 @@ from torch import nn
 from ..distributions import Bernoulli, make_latent
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape
 from ..nets.mlp import BatchedLinear, check_bank_rows, mlp
-from ..nets.sets import MeanPool
-from .metavae import MetaVAE, apply_init, check_init
+from .metavae import MetaVAE, apply_init, check_init, check_pooling, set_pool
 
 
 class ConvHead(nn.Module):
@@ -87,6 +86,7 @@ def build_conv_metavae(
     use_context: bool = True,
     init: str = "default",
     free_bits: float = 0.0,
+    pooling: str = "mean",
 ) -> MetaVAE:
     """The conv MetaVAE of docs/reproduction.md §3.4 (``use_context=False``: the conv VAE, one decoder).
 
@@ -95,8 +95,10 @@ def build_conv_metavae(
     Parameters (K decoders): 1,921,536 encoder + 18,580,512 summary + 5,717,680 head
     + K * 3,900,065 -- docs/reproduction.md §12 exactly (K = 9: 61,320,313).
     ``init``: ``default`` (PyTorch's, as the reference) or ``xavier`` (the baselines'), see `apply_init`.
+    ``pooling``: ``mean`` (the paper's) or ``attention`` (a Set Transformer over the summary features).
     """
     check_init(init)
+    check_pooling(pooling)
     if n_decoders < 1:
         raise ValueError(f"need at least one decoder, got n_decoders={n_decoders}")
     likelihood = likelihood if likelihood is not None else Bernoulli()
@@ -108,14 +110,15 @@ def build_conv_metavae(
     summary_sizes = list(summary) if summary is not None else [F_, hidden, hidden]
     set_net = None
     if use_context:
-        set_net = MeanPool(nn.Sequential(encoder, mlp([F_, *summary_sizes], "leaky_relu")), event_dim=len(event_shape))
+        set_net = set_pool(nn.Sequential(encoder, mlp([F_, *summary_sizes], "leaky_relu")), summary_sizes[-1], pooling,
+                           len(event_shape))
     head = ConvHead(F_, summary_sizes[-1] if use_context else 0, hidden, lat.n_params, res_layers)
     decoder = ConvDecoderBank(n_decoders, z_dim, hidden, event_shape, likelihood.n_params(D) // D, channels, groups)
     config = dict(
         kind="conv_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=hidden,
         summary=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups, use_context=use_context,
-        init=init, free_bits=free_bits,
+        init=init, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config,
                     free_bits=free_bits)

@@ -34,7 +34,7 @@ from torch import nn
 from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl, gaussian_log_prob
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import AttentionPool, MeanPool
-from .metavae import POOLINGS, Saveable
+from .metavae import Saveable, check_pooling
 
 
 # --- densities -----------------------------------------------------------------------------
@@ -336,8 +336,7 @@ def build_hierarchical(cls, kind: str, event_shape: Sequence[int], arch: str = "
     (``kind`` plus every argument) that rebuilds it. ``objective``: the class's own weight argument."""
     if prior not in ("gaussian", "vampprior"):
         raise ValueError(f"unknown prior '{prior}'; choose 'gaussian' or 'vampprior'")
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+    check_pooling(pooling)
     likelihood = likelihood if likelihood is not None else Bernoulli()
     parts = build_parts(tuple(event_shape), arch, c_dim, z_dim, hidden, hidden_statistic, decoder_hidden, channels,
                         groups, likelihood, statistician=kind == "ns", pooling=pooling)

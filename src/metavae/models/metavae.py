@@ -369,6 +369,20 @@ def _append_member(bank: nn.Module, member: nn.Module) -> None:
             mine.n = n
 
 
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+
+
+def set_pool(element: nn.Module, width: int, pooling: str, event_dim: int) -> nn.Module:
+    """The summary h(D) over a context set: ``element`` embeds each member to ``width`` features,
+    then the mean (the paper's) or a Set Transformer (`AttentionPool`, 4 heads) pools them."""
+    check_pooling(pooling)
+    if pooling == "mean":
+        return MeanPool(element, event_dim=event_dim)
+    return AttentionPool(element, width, heads=4, event_dim=event_dim)
+
+
 def build_mlp_metavae(
     event_shape: Sequence[int],
     n_decoders: int,
@@ -402,15 +416,11 @@ def build_mlp_metavae(
     D = int(torch.Size(event_shape).numel())
     lat = make_latent(latent, z_dim)
     summary_sizes = list(summary) if summary is not None else [D, 400, 400]
+    check_pooling(pooling)
     set_net = None
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
     if use_context:  # each element is flattened, so any event shape (e.g. 28x28 images) works
         element = nn.Sequential(nn.Flatten(), mlp([D, *summary_sizes], summary_act))
-        if pooling == "mean":
-            set_net = MeanPool(element, event_dim=len(event_shape))
-        else:
-            set_net = AttentionPool(element, summary_sizes[-1], heads=4, event_dim=len(event_shape))
+        set_net = set_pool(element, summary_sizes[-1], pooling, len(event_shape))
     s_dim = summary_sizes[-1] if use_context else 0
     head = mlp([D + s_dim, *hidden, lat.n_params], act)
     dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)

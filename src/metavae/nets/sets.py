@@ -88,8 +88,22 @@ class AttentionPool(nn.Module):
             if not bool(mask.any(dim=-1).all()):
                 raise ValueError("every set needs at least one unmasked element")
             pad = ~mask.reshape(-1, n).bool()
+        return self._attend(h, pad).reshape(*lead[:-1], -1)
+
+    def _attend(self, h: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """(sets, N, dim) element features -> (sets, dim): the SABs, then PMA with the seed."""
         for block in self.blocks:
             h = block(h, pad)
         seed = self.seed.expand(h.shape[0], -1, -1)
-        out = self.norm(self.pma(seed, h, h, key_padding_mask=pad, need_weights=False)[0] + seed)
-        return out.reshape(*lead[:-1], -1)
+        return self.norm(self.pma(seed, h, h, key_padding_mask=pad, need_weights=False)[0] + seed)
+
+    def pooled(self, pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Summaries (K, B, dim) of the sets ``pool[k, index[k, b]]``: ``pre`` runs once on the P pool
+        points (K, P, *event), as in `MeanPool.pooled`; each set's N member features are gathered and
+        attended. Equal to ``forward`` on the materialised sets, at the pool's cost for ``pre``."""
+        K, P = pool.shape[:2]
+        B, N = index.shape[1:]
+        h = self.pre(pool.reshape(K * P, *pool.shape[2:])).reshape(K, P, -1)
+        rows = torch.arange(K, device=index.device).view(K, 1)
+        members = h[rows, index.reshape(K, B * N)].reshape(K * B, N, -1)
+        return self._attend(members, None).reshape(K, B, -1)
