@@ -54,5 +54,11 @@ def iw_log_likelihood(model, x, context=None, dist=None, k: int = 10) -> torch.T
     """The k-sample importance-weighted lower bound on log p(x) (Burda et al.), per point (K, B).
     It is >= the ELBO and tightens as k grows; with an enumerable latent it is exact."""
     params = model.encode(x, context)
-    z, corr = model.latent.importance(params, k)
-    return torch.logsumexp(decoder_log_lik(model, x, z, dist) + corr, dim=-1)
+    return iw_of(model.latent, params, lambda z: decoder_log_lik(model, x, z, dist), k)
+
+
+def iw_of(latent, params, log_lik, k: int = 10) -> torch.Tensor:
+    """The k-sample importance-weighted bound with q = ``latent`` with ``params`` as the proposal,
+    for any likelihood ``log_lik(z)`` (as `elbo_of`): log (1/k) sum_s p(x|z_s) p(z_s) / q(z_s)."""
+    z, corr = latent.importance(params, k)
+    return torch.logsumexp(log_lik(z) + corr, dim=-1)

@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "mnist-scale": "metavae.experiments.mnist:scale",
     "mnist-shear": "metavae.experiments.mnist:shear",
     "mnist-generation": "metavae.experiments.generation:EXPERIMENT",
+    "mnist-gap": "metavae.experiments.mnist_gap:EXPERIMENT",
     "norb-elevation": "metavae.experiments.norb:elevation",
     "norb-azimuth": "metavae.experiments.norb:azimuth",
     "norb-lighting": "metavae.experiments.norb:lighting",
