@@ -16,6 +16,9 @@ Sections (all by default; ``--only`` picks some, the others keep their stored re
   mapped    a family several GB on disk (uint8 .npy, one per distribution, under /tmp), trained from
             the in-memory padded storage and from ``storage="mapped"``: resident memory and step time,
             one process each; the files are deleted afterwards;
+  limited   a family several times larger than the memory its trainer may use (``--limited-family-gb``
+            on disk, each worker in a memory cgroup of ``--memory-limit-gb``, page cache included):
+            mapped storage against padded, cold page cache; needs root for the cgroup;
   sweep     the MLP step time over K, B and N around (9, 100, 10) (figure ``step_time_sweep_<device>.png``);
   reference the authors' step pattern (`reference_step.py`), on the CPU only.
 
@@ -50,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 PAPER_TRAIN_IMAGES = 60_000
 ISSUE_REFERENCE_EPOCH_S = 350.0  # the authors' epoch as measured in issue #7 (another machine) ...
 ISSUE_PEAK_GFLOPS = 350.0  # ... whose fp32 torch.mm peak was about this
-SECTIONS = ("mlp", "conv", "epoch", "ksweep", "mapped", "sweep", "reference")
+SECTIONS = ("mlp", "conv", "epoch", "ksweep", "mapped", "limited", "sweep", "reference")
 
 
 def sync(device):
@@ -355,7 +358,7 @@ def plot_ksweep(rows, path: Path):
 MAPPED_K, MAPPED_ROWS, MAPPED_EVENT = 10, 320_000, 784  # 10 x 320,000 x 784 bytes = 2.51 GB of uint8
 
 
-def write_family(folder: Path) -> int:
+def write_family(folder: Path, rows: int = MAPPED_ROWS) -> int:
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -363,9 +366,9 @@ def write_family(folder: Path) -> int:
     total = 0
     for k in range(MAPPED_K):
         a = np.lib.format.open_memmap(folder / f"d{k:02d}.npy", mode="w+", dtype=np.uint8,
-                                      shape=(MAPPED_ROWS, MAPPED_EVENT))
-        for start in range(0, MAPPED_ROWS, 20_000):
-            a[start:start + 20_000] = rng.integers(0, 256, (min(20_000, MAPPED_ROWS - start), MAPPED_EVENT),
+                                      shape=(rows, MAPPED_EVENT))
+        for start in range(0, rows, 20_000):
+            a[start:start + 20_000] = rng.integers(0, 256, (min(20_000, rows - start), MAPPED_EVENT),
                                                    dtype=np.uint8)
         a.flush()
         total += a.nbytes
@@ -446,6 +449,88 @@ def section_mapped(device, steps, folder: Path) -> dict:
             "event": MAPPED_EVENT, "machine_memory_gb": mem, "rows": rows}
 
 
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup/unified")
+
+
+def memory_cgroup(limit_bytes: int) -> tuple[Path, str, str]:
+    """A fresh memory cgroup capped at ``limit_bytes`` (page cache included, as the kernel charges it):
+    (folder, the file holding its peak usage, its OOM-kill counter file). cgroup v1 or v2; needs root."""
+    for root, limit, peak in ((CGROUP_V1, "memory.limit_in_bytes", "memory.max_usage_in_bytes"),
+                              (CGROUP_V2, "memory.max", "memory.peak")):
+        if (root / limit).exists() or (root / "cgroup.controllers").exists():
+            group = root / f"metavae-bench-{os.getpid()}"
+            try:
+                group.mkdir(exist_ok=True)
+                (group / limit).write_text(str(limit_bytes))
+            except OSError as e:
+                raise SystemExit(f"cannot create a memory cgroup under {root} ({e}); run as root, or skip 'limited'")
+            return group, peak, "memory.oom_control" if root == CGROUP_V1 else "memory.events"
+    raise SystemExit("no memory cgroup (v1 /sys/fs/cgroup/memory or v2 /sys/fs/cgroup/unified) on this machine")
+
+
+def _empty(group: Path) -> None:
+    """Kill what is left in a cgroup (a timed-out worker) and remove it."""
+    import signal
+
+    for pid in (group / "cgroup.procs").read_text().split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def section_limited(device, steps, folder: Path, limit_gb: float, family_gb: float, timeout_s: int = 600) -> dict:
+    """A family ``family_gb`` on disk, trained by processes allowed ``limit_gb`` of memory (page cache
+    included): the mapped storage against the padded one, each in a fresh memory cgroup, cold cache."""
+    rows = int(family_gb * 1e9 / (MAPPED_K * MAPPED_EVENT))
+    total = write_family(folder, rows)
+    print(f"  wrote {total / 1e9:.2f} GB under {folder}; each worker may use {limit_gb:.2f} GB", flush=True)
+    out = []
+    try:
+        for storage in ("mapped", "padded"):
+            evict(folder)
+            group, peak_file, oom_file = memory_cgroup(int(limit_gb * 1e9))
+            try:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "mapped", "--storage", storage,
+                       "--dir", str(folder), "--steps", str(steps)]
+                enter = f"echo $$ > {group / 'cgroup.procs'} && exec \"$@\""
+                t = time.perf_counter()
+                try:
+                    run = subprocess.run(["sh", "-c", enter, "sh", *cmd], capture_output=True, text=True, check=False,
+                                         timeout=timeout_s)
+                    rc, stdout, stderr = run.returncode, run.stdout, run.stderr
+                except subprocess.TimeoutExpired as e:  # at the cap the kernel reclaims page cache instead of
+                    rc, stdout, stderr = None, "", str(e.stderr or "")  # killing: the padded worker thrashes
+                row = {"storage": storage, "returncode": rc, "timed_out": rc is None, "timeout_s": timeout_s,
+                       "wall_s": round(time.perf_counter() - t, 1),
+                       "cgroup_peak_mb": round(int((group / peak_file).read_text()) / 1e6, 1),
+                       "oom": (group / oom_file).read_text().split()}
+                if rc == 0:
+                    row.update(json.loads(stdout.strip().splitlines()[-1]))
+                else:
+                    row["error_tail"] = stderr[-400:]
+            finally:
+                _empty(group)
+            out.append(row)
+            print(f"  storage={storage:7s} rc {row['returncode']}  cgroup peak {row['cgroup_peak_mb']:.0f} MB  "
+                  + (f"{row['step_ms']:.1f} ms/step, peak RSS {row['peak_rss_mb']:.0f} MB" if rc == 0
+                     else f"did not finish{f' in {timeout_s} s' if rc is None else ''}"), flush=True)
+    finally:
+        for f in folder.glob("*.npy"):
+            f.unlink()
+        folder.rmdir()
+    return {"family_gb": round(total / 1e9, 2), "memory_limit_gb": limit_gb, "worker_timeout_s": timeout_s,
+            "files": MAPPED_K,
+            "rows_per_file": rows, "event": MAPPED_EVENT, "rows": out}
+
+
 def _subprocess(args) -> dict:
     env = dict(os.environ)
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
@@ -511,6 +596,9 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)}")
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     ap.add_argument("--mapped-dir", type=Path, default=Path("/tmp/metavae-bench-family"))
+    ap.add_argument("--memory-limit-gb", type=float, default=1.0, help="limited: memory each worker may use")
+    ap.add_argument("--limited-family-gb", type=float, default=4.0, help="limited: the family's size on disk")
+    ap.add_argument("--limited-timeout-s", type=int, default=600, help="limited: a worker not done by then is stopped")
     ap.add_argument("--conv-batch", type=int, default=32, help="queries per distribution in the conv rows")
     ap.add_argument("--archive-previous", action="store_true",
                     help="copy the stored results of this device under 'previous' before updating them")
@@ -573,6 +661,10 @@ def main(argv=None):
     if "mapped" in sections:
         res["mapped_family"] = section_mapped(device, steps, args.mapped_dir)
         done("mapped")
+    if "limited" in sections:
+        res["mapped_under_memory_limit"] = section_limited(device, steps, args.mapped_dir, args.memory_limit_gb,
+                                                           args.limited_family_gb, args.limited_timeout_s)
+        done("limited")
     if "sweep" in sections:
         res["sweep"] = sweep(device, max(3, steps // 3))
         plot_sweep(res["sweep"], args.out.with_name(f"step_time_sweep_{device_name}.png"), device_name)

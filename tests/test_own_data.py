@@ -38,6 +38,36 @@ def test_a_folder_of_npy_files_is_read_memory_mapped(tmp_path):
     assert fam.names == ["d0", "d1", "d2"] and isinstance(fam.points[0], np.memmap)
 
 
+def test_train_from_a_folder_mapped_equals_padded_and_auto_maps_a_family_too_big_for_memory(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """`metavae train --storage mapped` trains the same weights as padded storage; ``auto`` maps a
+    folder of .npy files that exceeds a quarter of free memory, and refuses what it cannot map."""
+    import json
+
+    from metavae import workflows
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        np.save(tmp_path / f"d{k}.npy", (rng.normal(size=(60, 3)) + k).astype(np.float32))
+    outs = {}
+    for storage in ("padded", "mapped"):
+        outs[storage] = tmp_path / storage
+        assert main(["train", "--data", str(tmp_path), "--out", str(outs[storage]), "--storage", storage,
+                     "--set", "epochs=2", "--set", "batch_size=8", "--set", "context_size=4", "--quiet"]) == 0
+        assert json.loads((outs[storage] / "metrics.json").read_text())["storage"] == storage
+    a, b = load_model(outs["padded"] / "model.pt"), load_model(outs["mapped"] / "model.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    monkeypatch.setattr(workflows, "available_memory", lambda: 4 * 3 * 60 * 3 * 4 - 1)  # the family is just too big
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "auto"), "--set", "epochs=1",
+                 "--set", "batch_size=8", "--set", "context_size=4", "--quiet"]) == 0
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["storage"] == "mapped"
+    assert "reading it memory-mapped" in capsys.readouterr().err
+    np.savez(tmp_path / "f.npz", a=np.zeros((60, 3)), b=np.ones((60, 3)))
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "z"), "--storage", "mapped",
+                 "--set", "context_size=4", "--quiet"]) == 2
+    assert "--storage mapped reads a folder of .npy files" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arrays,message", [
     ({"a": np.zeros((5, 2)), "b": np.zeros((5, 3))}, "ragged"),
     ({"a": np.zeros((5, 2)), "b": np.zeros((0, 2))}, "distribution 'b': no points"),

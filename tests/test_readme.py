@@ -93,3 +93,6 @@ def test_readme_generation_and_pooling_tables_are_rebuilt_from_results():
     assert _block("generation-table") == likelihood_table(
         json.loads((results / "generation" / "metrics.json").read_text())).strip()
     assert _block("pooling-table") == pooling_table(results / "pooling").strip()
+    from metavae.experiments.mnist import pooling_table as mnist_pooling_table
+
+    assert _block("pooling-mnist-table") == mnist_pooling_table(results / "pooling-mnist").strip()

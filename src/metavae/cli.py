@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="metavae", help="metavae (default), vae, ns, vhe or vhe-vampprior")
     t.add_argument("--summary", default="mean", choices=("mean", "attention"),
                    help="how the MetaVAE, NS or VHE pools a context set: mean (the paper's) or attention (a Set Transformer)")
+    t.add_argument("--storage", default="auto", choices=("auto", "padded", "mapped"),
+                   help="padded: the family in memory; mapped: read from a folder of .npy files as needed (bounded "
+                        "memory, same batches); auto (default): mapped when such a folder exceeds a quarter of free memory")
     t.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
     t.add_argument("--label-column", default=None, help="CSV/Parquet: a column of labels to keep out of the features")
     t.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard event files into this folder")
@@ -131,7 +134,8 @@ def own_data_command(args) -> int:
         cfg = resolve_preset({"default": W.FileTrainConfig()}, None, _overrides(args.set))
         with RunFolder(args.out):
             m = W.train_on_files(args.data, args.out, args.model, cfg, args.dist_column, args.label_column,
-                                 args.tensorboard, progress=not args.quiet, summary=args.summary)
+                                 args.tensorboard, progress=not args.quiet, summary=args.summary,
+                                 storage=args.storage)
         stop = " (stopped early)" if m["stopped_early"] else ""
         print(f"trained {m['model']} on {len(m['data']['names'])} distributions for {m['epochs_trained']} epochs{stop}; "
               f"best validation loss {m['best_val_loss']:.4g} at epoch {m['best_epoch']}; wrote {args.out / 'model.pt'}")

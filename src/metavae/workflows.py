@@ -69,12 +69,42 @@ def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: 
                       decoder_hidden=cfg.hidden[-1], likelihood=lik, pooling=pooling)
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says can still be allocated (MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def choose_storage(storage: str, family: Family) -> str:
+    """``auto``: mapped for a folder of .npy files (memory-mapped by `read_family`) holding more than
+    a quarter of the available memory, else padded. Both give the same batches for one seed, so
+    the choice changes memory and speed only; ``mapped`` needs that folder layout."""
+    mapped_arrays = all(isinstance(p, np.memmap) for p in family.points)
+    if storage == "mapped" and not mapped_arrays:
+        raise ValueError(f"--storage mapped reads a folder of .npy files (one per distribution); {family.source} "
+                         "is not one")
+    if storage != "auto":
+        return storage
+    free = available_memory()
+    size = sum(int(p.nbytes) for p in family.points)
+    if mapped_arrays and free is not None and size > free / 4:
+        print(f"metavae: notice: the family is {size / 1e9:.1f} GB against {free / 1e9:.1f} GB of free memory: "
+              "reading it memory-mapped (--storage padded to load it)", file=sys.stderr)
+        return "mapped"
+    return "padded"
+
+
 def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainConfig = FileTrainConfig(),
                    dist_column: str = "distribution", label_column: str | None = None, tensorboard=None,
-                   progress: bool = True, summary: str = "mean") -> dict:
+                   progress: bool = True, summary: str = "mean", storage: str = "auto") -> dict:
     """Train ``model_name`` on every distribution in ``data_path``; writes ``out/model.pt`` (the
     `save_model` format, distribution names included), ``metrics.json``, ``metrics.jsonl`` and
-    ``loss.png``. Returns the metrics."""
+    ``loss.png``. ``storage``: see `choose_storage`. Returns the metrics."""
     from .experiments.common import check_settings
 
     check_settings(cfg)
@@ -92,11 +122,19 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
         raise ValueError(f"distribution {family.names[k]!r} has {sizes[k]} points: its validation part "
                          f"(val_fraction={cfg.val_fraction}) would hold {n_val}, fewer than context_size="
                          f"{cfg.context_size}; lower context_size, raise val_fraction or drop it")
-    points = [torch.as_tensor(np.asarray(p)) for p in family.points]
-    if model_name == "vae":
-        points = [torch.cat(points)]
+    storage = choose_storage("padded" if storage == "auto" and model_name == "vae" else storage, family)
+    if storage == "mapped" and model_name == "vae":
+        raise ValueError("--storage mapped keeps one array per distribution; the VAE pools them into one "
+                         "(use --storage padded)")
+    if storage == "mapped":
+        points = family.points
+    else:
+        # a read-only memmap is copied into memory (torch wants writable arrays); other arrays are shared
+        points = [torch.as_tensor(np.array(p) if isinstance(p, np.memmap) else np.asarray(p)) for p in family.points]
+        if model_name == "vae":
+            points = [torch.cat(points)]
     data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
-                       names=family.names if model_name != "vae" else ["all"])
+                       names=family.names if model_name != "vae" else ["all"], storage=storage)
     seed_everything(cfg.seed)
     model = _build(model_name, family.event_shape, len(data), cfg, summary)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
@@ -110,7 +148,7 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
     trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
     history = trainer.fit()
     model.save(out / "model.pt", distributions=list(data.names), data=info["data"]["source"], model_name=model_name)
-    metrics = {"model": model_name, "data": info["data"], "event_shape": list(family.event_shape),
+    metrics = {"model": model_name, "data": info["data"], "storage": storage, "event_shape": list(family.event_shape),
                "epochs_trained": trainer.state.epoch, "stopped_early": trainer.stopped_early,
                "best_epoch": trainer.state.best_epoch, "best_val_loss": trainer.state.best_val,
                "train_seconds": round(time.time() - t0, 1), "settings": dataclasses.asdict(cfg), "history": history}

@@ -4,6 +4,8 @@ mnist-shear. Each trains one model (``--model``) on the seen values of one meta-
 also measures Table 1's invariance distances."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from dataclasses import asdict
 from pathlib import Path
@@ -245,6 +247,23 @@ def _write_summary(out, table1, table2, found, missing, models):
         "\n".join(f"- `{c}`" for c in missing) if missing else "None.",
     ])
     write_report(out, text)
+
+
+def pooling_table(folder) -> str:
+    """Mean vs attention pooling from finished transformed-MNIST runs under ``folder`` (one subfolder per
+    run): training seconds, validation loss per epoch, and both probes beside the untrained model's."""
+    rows = []
+    for run in sorted(Path(folder).iterdir()):
+        path = run / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        acc, untrained = m["mean_unseen_accuracy"], m["untrained"]["mean_unseen_accuracy"]
+        rows.append([f"`{run.name}`", m["config"].get("pooling", "mean"), m["epochs_trained"],
+                     f"{m['train_seconds_total']:.0f}", " / ".join(f"{h['val_loss']:.1f}" for h in m["history"]),
+                     *[f"{acc[p]:.3f} ({untrained[p]:.3f})" for p in PROBES]])
+    return markdown_table(["run", "pooling", "epochs", "train s", "val loss by epoch",
+                           *[f"{p} probe (untrained)" for p in PROBES]], rows)
 
 
 def _experiment(key: str) -> Experiment:
