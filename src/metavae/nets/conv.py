@@ -38,6 +38,7 @@ evaluation, where every post-pool BatchNorm is skipped. We normalise every sampl
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -49,7 +50,7 @@ from .mlp import BatchedLinear, fp32_output_layer, gather_rows
 
 DEFAULT_CHANNELS = (64, 128, 256)
 GROUPS = 32
-_CHANNELS_LAST = [False]
+_CHANNELS_LAST = contextvars.ContextVar("metavae_channels_last", default=False)  # set by `channels_last`
 
 
 @contextlib.contextmanager
@@ -58,15 +59,15 @@ def channels_last(enabled: bool = True):
     summation order: results agree to float rounding, not bit for bit. On the 2-core AVX512 CPU of
     docs/performance.md §4 it measured 1-5% slower than the default layout (oneDNN reorders to its
     own blocked layout either way), so nothing enables it by default; GPUs may differ."""
-    before, _CHANNELS_LAST[0] = _CHANNELS_LAST[0], enabled
+    token = _CHANNELS_LAST.set(enabled)
     try:
         yield
     finally:
-        _CHANNELS_LAST[0] = before
+        _CHANNELS_LAST.reset(token)
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST[0] else x
+    return x.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST.get() else x
 
 
 def norm_groups(channels: int, groups: int = GROUPS) -> int:

@@ -9,6 +9,7 @@ that reads the rows (`metavae.training.optim.RowAdam`) updates only the distribu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Iterator, Sequence
 
@@ -41,7 +42,8 @@ def mlp(sizes: Sequence[int], act: str = "relu", final_act: bool = False) -> nn.
     return nn.Sequential(*layers)
 
 
-_SPARSE = [False]  # inside `sparse_bank_gradients`: row gathers of bank parameters give sparse gradients
+# inside `sparse_bank_gradients`: row gathers of bank parameters give sparse gradients (per thread/context)
+_SPARSE = contextvars.ContextVar("metavae_sparse_bank_gradients", default=False)
 
 
 @contextlib.contextmanager
@@ -49,11 +51,11 @@ def sparse_bank_gradients(enabled: bool = True):
     """Within this block a bank's row gather (``dist`` naming a subset of its members) records a
     sparse gradient (only the gathered rows) instead of a dense (K, ...) one with zeros elsewhere.
     The forward pass must run inside the block; the backward may run after it."""
-    before, _SPARSE[0] = _SPARSE[0], enabled
+    token = _SPARSE.set(enabled)
     try:
         yield
     finally:
-        _SPARSE[0] = before
+        _SPARSE.reset(token)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -74,7 +76,7 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``weight[rows]``: rows of a bank parameter, one per distribution in the batch. Sparse-gradient
     inside `sparse_bank_gradients` (when autograd records), otherwise exactly ``weight[rows]``."""
-    if _SPARSE[0] and weight.requires_grad and torch.is_grad_enabled():
+    if _SPARSE.get() and weight.requires_grad and torch.is_grad_enabled():
         return _GatherRows.apply(weight, rows.to(weight.device))
     return weight[rows]
 

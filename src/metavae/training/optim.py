@@ -8,12 +8,11 @@ steps that never saw its data. `RowAdam` keeps Adam's state per row, with a step
 the bias corrections: a row is updated exactly as Adam would update that decoder alone, over the
 steps in which its distribution was drawn, and an unselected row's weights and state are untouched.
 Its cost is that of the selected rows (index_select / index_copy), independent of K. Every other
-parameter (the shared encoder) takes torch's own Adam step (the fused kernel where available).
+parameter (the shared encoder) takes torch's own Adam step (`make_optimizer`: fused where available).
 """
 from __future__ import annotations
 
 import torch
-from torch.optim.adam import adam as _adam
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -26,13 +25,27 @@ class RowAdam(torch.optim.Optimizer):
         bank = {id(p) for p in bank_params}
         dense = [p for p in params if id(p) not in bank]
         rows = [p for p in params if id(p) in bank]
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in dense)
         groups = []
         if dense:
-            groups.append({"params": dense, "rows": False, "fused": fused})
+            groups.append({"params": dense, "rows": False})
         if rows:
-            groups.append({"params": rows, "rows": True, "fused": False})
+            groups.append({"params": rows, "rows": True})
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps))
+        # The shared parameters take torch's own Adam (fused where it can), holding its per-parameter
+        # state in this optimizer's: one state_dict, the layout and numbers of a plain Adam.
+        self._dense = None
+        if dense:
+            from .trainer import make_optimizer
+
+            self._dense = make_optimizer(dense, lr, betas=tuple(betas), eps=eps)
+            # a fused Adam keeps its step counts on the parameters' device; loading must too
+            self.param_groups[0]["fused"] = bool(self._dense.defaults.get("fused"))
+            self._dense.state = self.state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # replaces self.state: link the dense Adam to the new one
+        if self._dense is not None:
+            self._dense.state = self.state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -41,37 +54,17 @@ class RowAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             if group["rows"]:
+                b1, b2 = group["betas"]
                 for p in group["params"]:
                     if p.grad is not None:
                         self._row_step(p, group["lr"], b1, b2, group["eps"])
             else:
-                self._dense_step(group, b1, b2)
+                if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                    raise RuntimeError("RowAdam: a parameter outside the decoder banks got a sparse gradient")
+                self._dense.param_groups[0].update(lr=group["lr"], betas=group["betas"], eps=group["eps"])
+                self._dense.step()
         return loss
-
-    def _dense_step(self, group, b1, b2):
-        params, grads, avgs, sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("RowAdam: a parameter outside the decoder banks got a sparse gradient")
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["fused"] else "cpu")
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            avgs.append(st["exp_avg"])
-            sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-        if params:
-            _adam(params, grads, avgs, sqs, [], steps, foreach=None, capturable=False, differentiable=False,
-                  fused=group["fused"] or None, grad_scale=None, found_inf=None, has_complex=False,
-                  amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=0.0, eps=group["eps"],
-                  maximize=False)
 
     def _row_step(self, p, lr, b1, b2, eps):
         st = self.state[p]
@@ -105,12 +98,14 @@ class RowAdam(torch.optim.Optimizer):
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for gradients of which some are sparse (row gradients of a
-    decoder bank): the 2-norm over every gradient's stored values, each scaled by
-    min(1, max_norm / (norm + 1e-6))."""
+    """`torch.nn.utils.clip_grad_norm_`, also for gradients of which some are sparse (row gradients
+    of a decoder bank): the 2-norm over every gradient's stored values, each scaled by
+    min(1, max_norm / (norm + 1e-6)). All-dense gradients take torch's own (foreach) clip."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
+    if not any(p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norms = []
     for p in params:
         if p.grad.is_sparse:
