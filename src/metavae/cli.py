@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="name every experiment and what it reproduces")
     r = sub.add_parser("run", help="train, evaluate and report one experiment")
     r.add_argument("experiment")
-    r.add_argument("--preset", default=None, help="quick (default; minutes on a laptop CPU) or paper")
+    r.add_argument("--preset", default=None, help="quick (default; minutes on a laptop CPU) or another of the experiment's presets "
+                        "(e.g. long, paper, full); an unknown name lists them")
     r.add_argument("--out", type=Path, default=None, help="output folder (default runs/EXPERIMENT)")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--seed", type=int, default=0)
