@@ -7,7 +7,8 @@ every other row through its momentum (and decay their second moments), so a deco
 steps that never saw its data. `RowAdam` keeps Adam's state per row, with a step count per row for
 the bias corrections: a row is updated exactly as Adam would update that decoder alone, over the
 steps in which its distribution was drawn, and an unselected row's weights and state are untouched.
-Its cost is that of the selected rows (index_select / index_copy), independent of K. Every other
+Its cost is that of the selected rows (index_select / index_copy), independent of K. Under DDP the
+gradients are dense (zero outside the step's rows) and the trainer names the rows in ``rows``. Every other
 parameter (the shared encoder) takes torch's own Adam step (`make_optimizer`: fused where available).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class RowAdam(torch.optim.Optimizer):
         # The shared parameters take torch's own Adam (fused where it can), holding its per-parameter
         # state in this optimizer's: one state_dict, the layout and numbers of a plain Adam.
         self._dense = None
+        self.rows = None  # the step's distributions (bank rows), for dense row gradients (under DDP)
         if dense:
             from .trainer import make_optimizer
 
@@ -74,9 +76,14 @@ class RowAdam(torch.optim.Optimizer):
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         grad = p.grad
         shape = (-1,) + (1,) * (p.dim() - 1)
+        rows = None
         if grad.is_sparse:
             grad = grad.coalesce()
             rows, g = grad.indices()[0], grad.values()
+        elif self.rows is not None and len(self.rows) < p.shape[0]:  # dense, zero outside the step's rows (DDP)
+            rows = self.rows.to(p.device)
+            g = grad.index_select(0, rows)
+        if rows is not None:
             t = st["row_step"].index_select(0, rows).add_(1)
             st["row_step"].index_copy_(0, rows, t)
             m = st["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)

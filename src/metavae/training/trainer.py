@@ -121,9 +121,6 @@ class Trainer:
             if self.subset > self.n_dists:
                 raise ValueError(f"distributions_per_step {self.subset} exceeds the {self.n_dists} distributions "
                                  "of the training data")
-            if self.world > 1:
-                raise ValueError("distributions_per_step is not supported under torchrun yet (sparse decoder "
-                                 "gradients are not all-reduced); train in one process or leave it unset")
             if config.compile:
                 raise ValueError("distributions_per_step cannot be combined with compile=True yet")
         if config.amp == "bf16":
@@ -243,7 +240,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         if self.cfg.amp == "bf16":
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
-        if self.subset is not None:
+        if self.subset is not None and self.world == 1:  # DDP all-reduces dense gradients only
             stack.enter_context(sparse_bank_gradients())
         return stack
 
@@ -307,6 +304,8 @@ class Trainer:
                 loss.backward()
                 if self.cfg.grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
                     clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
+                if self.subset is not None:  # under torchrun the rows' gradients are dense: name the step's rows
+                    self.optimizer.rows = batch.dist
                 self.optimizer.step()
                 loss_sum += loss.detach().float()
                 self.state.step += 1
