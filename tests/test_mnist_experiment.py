@@ -41,6 +41,8 @@ def test_interleaved_metavae_measures_table1_and_report_gathers(shared_mnist, tm
     m = json.loads((out / "metrics.json").read_text())
     assert m["split"] == "interleaved" and set(m["invariance_distance"]) == {"rotate", "scale", "shear"}
     assert all(d > 0 for d in m["invariance_distance"].values())
+    assert set(m["untrained"]["invariance_distance"]) == {"rotate", "scale", "shear"}
+    assert m["untrained"]["invariance_distance"] != m["invariance_distance"]  # the step-0 weights, not the trained
     assert main(["report", "mnist", "--runs", str(runs)]) == 0
     t1 = json.loads((runs / "mnist-report" / "table1.json").read_text())
     t2 = json.loads((runs / "mnist-report" / "table2.json").read_text())

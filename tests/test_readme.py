@@ -68,6 +68,7 @@ def test_readme_mnist_table_is_what_the_report_rebuilds_from_results(tmp_path):
     assert main(["report", "mnist", "--runs", str(results), "--out", str(tmp_path)]) == 0
     assert block.strip() == (tmp_path / "table2.md").read_text().strip()
     assert block.count("\n| rotate |") >= 4  # the rotate rows: trained models and both controls
+    assert _block("mnist-table1") == (tmp_path / "table1.md").read_text().strip()
 
 
 def test_layout_names_every_module():

@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
     rep.add_argument("--readme", type=Path, default=None, metavar="README",
-                     help="also replace the table between <!-- BENCHMARK-table2 --> markers in this file")
+                     help="also replace the tables between <!-- BENCHMARK-table2 --> (and, where the file has "
+                          "them, <!-- BENCHMARK-table1 -->) markers in this file")
     rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
                      help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
                           "then report from DIR (how results/ is filled)")
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
             out = args.out or runs / f"{args.benchmark}-report"
             if args.readme is not None:
                 replace_block(args.readme, f"{args.benchmark}-table2", (out / "table2.md").read_text())
+                if f"<!-- {args.benchmark}-table1 -->" in args.readme.read_text():
+                    replace_block(args.readme, f"{args.benchmark}-table1", (out / "table1.md").read_text())
             print((out / "report.md").read_text())
             if result["missing"]:
                 print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)

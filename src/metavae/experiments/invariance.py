@@ -165,6 +165,19 @@ def curve_values(unseen: Sequence, n: int = 3) -> list:
     return sorted({unseen[0], unseen[len(unseen) // 2], unseen[-1]}, key=unseen.index)[:n]
 
 
+def snapshot_model(model, trainer, step: int = 0):
+    """A copy of ``model`` holding the weights the trainer kept at ``step`` (0: untrained, the same
+    seed and init), in eval mode; None where that snapshot was not kept."""
+    import copy
+
+    path = trainer.snapshot_path(step)
+    if path is None or not path.exists():
+        return None
+    snap = copy.deepcopy(model)
+    snap.load_state_dict(load_checkpoint(path)["model"])
+    return snap.eval()
+
+
 def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device,
                  progress: bool = True) -> dict:
     """Everything a run's metrics.json says about its representation, each number beside the same

@@ -19,7 +19,7 @@ from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
                          find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control,
-                         probe_unseen, run_label, summarise_probes, train_on_seen)
+                         probe_unseen, run_label, snapshot_model, summarise_probes, train_on_seen)
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
 BASE = {"rotation": 0, "scale": 1.0, "shear": 0}  # the untransformed value of each axis
@@ -112,6 +112,10 @@ def make_run(key: str):
                 test_by_axis = {a: _transformed(te_x, a, T.GRIDS[a]) for a in AXES.values()}
                 d = invariance_distances(trained, test_by_axis, BASE, cfg, seed, device)
                 metrics["invariance_distance"] = {k: d[a] for k, a in AXES.items()}
+                untrained = snapshot_model(trained, trainer, 0)  # the control: same seed and init, step 0
+                if untrained is not None and "untrained" in metrics:
+                    d0 = invariance_distances(untrained, test_by_axis, BASE, cfg, seed, device)
+                    metrics["untrained"]["invariance_distance"] = {k: d0[a] for k, a in AXES.items()}
         write_metrics(out, metrics)
         accuracy_figure(out / "accuracy.png", [{
             "title": f"{key}, {split}", "values": T.GRIDS[axis], "seen": seen,
@@ -207,6 +211,13 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     return {"table1": table1, "table2": table2, "missing": missing}
 
 
+def _untrained_distances(found: dict, key: str) -> dict | None:
+    """Table 1's control: the interleaved MetaVAE runs' untrained distances, averaged over seeds."""
+    runs = [r["untrained"]["invariance_distance"] for r in found.get((key, "interleaved", "metavae"), [])
+            if (r.get("untrained") or {}).get("invariance_distance")]
+    return {a: float(np.mean([r[a] for r in runs])) for a in runs[0]} if runs else None
+
+
 def _write_summary(out, table1, table2, found, missing, models):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows2 = []
@@ -224,7 +235,9 @@ def _write_summary(out, table1, table2, found, missing, models):
                           get("untrained", "reference"), get("untrained", "standardised"),
                           get("reference_selection", "standardised"),
                           fmt(PAPER_TABLE2[key].get(model.split(" ")[0])) if model not in CONTROLS else "", run])
-    rows1 = [[key] + [f"{fmt((table1[key] or {}).get(a))} ({PAPER_TABLE1[key][a]})" for a in AXES] for key in AXES]
+    untrained1 = {key: _untrained_distances(found, key) for key in AXES}
+    rows1 = [[key] + [f"{fmt((table1[key] or {}).get(a))} / {fmt((untrained1[key] or {}).get(a))} "
+                      f"({PAPER_TABLE1[key][a]})" for a in AXES] for key in AXES]
     t2 = markdown_table(["axis", "model", "reference probe", "standardised probe", "untrained, reference",
                          "untrained, standardised", "reference's selection, standardised", "paper", "run"], rows2)
     t1 = markdown_table(["trained on"] + list(AXES), rows1)
@@ -239,7 +252,8 @@ def _write_summary(out, table1, table2, found, missing, models):
         "40-dim Gaussian projection of the pixels), read by the same probes on the same images.", "",
         t2, "",
         f"Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}.", "",
-        "## Table 1: mean L2 distance to the untransformed embedding (ours (paper)); rows = trained on", "",
+        "## Table 1: mean L2 distance to the untransformed embedding (ours / untrained (paper)); rows = trained on",
+        "", "*untrained*: the same run's step-0 weights (same seed and init), measured the same way.", "",
         t1, "",
         "![figure 7](figure7.png)" if (out / "figure7.png").exists() else "", "",
         "![learning curves](probe_vs_steps.png)" if (out / "probe_vs_steps.png").exists() else "", "",
