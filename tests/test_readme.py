@@ -97,3 +97,7 @@ def test_readme_generation_and_pooling_tables_are_rebuilt_from_results():
     from metavae.experiments.mnist import pooling_table as mnist_pooling_table
 
     assert _block("pooling-mnist-table") == mnist_pooling_table(results / "pooling-mnist").strip()
+    from metavae.experiments.mnist_gap import gap_table
+
+    gap = json.loads((results / "mnist-gap" / "rotate-interleaved-full" / "metrics.json").read_text())
+    assert _block("mnist-gap-table") == gap_table(gap).strip()
