@@ -6,13 +6,15 @@
 - `rng.py`: seeding and the RNG states a checkpoint carries;
 - `distributed.py`: devices and torchrun (DDP) processes;
 - `precision.py`: ``amp="bf16"`` (bf16 matmuls, float32 losses) on the CPU and CUDA;
-- `optim.py`: `RowAdam`, Adam with per-decoder state for ``distributions_per_step``.
+- `optim.py`: `make_optimizer` (Adam, fused where available), `RowAdam` (per-decoder state for
+  ``distributions_per_step``) and the gradient clip.
 """
 from .checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from .config import TrainConfig
 from .distributed import distributed_env, is_main_process, resolve_device
 from .rng import seed_everything
-from .trainer import Trainer, make_optimizer
+from .optim import make_optimizer
+from .trainer import Trainer
 
 __all__ = ["CHECKPOINT_VERSION", "TrainConfig", "Trainer", "distributed_env", "is_main_process", "load_checkpoint",
            "make_optimizer", "resolve_device", "seed_everything"]

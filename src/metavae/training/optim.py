@@ -1,4 +1,5 @@
-"""`RowAdam`: Adam that updates a decoder bank one distribution (row) at a time.
+"""The optimisers: `make_optimizer` (Adam, fused where available) and `RowAdam`, Adam that updates a
+decoder bank one distribution (row) at a time.
 
 With ``TrainConfig(distributions_per_step=S)`` each step trains S of the K training distributions.
 A bank parameter (K, ...) then holds the decoders of all K, but only the S selected rows get a
@@ -14,6 +15,17 @@ parameter (the shared encoder) takes torch's own Adam step (`make_optimizer`: fu
 from __future__ import annotations
 
 import torch
+
+
+def make_optimizer(params, lr: float, **adam) -> torch.optim.Optimizer:
+    """Adam with PyTorch's default betas/eps (the paper's optimiser; ``adam`` overrides them). The
+    fused kernel updates each parameter in one pass instead of about ten elementwise passes; for the
+    6.2M-parameter MLP MetaVAE on a CPU the unfused update was a large share of a training step."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, **adam)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr, **adam)
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -37,8 +49,6 @@ class RowAdam(torch.optim.Optimizer):
         self._dense = None
         self.rows = None  # the step's distributions (bank rows), for dense row gradients (under DDP)
         if dense:
-            from .trainer import make_optimizer
-
             self._dense = make_optimizer(dense, lr, betas=tuple(betas), eps=eps)
             # a fused Adam keeps its step counts on the parameters' device; loading must too
             self.param_groups[0]["fused"] = bool(self._dense.defaults.get("fused"))
