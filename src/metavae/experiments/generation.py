@@ -66,6 +66,16 @@ def find_model(runs: Path, name: str, seed_folder: str) -> Path | None:
     return None
 
 
+def adapted_copy(model, points: torch.Tensor, steps: int, lr: float, batch_size: int, context_size: int,
+                 seed: int) -> tuple:
+    """(a copy of the MetaVAE ``model`` with a decoder fitted to ``points`` by `MetaVAE.adapt`, its
+    index), in eval mode. Each call starts from the trained model alone, so adaptations never share
+    decoders; ``steps=0`` gives the nearest training decoder, unchanged."""
+    copied = copy.deepcopy(model)
+    d = copied.adapt(points, steps=steps, lr=lr, batch_size=batch_size, context_size=context_size, seed=seed)
+    return copied.eval(), d
+
+
 def _scored(score, x: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([score(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
@@ -98,10 +108,7 @@ def score_value(models: dict, ctx_pool: torch.Tensor, test: torch.Tensor, cfg: G
                     samples[name] = models[name].sample(cfg.samples, ctx, generator=gen)
         if "metavae" in models:
             for label, steps in (("metavae-nearest", 0), ("metavae-adapt", cfg.adapt_steps)):
-                model = copy.deepcopy(models["metavae"])  # each adaptation starts from the trained model
-                d = model.adapt(ctx, steps=steps, lr=cfg.adapt_lr, batch_size=cfg.batch_size,
-                                context_size=min(10, n), seed=seed)
-                model.eval()
+                model, d = adapted_copy(models["metavae"], ctx, steps, cfg.adapt_lr, cfg.batch_size, min(10, n), seed)
                 torch.manual_seed(seed)
                 row[label] = _scored(lambda x: model.log_prob(x, ctx, dist=d, k=cfg.k), test, cfg.chunk)
                 if n == show:

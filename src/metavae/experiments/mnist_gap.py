@@ -21,7 +21,6 @@ read the unseen rows as "the encoder with a decoder made for it", not as an inde
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ from ..training import resolve_device, seed_everything
 from .base import Experiment
 from .common import markdown_table, save_figure, write_metrics, write_report
 from .gap import best_gaussian, pick_lr
-from .generation import find_model
+from .generation import adapted_copy, find_model
 from .mnist import AXES
 
 GROUPS = ("seen", "unseen-adapted", "unseen-nearest")
@@ -102,11 +101,8 @@ def _decoders(model, value, seen: list, pool: torch.Tensor, cfg: MnistGapConfig,
         return [("seen", model, seen.index(value))]
     out = []
     for group, steps in (("unseen-nearest", 0), ("unseen-adapted", cfg.adapt_steps)):
-        adapted = copy.deepcopy(model)
-        d = adapted.adapt(pool, steps=steps, lr=cfg.adapt_lr, batch_size=50, context_size=cfg.context_size, seed=seed)
-        adapted.eval()
-        for p in adapted.parameters():
-            p.requires_grad_(False)
+        adapted, d = adapted_copy(model, pool, steps, cfg.adapt_lr, 50, cfg.context_size, seed)
+        adapted.requires_grad_(False)
         out.append((group, adapted, d))
     return out
 
@@ -159,9 +155,7 @@ def run(cfg: MnistGapConfig, out: Path, device: str = "cpu", seed: int = 0, prog
     axis = AXES[record["axis"]]
     seen = [T.canonical_value(axis, v) for v in record["seen"]]
     unseen = [T.canonical_value(axis, v) for v in record["unseen"]]
-    model = load(path, device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)  # refinement differentiates q's parameters only
+    model = load(path, device).eval().requires_grad_(False)  # refinement differentiates q's parameters only
     seed_everything(seed)
     (tr_x, _), (te_x, _) = load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
     rng = np.random.default_rng(seed)
