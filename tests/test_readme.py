@@ -71,6 +71,16 @@ def test_readme_mnist_table_is_what_the_report_rebuilds_from_results(tmp_path):
     assert _block("mnist-table1") == (tmp_path / "table1.md").read_text().strip()
 
 
+def test_readme_norb_table_is_what_the_report_rebuilds_from_results(tmp_path):
+    """The README's NORB Table 2 is `metavae report norb --runs results/norb`'s table2.md."""
+    from metavae.cli import main
+
+    assert main(["report", "norb", "--runs", str(README.parent / "results" / "norb"), "--out", str(tmp_path)]) == 0
+    block = _block("norb-table2")
+    assert block == (tmp_path / "table2.md").read_text().strip()
+    assert block.count("| 5 ep,") >= 12  # every axis and model has a finished run
+
+
 def test_layout_names_every_module():
     text = README.read_text()
     layout = text[text.index("## Layout"):]

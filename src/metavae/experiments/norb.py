@@ -40,6 +40,7 @@ from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, Nor
                          get_split, group_names, group_values, norb_meta, resolve_split)
 from ..data.norb_loader import load_norb
 from ..data.transforms import data_fingerprint
+from ..io import atomic_write_text
 from ..models import MODEL_NAMES
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
@@ -419,6 +420,11 @@ def _write_summary(out, data, table1, table2, found, missing):
     rows1 = [[axis] + [f"{fmt((table1[axis] or {}).get(a))} ({PAPER_TABLE1[axis][a]})" for a in AXES]
              for axis in AXES]
     ours = f"ours ({data})"
+    t2 = markdown_table(["axis", "model", f"{ours}, reference probe", "standardised probe", "untrained, standardised",
+                         "paper (real smallNORB)", "run"], rows2)
+    t1 = markdown_table(["trained on"] + list(AXES), rows1)
+    for name, table in (("table2.md", t2), ("table1.md", t1)):  # the README embeds table2.md verbatim
+        atomic_write_text(table + "\n", out / name)
     spread1 = {a: float(np.mean([m["embedding_std"] for m in found[(a, "interleaved", "metavae")]])) for a in AXES
                if found.get((a, "interleaved", "metavae"))}
     collapsed = [a for a, v in spread1.items() if v < COLLAPSED_SPREAD]
@@ -437,14 +443,13 @@ def _write_summary(out, data, table1, table2, found, missing):
         f"# Small NORB on {_title_data(data)}: the paper's tables from finished runs", "",
         warning, "",
         "## Table 2: mean linear-probe accuracy on unseen groups, contiguous split", "",
-        markdown_table(["axis", "model", f"{ours}, reference probe", "standardised probe", "untrained, standardised",
-                        "paper (real smallNORB)", "run"], rows2), "",
+        t2, "",
         "spread: per-dimension std of the unseen test embeddings. For the MetaVAE (prior N(0, I)) about 1 for "
         "latent dimensions in use and near 0 when the posterior collapsed onto the prior; VHE/NS learn p(z|c), so "
         "their spread has no fixed scale.", "",
         "## Table 1: mean L2 distance to the base group's embedding, MetaVAE on the interleaved split; "
         f"{ours} (paper, real smallNORB); rows = trained on", "",
-        markdown_table(["trained on"] + list(AXES), rows1), "",
+        t1, "",
         note1, "",
         "Base groups: " + ", ".join(group_names(a)[BASE_GROUP[a]] for a in AXES) + ". Correspondence: "
         + CORRESPONDENCE + ".", "",
