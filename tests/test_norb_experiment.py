@@ -64,7 +64,7 @@ def test_registered_with_presets_and_options():
     names = [n for n, _ in list_experiments()]
     assert {"norb-elevation", "norb-azimuth", "norb-lighting"} <= set(names)
     exp = get_experiment("norb-azimuth")
-    assert set(exp.presets) == {"quick", "paper"} and exp.options == {"model", "split", "data_dir"}
+    assert set(exp.presets) == {"quick", "hour", "paper"} and exp.options == {"model", "split", "data_dir"}
     paper = exp.presets["paper"]
     assert (paper.batch_size, paper.context_size, paper.z_dim, paper.lr, paper.epochs) == (32, 10, 40, 2e-4, 100)
     assert paper.channels == (64, 128, 256) and paper.train_images is None

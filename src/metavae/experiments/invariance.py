@@ -51,8 +51,10 @@ class InvarianceConfig:
     selection: str = "best"  # "best": lowest val loss, mean c; "reference": the reference's highest val loss, sampled c
     free_bits: float = 0.0  # MetaVAE and VAE training only: each latent dim's KL counts as >= this many nats
     pooling: str = "mean"  # MetaVAE, NS and VHE: how the context set is pooled, "mean" (the paper's) or "attention"
+    amp: str | None = None  # "bf16": bfloat16 matmuls and convolutions, float32 losses (TrainConfig.amp); None: fp32
 
-    CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference"), "pooling": POOLINGS}
+    CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference"), "pooling": POOLINGS,
+                                      "amp": ("bf16",)}
 
     def check(self) -> None:
         if self.context_pool is not None and self.context_pool < self.context_size:
@@ -347,7 +349,7 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
                        **kwargs)
     steps = cfg.epochs * data.steps_per_epoch(cfg.batch_size)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     context_pool=cfg.context_pool, seed=seed, device=device, keep_worst=True,
+                     context_pool=cfg.context_pool, seed=seed, device=device, keep_worst=True, amp=cfg.amp,
                      snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))
     info = dict(run_info or {}, model=model_name, arch=arch, seed=seed, settings=training_settings(cfg))
     t0 = time.time()
@@ -445,7 +447,7 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
     return table1, table2, missing
 
 
-VARIANT_SETTINGS = ("init", "free_bits", "selection", "pooling")  # settings that make a run a variant of its model
+VARIANT_SETTINGS = ("init", "free_bits", "selection", "pooling", "amp")  # settings that make a run a variant of its model
 
 
 def run_label(model: str, cfg, default_cfg) -> str:

@@ -8,7 +8,7 @@ every other row through its momentum (and decay their second moments), so a deco
 steps that never saw its data. `RowAdam` keeps Adam's state per row, with a step count per row for
 the bias corrections: a row is updated exactly as Adam would update that decoder alone, over the
 steps in which its distribution was drawn, and an unselected row's weights and state are untouched.
-Its cost is that of the selected rows (index_select / index_copy), independent of K. Under DDP the
+Its cost is that of the selected rows (index_select / index_copy), independent of K. Under DDP or torch.compile the
 gradients are dense (zero outside the step's rows) and the trainer names the rows in ``rows``. Every other
 parameter (the shared encoder) takes torch's own Adam step (`make_optimizer`: fused where available).
 """
@@ -47,7 +47,7 @@ class RowAdam(torch.optim.Optimizer):
         # The shared parameters take torch's own Adam (fused where it can), holding its per-parameter
         # state in this optimizer's: one state_dict, the layout and numbers of a plain Adam.
         self._dense = None
-        self.rows = None  # the step's distributions (bank rows), for dense row gradients (under DDP)
+        self.rows = None  # the step's distributions (bank rows), for dense row gradients (DDP, compile)
         if dense:
             self._dense = make_optimizer(dense, lr, betas=tuple(betas), eps=eps)
             # a fused Adam keeps its step counts on the parameters' device; loading must too

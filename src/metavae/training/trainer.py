@@ -110,8 +110,6 @@ class Trainer:
             if self.subset > self.n_dists:
                 raise ValueError(f"distributions_per_step {self.subset} exceeds the {self.n_dists} distributions "
                                  "of the training data")
-            if config.compile:
-                raise ValueError("distributions_per_step cannot be combined with compile=True yet")
         if config.amp == "bf16":
             check_bf16(self.device)
         self.model = model.to(self.device)
@@ -229,7 +227,10 @@ class Trainer:
         stack = contextlib.ExitStack()
         if self.cfg.amp == "bf16":
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
-        if self.subset is not None and self.world == 1:  # DDP all-reduces dense gradients only
+        if self.subset is not None and self.world == 1 and not self.cfg.compile:
+            # DDP all-reduces dense gradients only, and torch.compile traces no sparse autograd
+            # Function: both take dense bank gradients, zero outside the step's rows, which the
+            # optimizer is told (`RowAdam.rows`) so that it still updates only those rows.
             stack.enter_context(sparse_bank_gradients())
         return stack
 
@@ -293,7 +294,7 @@ class Trainer:
                 loss.backward()
                 if self.cfg.grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
                     clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
-                if self.subset is not None:  # under torchrun the rows' gradients are dense: name the step's rows
+                if self.subset is not None:  # under torchrun or compile the rows' gradients are dense: name the step's rows
                     self.optimizer.rows = batch.dist
                 self.optimizer.step()
                 loss_sum += loss.detach().float()
