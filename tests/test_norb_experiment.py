@@ -108,6 +108,8 @@ def test_runs_and_report_name_the_data_and_fill_tables(tmp_path):
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["split"] == "interleaved" and set(m2["invariance_distance"]) == {"elevation", "azimuth", "lighting"}
     assert all(d > 0 for d in m2["invariance_distance"].values())
+    d0 = m2["untrained"]["invariance_distance"]  # the control: the same model at step 0
+    assert set(d0) == set(m2["invariance_distance"]) and d0 != m2["invariance_distance"]
     assert m2["table1"]["base_group"] == {"elevation": "elevation 50deg", "azimuth": "azimuth 0deg",
                                           "lighting": "lighting 0"}
     assert all(g["pairs_per_group"] >= 1 for g in m2["table1"]["groups"].values())
@@ -128,6 +130,8 @@ def test_runs_and_report_name_the_data_and_fill_tables(tmp_path):
     assert "synthnorb" in text.splitlines()[0] and "NOT" in text.splitlines()[0]
     assert "metavae run norb-lighting --split contiguous --model metavae" in text  # names what is missing
     assert "metavae run norb-azimuth --split interleaved --model metavae" in text
+    light = f"{m2['invariance_distance']['lighting']:.3f} / {d0['lighting']:.3f} (0.26)"
+    assert light in (rep / "table1.md").read_text()  # ours / untrained (paper)
     assert (rep / "figure7.png").exists() and (rep / "examples.png").exists()
 
 

@@ -447,6 +447,13 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
     return table1, table2, missing
 
 
+def untrained_distances(found: dict, axis: str) -> dict | None:
+    """Table 1's control: the interleaved MetaVAE runs' untrained distances, averaged over seeds."""
+    runs = [r["untrained"]["invariance_distance"] for r in found.get((axis, "interleaved", "metavae"), [])
+            if (r.get("untrained") or {}).get("invariance_distance")]
+    return {a: float(np.mean([r[a] for r in runs])) for a in runs[0]} if runs else None
+
+
 VARIANT_SETTINGS = ("init", "free_bits", "selection", "pooling", "amp")  # settings that make a run a variant of its model
 
 

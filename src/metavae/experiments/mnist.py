@@ -19,7 +19,8 @@ from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
                          find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control,
-                         probe_unseen, run_label, snapshot_model, summarise_probes, train_on_seen)
+                         probe_unseen, run_label, snapshot_model, summarise_probes, train_on_seen,
+                         untrained_distances)
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
 BASE = {"rotation": 0, "scale": 1.0, "shear": 0}  # the untransformed value of each axis
@@ -211,13 +212,6 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     return {"table1": table1, "table2": table2, "missing": missing}
 
 
-def _untrained_distances(found: dict, key: str) -> dict | None:
-    """Table 1's control: the interleaved MetaVAE runs' untrained distances, averaged over seeds."""
-    runs = [r["untrained"]["invariance_distance"] for r in found.get((key, "interleaved", "metavae"), [])
-            if (r.get("untrained") or {}).get("invariance_distance")]
-    return {a: float(np.mean([r[a] for r in runs])) for a in runs[0]} if runs else None
-
-
 def _write_summary(out, table1, table2, found, missing, models):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     rows2 = []
@@ -235,7 +229,7 @@ def _write_summary(out, table1, table2, found, missing, models):
                           get("untrained", "reference"), get("untrained", "standardised"),
                           get("reference_selection", "standardised"),
                           fmt(PAPER_TABLE2[key].get(model.split(" ")[0])) if model not in CONTROLS else "", run])
-    untrained1 = {key: _untrained_distances(found, key) for key in AXES}
+    untrained1 = {key: untrained_distances(found, key) for key in AXES}
     rows1 = [[key] + [f"{fmt((table1[key] or {}).get(a))} / {fmt((untrained1[key] or {}).get(a))} "
                       f"({PAPER_TABLE1[key][a]})" for a in AXES] for key in AXES]
     t2 = markdown_table(["axis", "model", "reference probe", "standardised probe", "untrained, reference",

@@ -45,7 +45,8 @@ from ..models import MODEL_NAMES
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
-                         fmt_seeds, gather_tables, invariance_distances, run_label, train_on_seen)
+                         fmt_seeds, gather_tables, invariance_distances, run_label, snapshot_model, train_on_seen,
+                         untrained_distances)
 
 COLLAPSED_SPREAD = 0.1  # a MetaVAE embedding spread below this: the posterior collapsed onto the prior
 DATA_SEED = 0  # which images a preset's per-group subset keeps (fixed across runs and models)
@@ -231,6 +232,10 @@ def make_run(axis: str):
             test_by_axis, pairs, sizes = table1_groups(full, cfg)
             metrics["invariance_distance"] = invariance_distances(trained, test_by_axis, BASE_GROUP, cfg, seed,
                                                                   device, pairs=pairs)
+            untrained = snapshot_model(trained, trainer, 0)  # the control: same seed and init, step 0
+            if untrained is not None and "untrained" in metrics:
+                metrics["untrained"]["invariance_distance"] = invariance_distances(
+                    untrained, test_by_axis, BASE_GROUP, cfg, seed, device, pairs=pairs)
             metrics["table1"] = {"base_group": {a: group_names(a)[BASE_GROUP[a]] for a in AXES},
                                  "correspondence": CORRESPONDENCE, "groups": sizes}
         write_metrics(out, metrics)
@@ -300,13 +305,15 @@ def _report(m: dict, has_examples: bool = True) -> str:
         lines += ["", f"The {m['data']} data along each axis:", "", "![examples](examples.png)"]
     if "invariance_distance" in m:
         d, t1 = m["invariance_distance"], m["table1"]
+        d0 = (m.get("untrained") or {}).get("invariance_distance") or {}
         lines += ["", "## Table 1 row: mean L2 distance to the base group's embedding", "",
                   f"Base groups: {', '.join(t1['base_group'].values())}. Correspondence: {t1['correspondence']}. "
                   "Each embedding has a context of "
                   f"{cfg['context_size']} images of its own group's test set.", "",
-                  markdown_table(["embedded axis", f"ours ({m['data']})", "paper (real smallNORB)", "images/group"],
-                                 [[a, f"{d[a]:.3f}", PAPER_TABLE1[m["axis"]][a], t1["groups"][a]["images_per_group"]]
-                                  for a in AXES])]
+                  markdown_table(["embedded axis", f"ours ({m['data']})", "untrained", "paper (real smallNORB)",
+                                  "images/group"],
+                                 [[a, f"{d[a]:.3f}", f"{d0[a]:.3f}" if a in d0 else "-", PAPER_TABLE1[m["axis"]][a],
+                                   t1["groups"][a]["images_per_group"]] for a in AXES])]
     lines += ["", "## Differences from the paper and the reference", "", *differences(m)]
     return "\n".join(lines)
 
@@ -424,8 +431,9 @@ def _write_summary(out, data, table1, table2, found, missing):
             rows2.append([axis, model] + [fmt_seeds(e[p]) if e else "-" for p in PROBES]
                          + [fmt_seeds(e["untrained"]["standardised"]) if e and e.get("untrained") else "-",
                             fmt(PAPER_TABLE2[axis][model]), run])
-    rows1 = [[axis] + [f"{fmt((table1[axis] or {}).get(a))} ({PAPER_TABLE1[axis][a]})" for a in AXES]
-             for axis in AXES]
+    untrained1 = {axis: untrained_distances(found, axis) for axis in AXES}
+    rows1 = [[axis] + [f"{fmt((table1[axis] or {}).get(a))} / {fmt((untrained1[axis] or {}).get(a))} "
+                       f"({PAPER_TABLE1[axis][a]})" for a in AXES] for axis in AXES]
     ours = f"ours ({data})"
     t2 = markdown_table(["axis", "model", f"{ours}, reference probe", "standardised probe", "untrained, standardised",
                          "paper (real smallNORB)", "run"], rows2)
@@ -455,7 +463,8 @@ def _write_summary(out, data, table1, table2, found, missing):
         "latent dimensions in use and near 0 when the posterior collapsed onto the prior; VHE/NS learn p(z|c), so "
         "their spread has no fixed scale.", "",
         "## Table 1: mean L2 distance to the base group's embedding, MetaVAE on the interleaved split; "
-        f"{ours} (paper, real smallNORB); rows = trained on", "",
+        f"{ours} / the same model untrained (paper, real smallNORB); rows = trained on. The distance is not "
+        "scale-free: compare within a row, and with the untrained control.", "",
         t1, "",
         note1, "",
         "Base groups: " + ", ".join(group_names(a)[BASE_GROUP[a]] for a in AXES) + ". Correspondence: "
