@@ -7,10 +7,11 @@ Sections (all by default; ``--only`` picks some, the others keep their stored re
             pools of 100 and 50, each in fp32 and bf16 (``TrainConfig(amp="bf16")``'s policy), the two
             precisions timed *interleaved* step by step in one process so that a shared machine's drift
             hits both alike;
-  conv      the full-width convolutional MetaVAE (32x32, K=3, B=32, N=10): fp32, bf16, and both with
-            channels-last activations, interleaved;
+  conv      the full-width convolutional MetaVAE (32x32, K=3, B=32, N=10): fp32, bf16, both with
+            channels-last activations, and both with a context pool of 64 (the NORB presets), interleaved;
   epoch     one real 600-step epoch of the paper preset (60,000 images / B=100) for fp32 and bf16,
-            interleaved in blocks of 25 steps, in raw seconds;
+            interleaved in blocks of 25 steps, in raw seconds (``--epoch-pool 50``: with the long
+            preset's context pool);
   ksweep    step time and peak memory at K = 10, 100, 1000 small MLP decoders, all K per step or
             ``distributions_per_step=10`` (figure ``k_sweep_<device>.png``), one process per point;
   mapped    a family several GB on disk (uint8 .npy, one per distribution, under /tmp), trained from
@@ -108,12 +109,15 @@ def conv_model(K):
 
 
 class Stepper:
-    """One configuration's full training step (sampling, forward, backward, Adam), as the Trainer runs it."""
+    """One configuration's full training step (sampling, forward, backward, Adam), as the Trainer runs it.
+    ``loss_fn`` (default ``model.loss``): what computes the loss dict from a batch, e.g. a compiled one.
+    A call returns the step's loss (detached)."""
 
-    def __init__(self, model, data, B, N, device, pool=None, amp=None, channels_last=False):
+    def __init__(self, model, data, B, N, device, pool=None, amp=None, channels_last=False, lr=2e-4, loss_fn=None):
         self.model, self.data, self.B, self.N, self.device = model, data, B, N, device
         self.pool, self.amp, self.channels_last = pool, amp, channels_last
-        self.opt = make_optimizer(model.parameters(), 2e-4)
+        self.loss_fn = model.loss if loss_fn is None else loss_fn
+        self.opt = make_optimizer(model.parameters(), lr)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.times: list[float] = []
         model.train()
@@ -123,12 +127,13 @@ class Stepper:
         with _channels_last(self.channels_last):
             if self.amp == "bf16":
                 with bf16_autocast(self.model, self.device.type):
-                    loss = self.model.loss(batch)["loss"]
+                    loss = self.loss_fn(batch)["loss"]
             else:
-                loss = self.model.loss(batch)["loss"]
+                loss = self.loss_fn(batch)["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        return loss.detach()
 
     def timed(self):
         sync(self.device)
@@ -224,12 +229,16 @@ def section_conv(device, steps, B: int = 32) -> dict:
             torch.manual_seed(0)
             name = "metavae_conv" + ("_bf16" if amp else "") + ("_channels_last" if cl else "")
             steppers[name] = Stepper(conv_model(3).to(device), data, B, 10, device, None, amp, cl)
+    for amp in (None, "bf16"):  # the NORB presets' step: a context pool of 64 images per distribution
+        torch.manual_seed(0)
+        steppers["metavae_conv_pool64" + ("_bf16" if amp else "")] = Stepper(conv_model(3).to(device), data, B, 10,
+                                                                             device, 64, amp)
     return interleaved(steppers, steps, device, warmup=1)
 
 
-def section_epoch(device, n_steps: int | None = None, block: int = 25) -> dict:
+def section_epoch(device, n_steps: int | None = None, block: int = 25, pool: int | None = None) -> dict:
     """One real epoch of the paper preset (600 steps at B=100; ``n_steps`` fewer) per precision,
-    interleaved in blocks of ``block`` steps."""
+    interleaved in blocks of ``block`` steps; ``pool``: the steps' context pool (the long preset's 50)."""
     K, B, N = 9, 100, 10
     data = make_data(K, (784,), 6000, device)
     epoch_steps = -(-PAPER_TRAIN_IMAGES // B)
@@ -237,7 +246,7 @@ def section_epoch(device, n_steps: int | None = None, block: int = 25) -> dict:
     steppers = {}
     for amp in (None, "bf16"):
         torch.manual_seed(0)
-        steppers[amp or "fp32"] = Stepper(build_mlp_metavae((784,), K).to(device), data, B, N, device, None, amp)
+        steppers[amp or "fp32"] = Stepper(build_mlp_metavae((784,), K).to(device), data, B, N, device, pool, amp)
     for s in steppers.values():
         s()
     before = peaks(device)
@@ -253,7 +262,8 @@ def section_epoch(device, n_steps: int | None = None, block: int = 25) -> dict:
             totals[name] += time.perf_counter() - t
         done += min(block, n_steps - done)
     after = peaks(device)
-    out = {"steps": n_steps, "K": K, "B": B, "N": N, "interleaved_block_steps": block,
+    out = {"steps": n_steps, "K": K, "B": B, "N": N, "context_pool": pool, "threads": torch.get_num_threads(),
+           "interleaved_block_steps": block,
            "fp32_peak_gflops_before_after": [round(before["fp32"] / 1e9, 1), round(after["fp32"] / 1e9, 1)],
            "bf16_peak_gflops_before_after": [round(before["bf16"] / 1e9, 1), round(after["bf16"] / 1e9, 1)]}
     for name, total in totals.items():
@@ -603,6 +613,8 @@ def main(argv=None):
     ap.add_argument("--archive-previous", action="store_true",
                     help="copy the stored results of this device under 'previous' before updating them")
     ap.add_argument("--epoch-steps", type=int, default=None, help="steps of the epoch section (default: all 600)")
+    ap.add_argument("--epoch-pool", type=int, default=None,
+                    help="context pool of the epoch section's steps (stored as epoch_60k_poolP)")
     ap.add_argument("--worker", choices=("ksweep", "mapped"), help=argparse.SUPPRESS)
     ap.add_argument("--K", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--subset", type=int, default=0, help=argparse.SUPPRESS)
@@ -653,8 +665,9 @@ def main(argv=None):
         res.update(section_conv(device, max(1, steps // 3), conv_batch))
         done("conv", steps=max(1, steps // 3), batch=conv_batch)
     if "epoch" in sections:
-        res["epoch_60k"] = section_epoch(device, args.epoch_steps)
-        done("epoch")
+        key = "epoch_60k" + (f"_pool{args.epoch_pool}" if args.epoch_pool else "")
+        res[key] = section_epoch(device, args.epoch_steps, pool=args.epoch_pool)
+        done("epoch", context_pool=args.epoch_pool)
     if "ksweep" in sections:
         res["k_sweep"] = section_ksweep(device, steps)
         done("ksweep")

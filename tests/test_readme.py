@@ -79,6 +79,9 @@ def test_readme_norb_table_is_what_the_report_rebuilds_from_results(tmp_path):
     block = _block("norb-table2")
     assert block == (tmp_path / "table2.md").read_text().strip()
     assert block.count("| 5 ep,") >= 12  # every axis and model has a finished run
+    table1 = _block("norb-table1")
+    assert table1 == (tmp_path / "table1.md").read_text().strip()
+    assert " - " not in table1 and table1.count(" / ") == 9  # every row measured, each beside its untrained control
 
 
 def test_layout_names_every_module():

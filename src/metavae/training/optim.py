@@ -8,9 +8,10 @@ every other row through its momentum (and decay their second moments), so a deco
 steps that never saw its data. `RowAdam` keeps Adam's state per row, with a step count per row for
 the bias corrections: a row is updated exactly as Adam would update that decoder alone, over the
 steps in which its distribution was drawn, and an unselected row's weights and state are untouched.
-Its cost is that of the selected rows (index_select / index_copy), independent of K. Under DDP or torch.compile the
-gradients are dense (zero outside the step's rows) and the trainer names the rows in ``rows``. Every other
-parameter (the shared encoder) takes torch's own Adam step (`make_optimizer`: fused where available).
+Its cost is that of the selected rows (index_select / index_copy), independent of K. Under DDP or
+torch.compile the gradients are dense (zero outside the step's rows) and the trainer names the rows in
+``rows``. Every other parameter (the shared encoder) takes torch's own Adam step (`make_optimizer`:
+fused where available).
 """
 from __future__ import annotations
 

@@ -294,7 +294,7 @@ class Trainer:
                 loss.backward()
                 if self.cfg.grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
                     clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
-                if self.subset is not None:  # under torchrun or compile the rows' gradients are dense: name the step's rows
+                if self.subset is not None:  # torchrun or compile: dense row gradients, name the step's rows
                     self.optimizer.rows = batch.dist
                 self.optimizer.step()
                 loss_sum += loss.detach().float()
