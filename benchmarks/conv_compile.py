@@ -26,8 +26,8 @@ def main(argv=None):
     ap.add_argument("--pool", type=int, default=64, help="context_pool (0: none, B*N context images)")
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args(argv)
-    data = bench.make_data(3, (1, 32, 32), 2000, torch.device("cpu"))
     device = torch.device("cpu")
+    data = bench.make_data(3, (1, 32, 32), 2000, device)
     steppers = {}
     for compiled in (False, True):
         torch.manual_seed(0)
