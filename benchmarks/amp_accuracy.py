@@ -58,9 +58,14 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/amp-accuracy"))
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="which to run (e.g. bf16 alone, when only the bf16 path changed)")
     args = ap.parse_args(argv)
+    precisions = args.precisions.split(",")
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        ap.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for amp in (None, "bf16"):
+        for amp in [None if p == "fp32" else p for p in precisions]:
             out = args.out / args.experiment / (amp or "fp32") / f"seed{seed}"
             row = mog(seed, amp, out) if args.experiment == "mog" else mnist(seed, amp, out, args.data_dir)
             print(json.dumps(row), flush=True)

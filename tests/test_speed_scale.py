@@ -112,6 +112,41 @@ def test_bf16_decoder_output_layer_runs_in_float32():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # bf16 would be off by ~1e-2 at |x| ~ 5
 
 
+@pytest.mark.parametrize("dist", [None, torch.tensor([2, 0])])
+def test_bf16_decoder_output_layer_gradients_are_bf16_products_close_to_fp32(dist):
+    """The last layer's forward is float32, its gradient products bf16 (as every other layer's
+    under autocast), and the gradients it gives agree with float32's to bf16 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+                self.dtypes.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    seed_everything(0)
+    bank = build_mlp_metavae((32,), 3, z_dim=4, hidden=(16,), summary=(16,), decoder_hidden=(24,)).decoder
+    z = torch.randn(3 if dist is None else 2, 20, 4)
+    grads = {}
+    for amp in (False, True):
+        bank.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = bank(z, dist)
+        assert out.dtype == torch.float32
+        with Products() as seen:
+            (out ** 2).mean().backward()
+        grads[amp] = [p.grad.to_dense().clone() for p in bank.parameters()]
+        if amp:
+            assert seen.dtypes and all(d == torch.bfloat16 for d in seen.dtypes), seen.dtypes
+    for ref, got in zip(grads[False], grads[True]):
+        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert not all(torch.equal(r, g) for r, g in zip(grads[False], grads[True]))  # bf16 did run
+
+
 def test_bf16_training_runs_and_leaves_no_hooks():
     seed_everything(0)
     model = CASES["mlp_metavae"][0]()
