@@ -133,6 +133,14 @@ def test_runs_and_report_name_the_data_and_fill_tables(tmp_path):
     light = f"{m2['invariance_distance']['lighting']:.3f} / {d0['lighting']:.3f} (0.26)"
     assert light in (rep / "table1.md").read_text()  # ours / untrained (paper)
     assert (rep / "figure7.png").exists() and (rep / "examples.png").exists()
+    assert "amp bf16" not in (rep / "table2.md").read_text()
+
+    variant = runs / "norb-lighting" / "synthnorb" / "contiguous" / "vhe-vampprior-bf16"  # a variant gets its row
+    variant.mkdir(parents=True)
+    (variant / "metrics.json").write_text(json.dumps({**m1, "label": "vhe-vampprior (amp bf16)"}))
+    assert main(["report", "norb", "--runs", str(runs)]) == 0
+    row = next(r for r in (rep / "table2.md").read_text().splitlines() if "(amp bf16)" in r)
+    assert row.startswith("| lighting | vhe-vampprior (amp bf16) | ") and f"{cell['standardised']['mean']:.3f}" in row
 
 
 def test_data_dir_reads_real_smallnorb_and_fails_clearly(tmp_path, capsys, _tiny_data):

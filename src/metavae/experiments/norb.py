@@ -393,7 +393,8 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
 
 def _report_one(found: dict, data: str, out: Path) -> dict:
     flag = "" if data == "synthnorb" else " --data-dir DIR"
-    table1, table2, missing = gather_tables(found, AXES, TABLE2_MODELS, "norb", out, flag)
+    models = TABLE2_MODELS + tuple(sorted({k[2] for k in found if k[2] not in TABLE2_MODELS}))  # + variants
+    table1, table2, missing = gather_tables(found, AXES, models, "norb", out, flag)
     (out / "tables.json").write_text(json.dumps({
         "data": data, "data_label": DATA_LABEL[data], "table1": table1, "table2": table2,
         "paper_table1": PAPER_TABLE1, "paper_table2": PAPER_TABLE2, "paper_data": "smallnorb",
@@ -425,13 +426,14 @@ def _write_summary(out, data, table1, table2, found, missing):
     real = data == "smallnorb"
     rows2 = []
     for axis in AXES:
-        for model in TABLE2_MODELS:
+        variants = [m for m in table2[axis] if m not in TABLE2_MODELS and "(" in m and table2[axis][m]]
+        for model in TABLE2_MODELS + tuple(variants):
             ms, e = found.get((axis, "contiguous", model), []), table2[axis][model]
             run = "" if not ms else (f"{ms[0]['epochs_trained']} ep, {ms[0]['train_images_per_value']} img/group, "
                                      f"spread {fmt_seeds(e['embedding_std'], 2)}")
             rows2.append([axis, model] + [fmt_seeds(e[p]) if e else "-" for p in PROBES]
                          + [fmt_seeds(e["untrained"]["standardised"]) if e and e.get("untrained") else "-",
-                            fmt(PAPER_TABLE2[axis][model]), run])
+                            fmt(PAPER_TABLE2[axis].get(model)), run])
     untrained1 = {axis: untrained_distances(found, axis) for axis in AXES}
     rows1 = [[axis] + [f"{fmt((table1[axis] or {}).get(a))} / {fmt((untrained1[axis] or {}).get(a))} "
                        f"({PAPER_TABLE1[axis][a]})" for a in AXES] for axis in AXES]

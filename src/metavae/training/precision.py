@@ -13,7 +13,9 @@ compiled-inference loss is summed in bfloat16. The policy here (`bf16_autocast`)
   and ``obs_decoder``) returns float32, so log-likelihoods, KLs and the reductions to the loss are
   float32 (forward hooks, present only inside `fp32_parameter_outputs`);
 * the *final layer* of a decoder bank (`nets.mlp.BatchedMLP`, `nets.conv.ConvDecoderTrunk`) runs in
-  float32 (`nets.mlp.fp32_output_layer`), so likelihood parameters are not rounded to bf16 before the cast.
+  float32 (`nets.mlp.fp32_output_layer`), so likelihood parameters are not rounded to bf16 before the cast;
+  an MLP bank's last layer still takes its two gradient products in bfloat16, as every other layer
+  does under autocast (its float32 backward was a fifth of the MLP MetaVAE's bf16 step).
 
 Validation runs without autocast (float32), so validation losses compare across ``amp`` settings.
 """
