@@ -421,6 +421,12 @@ def table2_entry(runs: list) -> dict | None:
     return entry
 
 
+def table2_models(found: dict, models) -> tuple:
+    """``models`` and then every variant label among the runs ``found`` ('metavae (amp bf16)'),
+    controls left out (`gather_tables` adds them)."""
+    return tuple(models) + tuple(sorted({k[2] for k in found if k[2] not in tuple(models) + CONTROLS}))
+
+
 def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: str = "") -> tuple:
     """Table 2 (contiguous mean unseen accuracy per axis and model, `table2_entry`, controls
     included where their runs exist) and Table 1 (the interleaved MetaVAE's invariance distances

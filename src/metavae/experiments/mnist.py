@@ -19,7 +19,7 @@ from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
                          find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control,
-                         probe_unseen, run_label, snapshot_model, summarise_probes, train_on_seen,
+                         probe_unseen, run_label, snapshot_model, summarise_probes, table2_models, train_on_seen,
                          untrained_distances)
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
@@ -187,7 +187,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     runs = Path(runs)
     out = Path(out) if out is not None else runs / "mnist-report"
     found = find_runs(runs, ("mnist",))
-    models = TABLE2_MODELS + tuple(sorted({k[2] for k in found if k[2] not in TABLE2_MODELS + CONTROLS}))
+    models = table2_models(found, TABLE2_MODELS)
     table1, table2, missing = gather_tables(found, AXES, models, "mnist", out, " --data-dir DIR --preset long")
     panels = []
     for key, axis in AXES.items():

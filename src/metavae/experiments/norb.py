@@ -45,8 +45,8 @@ from ..models import MODEL_NAMES
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
-                         fmt_seeds, gather_tables, invariance_distances, run_label, snapshot_model, train_on_seen,
-                         untrained_distances)
+                         fmt_seeds, gather_tables, invariance_distances, run_label, snapshot_model, table2_models,
+                         train_on_seen, untrained_distances)
 
 COLLAPSED_SPREAD = 0.1  # a MetaVAE embedding spread below this: the posterior collapsed onto the prior
 DATA_SEED = 0  # which images a preset's per-group subset keeps (fixed across runs and models)
@@ -393,7 +393,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
 
 def _report_one(found: dict, data: str, out: Path) -> dict:
     flag = "" if data == "synthnorb" else " --data-dir DIR"
-    models = TABLE2_MODELS + tuple(sorted({k[2] for k in found if k[2] not in TABLE2_MODELS}))  # + variants
+    models = table2_models(found, TABLE2_MODELS)
     table1, table2, missing = gather_tables(found, AXES, models, "norb", out, flag)
     (out / "tables.json").write_text(json.dumps({
         "data": data, "data_label": DATA_LABEL[data], "table1": table1, "table2": table2,
@@ -417,17 +417,18 @@ def _report_one(found: dict, data: str, out: Path) -> dict:
                      if (Path(m["_path"]) / "examples.png").exists()), None)
     if examples is not None:
         shutil.copyfile(examples, out / "examples.png")
-    _write_summary(out, data, table1, table2, found, missing)
+    _write_summary(out, data, table1, table2, found, missing, models)
     return {"table1": table1, "table2": table2, "missing": missing, "data": data}
 
 
-def _write_summary(out, data, table1, table2, found, missing):
+def _write_summary(out, data, table1, table2, found, missing, models):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     real = data == "smallnorb"
     rows2 = []
     for axis in AXES:
-        variants = [m for m in table2[axis] if m not in TABLE2_MODELS and "(" in m and table2[axis][m]]
-        for model in TABLE2_MODELS + tuple(variants):
+        for model in models:
+            if model not in TABLE2_MODELS and not table2[axis][model]:
+                continue  # a variant is shown on the axes it was run on
             ms, e = found.get((axis, "contiguous", model), []), table2[axis][model]
             run = "" if not ms else (f"{ms[0]['epochs_trained']} ep, {ms[0]['train_images_per_value']} img/group, "
                                      f"spread {fmt_seeds(e['embedding_std'], 2)}")

@@ -15,7 +15,7 @@ compiled-inference loss is summed in bfloat16. The policy here (`bf16_autocast`)
 * the *final layer* of a decoder bank (`nets.mlp.BatchedMLP`, `nets.conv.ConvDecoderTrunk`) runs in
   float32 (`nets.mlp.fp32_output_layer`), so likelihood parameters are not rounded to bf16 before the cast;
   an MLP bank's last layer still takes its two gradient products in bfloat16, as every other layer
-  does under autocast (its float32 backward was a fifth of the MLP MetaVAE's bf16 step).
+  does under autocast (`nets.mlp._Fp32OutBaddbmm`).
 
 Validation runs without autocast (float32), so validation losses compare across ``amp`` settings.
 """
