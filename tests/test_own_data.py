@@ -1,5 +1,7 @@
 """A user's own files: readers, their errors, early stopping, TensorBoard, and generation for a
 context's distribution."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,22 @@ def test_vhe_log_prob_matches_brute_force_quadrature():
             truth.append(torch.logsumexp(inner + log_qc, dim=0) + torch.log(cs[1, 0] - cs[0, 0]))
     torch.testing.assert_close(est, torch.stack(truth), atol=0.03, rtol=0)
     assert (model.log_prob(x, context, k=1, generator=torch.Generator().manual_seed(2)) < est + 1.0).all()
+
+
+def test_train_from_files_takes_bf16_as_a_setting(tmp_path, capsys):
+    """`metavae train --set amp=bf16` reaches the Trainer: the same seed's losses move off fp32's
+    (a setting dropped on the way would reproduce them exactly) but stay close to them."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", **{f"d{k}": rng.normal(size=(200, 3)) + k for k in range(3)})
+    runs = {}
+    for amp in ("null", "bf16"):
+        out = tmp_path / amp
+        assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(out), "--set", "epochs=2",
+                     "--set", f"amp={amp}", "--quiet"]) == 0
+        runs[amp] = json.loads((out / "metrics.json").read_text())
+    assert runs["bf16"]["settings"]["amp"] == "bf16" and runs["null"]["settings"]["amp"] is None
+    fp32, bf16 = (np.array([h["train_loss"] for h in runs[a]["history"]]) for a in ("null", "bf16"))
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, rtol=0.02)
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "x"), "--set", "amp=fp16"]) == 2
+    assert "setting 'amp' must be one of bf16 or null, got 'fp16'" in capsys.readouterr().err

@@ -42,8 +42,9 @@ class FileTrainConfig:
     patience: int | None = 10  # stop after this many epochs without a lower validation loss (null: never)
     grad_clip: float | None = 10.0
     seed: int = 0
+    amp: str | None = None  # "bf16": bfloat16 matmuls, float32 losses (TrainConfig.amp); None: fp32, the default
 
-    CHOICES: typing.ClassVar[dict] = {"likelihood": ("gaussian", "bernoulli")}
+    CHOICES: typing.ClassVar[dict] = {"likelihood": ("gaussian", "bernoulli"), "amp": ("bf16",)}
 
     def check(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -138,7 +139,7 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
     seed_everything(cfg.seed)
     model = _build(model_name, family.event_shape, len(data), cfg, summary)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed,
+                     grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed, amp=cfg.amp,
                      tensorboard=str(tensorboard) if tensorboard else None)
     info = {"data": {"source": str(Path(data_path).expanduser().resolve()), "names": family.names,
                      "points": [len(p) for p in family.points]},

@@ -95,7 +95,8 @@ def check_settings(cfg) -> None:
             if bad:
                 raise ValueError(f"setting '{key}' must hold positive integers, got {list(value)}")
         elif base is str and key in choices and value not in choices[key]:
-            raise ValueError(f"setting '{key}' must be one of {', '.join(choices[key])}, got {value!r}")
+            allowed = ", ".join(choices[key]) + (" or null" if optional else "")
+            raise ValueError(f"setting '{key}' must be one of {allowed}, got {value!r}")
     if hasattr(cfg, "check"):
         cfg.check()
 
