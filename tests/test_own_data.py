@@ -55,13 +55,14 @@ def test_train_from_a_folder_mapped_equals_padded_and_auto_maps_a_family_too_big
     for storage in ("padded", "mapped"):
         outs[storage] = tmp_path / storage
         assert main(["train", "--data", str(tmp_path), "--out", str(outs[storage]), "--storage", storage,
-                     "--set", "epochs=2", "--set", "batch_size=8", "--set", "context_size=4", "--quiet"]) == 0
+                     "--set", "epochs=2", "--set", "batch_size=8", "--set", "context_size=4", "--set", "scale=none",
+                     "--quiet"]) == 0
         assert json.loads((outs[storage] / "metrics.json").read_text())["storage"] == storage
     a, b = load_model(outs["padded"] / "model.pt"), load_model(outs["mapped"] / "model.pt")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     monkeypatch.setattr(workflows, "available_memory", lambda: 4 * 3 * 60 * 3 * 4 - 1)  # the family is just too big
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "auto"), "--set", "epochs=1",
-                 "--set", "batch_size=8", "--set", "context_size=4", "--quiet"]) == 0
+                 "--set", "batch_size=8", "--set", "context_size=4", "--set", "scale=none", "--quiet"]) == 0
     assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["storage"] == "mapped"
     assert "reading it memory-mapped" in capsys.readouterr().err
     np.savez(tmp_path / "f.npz", a=np.zeros((60, 3)), b=np.ones((60, 3)))

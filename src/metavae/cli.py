@@ -46,46 +46,75 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    t = sub.add_parser("train", help="train a model on your own family of data sets")
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a model on your own family of data sets", **fmt)
     t.add_argument("--data", type=Path, required=True,
                    help=".npz (one array per distribution), a folder of .npy files, or a .csv/.parquet table")
     t.add_argument("--out", type=Path, required=True, help="output folder (model.pt, metrics.json, loss.png)")
-    t.add_argument("--model", default="metavae", help="metavae (default), vae, ns, vhe or vhe-vampprior")
-    t.add_argument("--summary", default="mean", choices=("mean", "attention"),
+    t.add_argument("--model", default="metavae", help="metavae, vae, ns, vhe or vhe-vampprior")
+    t.add_argument("--pooling", default="mean", choices=("mean", "attention"),
                    help="how the MetaVAE, NS or VHE pools a context set: mean (the paper's) or attention (a Set Transformer)")
+    t.add_argument("--summary", dest="pooling", choices=("mean", "attention"), help=argparse.SUPPRESS)  # old name
+    t.add_argument("--arch", default="auto", choices=("auto", "mlp", "conv"),
+                   help="auto: the convolutional model for images (H, W) or (C, H, W) of at least 16x16, else MLPs")
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     t.add_argument("--storage", default="auto", choices=("auto", "padded", "mapped"),
                    help="padded: the family in memory; mapped: read from a folder of .npy files as needed (bounded "
-                        "memory, same batches); auto (default): mapped when such a folder exceeds a quarter of free memory")
-    t.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
-    t.add_argument("--label-column", default=None, help="CSV/Parquet: a column of labels to keep out of the features")
+                        "memory, same batches); auto: mapped when such a folder exceeds a quarter of free memory")
+    _table_args(t)
     t.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard event files into this folder")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training setting (repeatable)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting (repeatable); settings and defaults: " + _settings_help())
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    e = sub.add_parser("embed", help="posterior means of query points given a context set")
+    e = sub.add_parser("embed", help="posterior means of points, each given a context set of its distribution", **fmt)
     e.add_argument("--model", type=Path, required=True, help="a model.pt (or a checkpoint)")
-    e.add_argument("--query", type=Path, required=True, help=".npy of query points (n, ...)")
-    e.add_argument("--context", type=Path, default=None, help=".npy of points of the queries' distribution")
-    e.add_argument("--out", type=Path, required=True, help=".npy to write the (n, z_dim) embeddings to")
+    e.add_argument("--data", type=Path, default=None,
+                   help="embed every point of every distribution in this file (what train reads), each with a "
+                        "context drawn from its own distribution (or --context)")
+    e.add_argument("--query", type=Path, default=None, help="or: one file of query points (n, ...), with --context")
+    e.add_argument("--context", type=Path, default=None, help="points of the queries' distribution (one set for all)")
+    e.add_argument("--context-size", type=int, default=None, help="with --data: points per context (default: training's)")
+    e.add_argument("--out", type=Path, required=True,
+                   help=".npz (one array per distribution), .csv/.parquet (distribution, label, z_0..) or .npy")
+    _table_args(e)
+    e.add_argument("--seed", type=int, default=0, help="draws the contexts")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     e.add_argument("--refine-steps", type=int, default=0,
-                   help="MetaVAE: refine each query's q by this many ELBO gradient steps under decoder --dist")
+                   help="MetaVAE, with --query: refine each query's q by this many ELBO gradient steps under decoder --dist")
     e.add_argument("--dist", default=None, help="with --refine-steps: the decoder (distribution name or index)")
-    sm = sub.add_parser("sample", help="generate points for a context set's distribution (NS, VHE) "
-                                       "or a training distribution (MetaVAE)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    sm = sub.add_parser("sample", help="draw points for a context set's distribution (NS, VHE) "
+                                       "or a training distribution (MetaVAE)", **fmt)
     sm.add_argument("--model", type=Path, required=True)
-    sm.add_argument("--context", type=Path, default=None, help=".npy of points of the distribution to generate")
-    sm.add_argument("--dist", default=None, help="MetaVAE: the training distribution (name or index)")
+    sm.add_argument("--context", type=Path, default=None, help="points of the distribution to generate (NS, VHE)")
+    sm.add_argument("--dist", default=None, help="MetaVAE: the training (or adapted) distribution, name or index")
     sm.add_argument("-n", type=int, default=64, help="how many points")
+    sm.add_argument("--mean", action="store_true",
+                    help="write the decoder's means E[x | z] instead of draws from p(x | z) (smoother, less spread)")
     sm.add_argument("--seed", type=int, default=0)
-    sm.add_argument("--out", type=Path, required=True, help=".npy to write the (n, ...) points to")
-    a = sub.add_parser("adapt", help="MetaVAE: fit a decoder for an unseen distribution (encoder frozen), "
-                                     "so that `sample --dist NAME` generates it")
+    sm.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    sm.add_argument("--dist-column", default="distribution", help="CSV/Parquet context: the distribution column")
+    sm.add_argument("--out", type=Path, required=True, help=".npy, .csv or .parquet to write the (n, ...) points to")
+    a = sub.add_parser("adapt", help="MetaVAE: fit a decoder for each unseen distribution (encoder frozen), "
+                                     "so that `sample --dist NAME` generates it", **fmt)
     a.add_argument("--model", type=Path, required=True, help="a MetaVAE model.pt (or a checkpoint)")
-    a.add_argument("--data", type=Path, required=True, help=".npy of the new distribution's points (n, ...)")
-    a.add_argument("--name", default=None, help="the new distribution's name (default: the file's stem)")
-    a.add_argument("--steps", type=int, default=500, help="Adam steps on the ELBO (default 500)")
+    a.add_argument("--data", type=Path, required=True, help="the new distributions' points: .npy (one) or what train reads")
+    a.add_argument("--name", default=None, help="the new distribution's name (default: its name; a .npy's stem)")
+    a.add_argument("--steps", type=int, default=500, help="Adam steps on the ELBO")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--out", type=Path, required=True, help="where to save the model with its new decoder")
+    a.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    a.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
+    a.add_argument("--out", type=Path, required=True, help="where to save the model with its new decoders")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev = sub.add_parser("evaluate", help="is the embedding any good? the model beside raw, PCA, random-projection "
+                                         "and untrained controls", **fmt)
+    ev.add_argument("--model", type=Path, required=True, help="a model.pt (or a checkpoint)")
+    ev.add_argument("--data", type=Path, required=True, help="distributions to evaluate on (what train reads)")
+    _table_args(ev)
+    ev.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md and PNGs")
+    ev.add_argument("--seed", type=int, default=0, help="splits, contexts, projections")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     c = sub.add_parser("cache", help="show or clear what metavae keeps under $METAVAE_DATA")
     c.add_argument("action", choices=("info", "clear"))
     c.add_argument("--downloads", action="store_true", help="with clear: delete the downloaded data sets too")
@@ -100,6 +129,37 @@ def _parser() -> argparse.ArgumentParser:
                      help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
                           "then report from DIR (how results/ is filled)")
     return p
+
+
+def _table_args(p) -> None:
+    p.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
+    p.add_argument("--label-column", default=None, help="CSV/Parquet: a column of labels, kept out of the features")
+
+
+def _settings_help() -> str:
+    import dataclasses
+
+    from .workflows import FileTrainConfig
+
+    return ", ".join(f"{f.name}={json.dumps(list(f.default) if isinstance(f.default, tuple) else f.default)}"
+                     for f in dataclasses.fields(FileTrainConfig))
+
+
+def _train_overrides(pairs: list[str]) -> dict:
+    """``--set`` pairs for `metavae train`: old keys renamed, and ``256,256`` read as a list."""
+    import dataclasses
+    import re
+
+    from .workflows import FileTrainConfig
+
+    lists = {f.name for f in dataclasses.fields(FileTrainConfig) if f.type in ("tuple", tuple)}
+    out = {}
+    for key, value in _overrides(pairs).items():
+        key = FileTrainConfig.ALIASES.get(key, key)
+        if key in lists and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", value):
+            value = f"[{value}]"
+        out[key] = value
+    return out
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -133,29 +193,46 @@ def own_data_command(args) -> int:
     from . import workflows as W
 
     if args.command == "train":
-        cfg = resolve_preset({"default": W.FileTrainConfig()}, None, _overrides(args.set))
+        cfg = resolve_preset({"default": W.FileTrainConfig()}, None, _train_overrides(args.set))
         with RunFolder(args.out):
             m = W.train_on_files(args.data, args.out, args.model, cfg, args.dist_column, args.label_column,
-                                 args.tensorboard, progress=not args.quiet, summary=args.summary,
-                                 storage=args.storage)
+                                 args.tensorboard, progress=not args.quiet, pooling=args.pooling,
+                                 storage=args.storage, arch=args.arch, device=args.device)
         stop = " (stopped early)" if m["stopped_early"] else ""
-        print(f"trained {m['model']} on {len(m['data']['names'])} distributions for {m['epochs_trained']} epochs{stop}; "
+        print(f"trained {m['model']} ({m['arch']}, likelihood={m['likelihood']}, scale={m['scale']}) on "
+              f"{len(m['data']['names'])} distributions for {m['epochs_trained']} epochs{stop}; "
               f"best validation loss {m['best_val_loss']:.4g} at epoch {m['best_epoch']}; wrote {args.out / 'model.pt'}")
     elif args.command == "adapt":
-        k = W.adapt_files(args.model, args.data, args.out, args.name, args.steps, args.seed, progress=not args.quiet)
-        print(f"fitted decoder {k} for {args.name or args.data.stem}; wrote {args.out} "
-              f"(metavae sample --model {args.out} --dist {args.name or args.data.stem})")
+        ks = W.adapt_files(args.model, args.data, args.out, args.name, args.steps, args.seed, progress=not args.quiet,
+                           device=args.device, dist_column=args.dist_column)
+        name = args.name or args.data.stem
+        print(f"fitted decoder(s) {', '.join(map(str, ks))}; wrote {args.out} "
+              f"(metavae sample --model {args.out} --dist {name if len(ks) == 1 and args.data.suffix == '.npy' else 'NAME'})")
     elif args.command == "embed":
         if args.refine_steps < 0:
             raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
-        z = W.embed_files(args.model, args.query, args.context, args.out, refine_steps=args.refine_steps,
-                          dist=args.dist)
-        print(f"wrote {z.shape[0]} embeddings of dimension {z.shape[1]} to {args.out}")
+        z = W.embed_files(args.model, args.query, args.context, args.out, device=args.device,
+                          refine_steps=args.refine_steps, dist=args.dist, data_path=args.data,
+                          dist_column=args.dist_column, label_column=args.label_column,
+                          context_size=args.context_size, seed=args.seed, progress=not args.quiet)
+        if isinstance(z, list):
+            print(f"wrote embeddings of {sum(len(a) for a in z)} points in {len(z)} distributions "
+                  f"(dimension {z[0].shape[1]}) to {args.out}")
+        else:
+            print(f"wrote {z.shape[0]} embeddings of dimension {z.shape[1]} to {args.out}")
+    elif args.command == "evaluate":
+        from .evaluate import evaluate_files
+
+        with RunFolder(args.out):
+            result = evaluate_files(args.model, args.data, args.out, args.dist_column, args.label_column,
+                                    seed=args.seed, device=args.device, progress=not args.quiet)
+        print((args.out / "report.md").read_text().rstrip())
+        print(result["verdict"])
     else:
-        if args.n < 1:
-            raise ValueError(f"-n must be >= 1, got {args.n}")
-        x = W.sample_files(args.model, args.out, args.n, args.context, args.dist, args.seed)
-        print(f"wrote {x.shape[0]} points of shape {tuple(x.shape[1:])} to {args.out}")
+        x = W.sample_files(args.model, args.out, args.n, args.context, args.dist, args.seed, device=args.device,
+                           mean=args.mean, dist_column=args.dist_column)
+        what = "decoder means (--mean)" if args.mean else "draws from p(x | z)"
+        print(f"wrote {x.shape[0]} points of shape {tuple(x.shape[1:])} ({what}) to {args.out}")
     return 0
 
 
@@ -180,7 +257,7 @@ def main(argv=None) -> int:
             return 0
         if args.command == "cache":
             return cache_command(args)
-        if args.command in ("train", "embed", "sample", "adapt"):
+        if args.command in ("train", "embed", "sample", "adapt", "evaluate"):
             return own_data_command(args)
         if args.command == "report":
             runs = args.runs

@@ -47,6 +47,11 @@ class Bernoulli:
         return event_numel
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel():  # a GPU check would cost a sync per step
+            lo, hi = torch.aminmax(x.detach())
+            if lo < 0 or hi > 1:
+                raise ValueError(f"the Bernoulli likelihood needs values in [0, 1], got values in [{float(lo):.3g}, "
+                                 f"{float(hi):.3g}]: use likelihood=Gaussian() (or 'gaussian'), or scale the data")
         x = x.expand_as(params)
         return -F.binary_cross_entropy_with_logits(params, x, reduction="none").sum(-1)
 
@@ -86,13 +91,20 @@ class Gaussian:
         return self._split(params)[0]
 
 
-def draw(likelihood, params: torch.Tensor, mean: bool = True, generator=None) -> torch.Tensor:
-    """Points from decoder outputs: the likelihood's mean, or (``mean=False``) a draw from a Gaussian
-    likelihood. Bernoulli outputs stay means: the data are grey levels, not binary draws."""
-    if mean or likelihood.name != "gaussian":
+def draw(likelihood, params: torch.Tensor, mean: bool = False, generator=None) -> torch.Tensor:
+    """Points from decoder outputs: a draw from p(x | z) (Bernoulli: 0/1 values), or with ``mean=True``
+    the likelihood's mean. Sampling is the default: means spread less than the data do."""
+    if mean:
         return likelihood.mean(params)
+    where = generator.device if generator is not None else params.device  # a CPU generator for CUDA params
+
+    def noise(fn, shape):
+        return fn(shape, generator=generator, dtype=params.dtype, device=where).to(params.device)
+
+    if likelihood.name == "bernoulli":
+        return (noise(torch.rand, params.shape) < torch.sigmoid(params)).to(params.dtype)
     mu, logvar = likelihood._split(params)
-    return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + torch.exp(0.5 * logvar) * noise(torch.randn, mu.shape)
 
 
 def make_likelihood(name: str, variance: float | None = None):

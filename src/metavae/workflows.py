@@ -28,27 +28,53 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FileTrainConfig:
-    """`metavae train` settings (``--set key=value``). The models are MLPs over flattened points."""
+    """`metavae train` settings (``--set key=value``). Flat points train MLPs; images (H, W) or
+    (C, H, W) of at least 16x16 train the convolutional model (``--arch``)."""
 
     epochs: int = 50
     batch_size: int = 32  # queries per distribution and step
     context_size: int = 10  # |D|
     lr: float = 1e-3
     z_dim: int = 4
-    hidden: tuple = (128, 128)
-    summary: tuple = (128, 128)
-    likelihood: str = "gaussian"  # gaussian: a learned variance per feature; bernoulli: values in [0, 1]
+    hidden_widths: tuple = (128, 128)  # MLP layer widths of the encoder head and decoders (old name: hidden)
+    summary_widths: tuple = (128, 128)  # layer widths of the context-set network (old name: summary)
+    likelihood: str = "auto"  # auto: bernoulli for values in [0, 1] (after scaling), gaussian otherwise
+    scale: str = "auto"  # auto: unit for uint8 or [0, 1] data, standard (per-feature z-score) otherwise
+    latent: str = "gaussian"  # categorical: a discrete z with z_dim values (clusters), summed out exactly
+    free_bits: float = 0.0  # nats per latent dim below which the KL is not penalised (0: off)
+    channels: tuple = (16, 32, 64)  # conv model: the three stage widths
+    conv_hidden: int = 128  # conv model: fully connected width
+    context_pool: int | None = 64  # conv model: contexts drawn from this many images embedded once per step
     val_fraction: float = 0.1  # of each distribution's points, for validation and early stopping
     patience: int | None = 10  # stop after this many epochs without a lower validation loss (null: never)
     grad_clip: float | None = 10.0
     seed: int = 0
     amp: str | None = None  # "bf16": bfloat16 matmuls, float32 losses (TrainConfig.amp); None: fp32, the default
 
-    CHOICES: typing.ClassVar[dict] = {"likelihood": ("gaussian", "bernoulli"), "amp": ("bf16",)}
+    CHOICES: typing.ClassVar[dict] = {"likelihood": ("auto", "gaussian", "bernoulli"), "amp": ("bf16",),
+                                      "scale": ("auto", "standard", "unit", "none"),
+                                      "latent": ("gaussian", "categorical")}
+    ALIASES: typing.ClassVar[dict] = {"hidden": "hidden_widths", "summary": "summary_widths"}  # older keys
 
     def check(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"setting 'val_fraction' must be in (0, 1), got {self.val_fraction}")
+        if self.latent == "categorical" and self.z_dim < 2:
+            raise ValueError("latent=categorical needs z_dim >= 2 (the number of values)")
+
+
+ARCH_CHOICES = ("auto", "mlp", "conv")
+
+
+def choose_arch(arch: str, event_shape) -> str:
+    """``auto``: conv for images (H, W) or (C, H, W) of at least 16x16, MLP otherwise."""
+    if arch not in ARCH_CHOICES:
+        raise ValueError(f"unknown --arch {arch!r}; choose from {', '.join(ARCH_CHOICES)}")
+    ev = tuple(event_shape)
+    image = len(ev) in (2, 3) and min(ev[-2:]) >= 16 and (len(ev) == 2 or ev[0] <= 4)
+    if arch == "conv" and not image:
+        raise ValueError(f"--arch conv needs images (H, W) or (C, H, W) of at least 16x16, got points of shape {ev}")
+    return ("conv" if image else "mlp") if arch == "auto" else arch
 
 
 def _notice_float64(family: Family) -> None:
@@ -56,18 +82,66 @@ def _notice_float64(family: Family) -> None:
         print("metavae: notice: float64 data cast to float32 (the models' precision)", file=sys.stderr)
 
 
-def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean"):
-    lik = make_likelihood(cfg.likelihood, None)  # Gaussian: a learned variance; Bernoulli takes none
+def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean",
+           likelihood: str = "gaussian", arch: str = "mlp"):
+    lik = make_likelihood(likelihood, None)  # Gaussian: a learned variance; Bernoulli takes none
     if pooling != "mean" and model_name == "vae":
-        raise ValueError(f"--summary {pooling}: the VAE has no context set to pool")
+        raise ValueError(f"--pooling {pooling}: the VAE has no context set to pool")
+    if cfg.latent != "gaussian" and model_name not in ("metavae", "vae"):
+        raise ValueError(f"latent={cfg.latent}: only the MetaVAE and the VAE take another latent")
+    common = dict(z_dim=cfg.z_dim, likelihood=lik)
     if model_name in ("metavae", "vae"):
-        kw = dict(z_dim=cfg.z_dim, hidden=cfg.hidden, likelihood=lik)
+        common.update(latent=cfg.latent, free_bits=cfg.free_bits)
+    elif cfg.free_bits:
+        raise ValueError("free_bits applies to the MetaVAE and the VAE")
+    if arch == "conv":
+        conv = dict(channels=cfg.channels, hidden=cfg.conv_hidden, groups=_groups(cfg.channels))
+        if model_name in ("metavae", "vae"):
+            kw = dict(common, **conv)
+            if model_name == "metavae":
+                kw.update(summary=cfg.summary_widths, pooling=pooling)
+            return make_model(model_name, "conv", event_shape, n, **kw)
+        return make_model(model_name, "conv", event_shape, n, c_dim=cfg.summary_widths[-1], pooling=pooling,
+                          **common, **conv)
+    if model_name in ("metavae", "vae"):
+        kw = dict(common, hidden=cfg.hidden_widths)
         if model_name == "metavae":
-            kw.update(summary=cfg.summary, pooling=pooling)
+            kw.update(summary=cfg.summary_widths, pooling=pooling)
         return make_model(model_name, "mlp", event_shape, n, **kw)
-    width = cfg.hidden[0]
-    return make_model(model_name, "mlp", event_shape, n, z_dim=cfg.z_dim, c_dim=cfg.summary[-1], hidden=width,
-                      decoder_hidden=cfg.hidden[-1], likelihood=lik, pooling=pooling)
+    width = cfg.hidden_widths[0]
+    return make_model(model_name, "mlp", event_shape, n, c_dim=cfg.summary_widths[-1], hidden=width,
+                      decoder_hidden=cfg.hidden_widths[-1], pooling=pooling, **common)
+
+
+def _groups(channels) -> int:
+    """GroupNorm groups that divide every stage width (at most 8)."""
+    import math
+
+    g = 0
+    for c in channels:
+        g = math.gcd(g, int(c))
+    return max(d for d in (8, 4, 2, 1) if g % d == 0)
+
+
+def init_checksum(model) -> float:
+    """A fingerprint of a model's weights, to check that an untrained rebuild matches training's init."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def untrained_copy(model):
+    """The model as it was before training: rebuilt from the config and seed saved at training time
+    (the init is deterministic given both); None where the file records neither."""
+    from .models.registry import build_model
+
+    extra = getattr(model, "extra", {})
+    if "init_config" not in extra or "init_seed" not in extra:
+        return None
+    seed_everything(int(extra["init_seed"]))
+    fresh = build_model(extra["init_config"]).eval()
+    if "init_checksum" in extra and not np.isclose(init_checksum(fresh), extra["init_checksum"], rtol=1e-5):
+        print("metavae: notice: the untrained rebuild differs from training's init (another torch version?)",
+              file=sys.stderr)
+    return fresh.to(next(model.parameters()).device)
 
 
 def available_memory() -> int | None:
@@ -102,18 +176,23 @@ def choose_storage(storage: str, family: Family) -> str:
 
 def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainConfig = FileTrainConfig(),
                    dist_column: str = "distribution", label_column: str | None = None, tensorboard=None,
-                   progress: bool = True, summary: str = "mean", storage: str = "auto") -> dict:
+                   progress: bool = True, pooling: str = "mean", storage: str = "auto", arch: str = "auto",
+                   device: str = "cpu", summary: str | None = None) -> dict:
     """Train ``model_name`` on every distribution in ``data_path``; writes ``out/model.pt`` (the
-    `save_model` format, distribution names included), ``metrics.json``, ``metrics.jsonl`` and
-    ``loss.png``. ``storage``: see `choose_storage`. Returns the metrics."""
+    `save_model` format, with the distribution names, the fitted `Scaler`, a table's feature names and
+    what rebuilds the untrained init), ``metrics.json``, ``metrics.jsonl`` and ``loss.png``.
+    ``storage``: see `choose_storage`; ``summary``: the old name of ``pooling``. Returns the metrics."""
     from .experiments.common import check_settings
+    from .preprocess import choose_likelihood, fit_scaler
 
+    pooling = summary or pooling
     check_settings(cfg)
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
     out = Path(out)
     family = read_family(data_path, dist_column, label_column)
     _notice_float64(family)
+    arch = choose_arch(arch, family.event_shape)
     if model_name == "vae" and len(family.names) > 1:
         logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
     sizes = [len(p) for p in family.points]
@@ -123,33 +202,48 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
         raise ValueError(f"distribution {family.names[k]!r} has {sizes[k]} points: its validation part "
                          f"(val_fraction={cfg.val_fraction}) would hold {n_val}, fewer than context_size="
                          f"{cfg.context_size}; lower context_size, raise val_fraction or drop it")
-    storage = choose_storage("padded" if storage == "auto" and model_name == "vae" else storage, family)
+    scaler = fit_scaler(family.points, cfg.scale)  # on every point: validation is for early stopping only
+    uint8 = all(np.asarray(p[:0]).dtype == np.uint8 for p in family.points)
+    # the dataset reads uint8 as x/255 itself: a mapped family needs no other map
+    passthrough = scaler.kind == "none" or (uint8 and bool((scaler.offset == 0).all() and (scaler.scale == 1).all()))
+    storage = choose_storage("padded" if storage == "auto" and (model_name == "vae" or not passthrough) else storage,
+                             family)
     if storage == "mapped" and model_name == "vae":
         raise ValueError("--storage mapped keeps one array per distribution; the VAE pools them into one "
                          "(use --storage padded)")
+    if storage == "mapped" and not passthrough:
+        raise ValueError(f"--storage mapped reads the files as they are, but scale={scaler.kind} maps them: use "
+                         "--set scale=none (or unit for uint8 images), or --storage padded")
     if storage == "mapped":
         points = family.points
     else:
-        # a read-only memmap is copied into memory (torch wants writable arrays); other arrays are shared
-        points = [torch.as_tensor(np.array(p) if isinstance(p, np.memmap) else np.asarray(p)) for p in family.points]
+        points = [scaler.to_model(np.array(p) if isinstance(p, np.memmap) else p) for p in family.points]
         if model_name == "vae":
             points = [torch.cat(points)]
+    likelihood = choose_likelihood(cfg.likelihood, [p[:4096] for p in points] if storage != "mapped" else
+                                   family.points)
     data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
                        names=family.names if model_name != "vae" else ["all"], storage=storage)
     seed_everything(cfg.seed)
-    model = _build(model_name, family.event_shape, len(data), cfg, summary)
+    model = _build(model_name, family.event_shape, len(data), cfg, pooling, likelihood, arch)
+    init = {"init_config": dict(model.config), "init_seed": cfg.seed, "init_checksum": init_checksum(model)}
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed, amp=cfg.amp,
+                     grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed, amp=cfg.amp, device=device,
+                     context_pool=cfg.context_pool if arch == "conv" and model_name in ("metavae", "vhe",
+                                                                                       "vhe-vampprior") else None,
                      tensorboard=str(tensorboard) if tensorboard else None)
     info = {"data": {"source": str(Path(data_path).expanduser().resolve()), "names": family.names,
                      "points": [len(p) for p in family.points]},
-            "model": model_name, "summary": summary, "settings": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                              if k not in ("epochs", "patience")}}
+            "model": model_name, "pooling": pooling, "arch": arch, "likelihood": likelihood, "scale": scaler.kind,
+            "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "patience")}}
     t0 = time.time()
     trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
     history = trainer.fit()
-    model.save(out / "model.pt", distributions=list(data.names), data=info["data"]["source"], model_name=model_name)
-    metrics = {"model": model_name, "data": info["data"], "storage": storage, "event_shape": list(family.event_shape),
+    model.save(out / "model.pt", distributions=list(data.names), data=info["data"]["source"], model_name=model_name,
+               preprocess=scaler.state(), feature_names=family.features, arch=arch, likelihood=likelihood,
+               context_size=cfg.context_size, **init)
+    metrics = {"model": model_name, "arch": arch, "likelihood": likelihood, "scale": scaler.kind, "pooling": pooling,
+               "data": info["data"], "storage": storage, "event_shape": list(family.event_shape),
                "epochs_trained": trainer.state.epoch, "stopped_early": trainer.stopped_early,
                "best_epoch": trainer.state.best_epoch, "best_val_loss": trainer.state.best_val,
                "train_seconds": round(time.time() - t0, 1), "settings": dataclasses.asdict(cfg), "history": history}
@@ -179,32 +273,152 @@ def _loss_plot(path: Path, history: list, title: str) -> None:
     save_figure(fig, path)
 
 
-def _array(path, what: str, event_shape) -> torch.Tensor:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} file at {path}")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
-    if tuple(a.shape[1:]) != tuple(event_shape) or a.ndim != len(event_shape) + 1:
-        raise ValueError(f"{path}: {what} must have shape (n, {', '.join(map(str, event_shape))}) for this model, "
-                         f"got {a.shape}")
-    from .data.meta import checked_points
+def read_points(path, dist_column: str = "distribution", label_column: str | None = None, model=None) -> Family:
+    """What `train` reads (.npz, a folder of .npy, CSV/Parquet), or one .npy array (one distribution
+    named by the file's stem); with ``model``, checked against its point shape and a table's feature names."""
+    path = Path(path).expanduser()
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise FileNotFoundError(f"no file at {path}")
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+        from .data.meta import check_points
 
-    return checked_points(a, what, path.name).float()
+        if a.ndim < 2:
+            raise ValueError(f"{path}: give points as rows (n, features), got shape {a.shape}")
+        check_points(a, path.name, repr(path.stem))
+        family = Family([path.stem], [a], None, str(path))
+    else:
+        family = read_family(path, dist_column, label_column)
+    if model is not None:
+        _check_against(family, model)
+    return family
 
 
-def embed_files(model_path, query_path, context_path, out_path, device: str = "cpu", refine_steps: int = 0,
-                dist: str | None = None, lr: float = 0.05) -> np.ndarray:
-    """Posterior means (n, z_dim) of the queries in ``query_path``, all with the context set in
-    ``context_path`` (points of the same distribution), saved as ``out_path`` (.npy). With
-    ``refine_steps`` (MetaVAE), each query's q is refined by that many ELBO steps under decoder
-    ``dist`` (a training distribution's or an adapted one: `metavae.refine`)."""
+def _check_against(family: Family, model) -> None:
+    want = list(getattr(model, "extra", {}).get("feature_names") or [])
+    if family.features is not None and want and family.features != want:
+        extra = [c for c in family.features if c not in want]
+        missing = [c for c in want if c not in family.features]
+        detail = "; ".join(f"{what}: {', '.join(cols[:8])}" for what, cols in
+                           (("not in the model", extra), ("missing", missing)) if cols) or "other order"
+        raise ValueError(f"{family.source}: its feature columns differ from the model's ({detail}); the model "
+                         f"reads {', '.join(want[:8])}")
+    if tuple(family.event_shape) != tuple(model.event_shape):
+        raise ValueError(f"{family.source}: points of shape {family.event_shape}, but the model reads points of shape "
+                         f"{tuple(model.event_shape)}")
+
+
+def _one_set(path, model, scaler, what: str, dist_column: str = "distribution") -> torch.Tensor:
+    """One distribution's points from ``path`` in model units (a file with several is refused)."""
+    fam = read_points(path, dist_column, model=model)
+    if len(fam.names) != 1:
+        raise ValueError(f"{path}: the {what} must be one distribution's points; this file holds {len(fam.names)} "
+                         f"({', '.join(fam.names[:5])})")
+    return scaler.to_model(fam.points[0]).to(next(model.parameters()).device)
+
+
+def load_fitted(model_path, device: str = "cpu"):
+    """A saved model and its preprocessing (`Scaler`; the identity for older model files)."""
+    from .preprocess import Scaler
+
     model = load(model_path, device)
-    ev = model.event_shape
-    q = _array(query_path, "query", ev).to(device)
-    ctx = _array(context_path, "context", ev).to(device) if getattr(model, "uses_context", True) else None
+    return model, Scaler.of(model)
+
+
+@torch.no_grad()
+def embed_points(model, x: torch.Tensor, context: torch.Tensor | None, batch: int = 1024) -> np.ndarray:
+    """Posterior means of model-unit points ``x`` with one shared context set, in batches."""
+    uses = getattr(model, "uses_context", True)
+    if uses and context is None:
+        raise ValueError("this model embeds a point given a context set: pass --context FILE (points of the "
+                         "queries' distribution) or --data FILE (each distribution its own context)")
+    device = next(model.parameters()).device
+    out = [model.embed(x[i:i + batch].to(device), context if uses else None).cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy()
+
+
+def draw_context(points: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """``size`` points (all, if fewer) drawn without replacement: a distribution's own context set."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(points), generator=g)[:size]
+    return points[idx]
+
+
+def embed_family(model, scaler, family: Family, context=None, context_size: int | None = None, seed: int = 0,
+                 progress: bool = False) -> list[np.ndarray]:
+    """Every point of every distribution embedded with a context set drawn from its own distribution
+    (``context_size`` points, default training's), or with the one ``context`` set (model units)."""
+    from tqdm.auto import tqdm
+
+    size = context_size or int(getattr(model, "extra", {}).get("context_size", 10))
+    device = next(model.parameters()).device
+    out = []
+    for k, p in enumerate(tqdm(family.points, desc="embed", disable=not progress, leave=False)):
+        x = scaler.to_model(p)
+        ctx = context if context is not None else draw_context(x, size, seed + k).to(device)
+        out.append(embed_points(model, x, ctx))
+    return out
+
+
+def write_embeddings(path, family: Family, z: list[np.ndarray], dist_column: str = "distribution",
+                     label_column: str | None = None) -> None:
+    """``.npz``: one (n, d) array per distribution; ``.csv``/``.parquet``: the distribution column, the
+    label column (if the data had one), then z_0..z_{d-1}; ``.npy``: every point's row, in order."""
+    from .io import atomic_write
+
+    path = Path(path)
+    if path.suffix == ".npz":
+        atomic_write(path, lambda f: np.savez(f, **dict(zip(family.names, z))))
+    elif path.suffix in (".csv", ".parquet", ".pq"):
+        import pandas as pd
+
+        frames = []
+        for k, (name, zk) in enumerate(zip(family.names, z)):
+            cols = {dist_column: [name] * len(zk)}
+            if family.labels is not None:
+                cols[label_column or "label"] = family.labels[k]
+            cols.update({f"z_{j}": zk[:, j] for j in range(zk.shape[1])})
+            frames.append(pd.DataFrame(cols))
+        table = pd.concat(frames, ignore_index=True)
+        if path.suffix == ".csv":
+            atomic_write(path, lambda f: f.write(table.to_csv(index=False).encode()))
+        else:
+            atomic_write(path, lambda f: table.to_parquet(f, index=False))
+    elif path.suffix == ".npy":
+        _save_npy(path, np.concatenate(z))
+    else:
+        raise ValueError(f"{path}: write embeddings to .npz, .csv, .parquet or .npy")
+
+
+def embed_files(model_path, query_path=None, context_path=None, out_path=None, device: str = "cpu",
+                refine_steps: int = 0, dist: str | None = None, lr: float = 0.05, data_path=None,
+                dist_column: str = "distribution", label_column: str | None = None,
+                context_size: int | None = None, seed: int = 0, progress: bool = False):
+    """Posterior means, in one call. With ``data_path`` (any layout `train` reads): every point of
+    every distribution, each with a context drawn from its own distribution (or ``context_path``'s one
+    set), written by `write_embeddings`; returns the list of arrays. With ``query_path``: the queries
+    all with ``context_path``'s set, saved as .npy; returns (n, z_dim). ``refine_steps`` (MetaVAE):
+    each query's q refined by that many ELBO steps under decoder ``dist`` (`metavae.refine`)."""
+    model, scaler = load_fitted(model_path, device)
+    uses = getattr(model, "uses_context", True)
+    if (query_path is None) == (data_path is None):
+        raise ValueError("pass either --data FILE (every distribution in it) or --query FILE")
+    if uses and context_path is None and data_path is None:
+        raise ValueError("this model embeds a point given a context set: pass --context FILE (points of the "
+                         "queries' distribution) or --data FILE (each distribution its own context)")
+    ctx = _one_set(context_path, model, scaler, "context", dist_column) if uses and context_path else None
+    if data_path is not None:
+        if refine_steps:
+            raise ValueError("--refine-steps works with --query and --context")
+        family = read_points(data_path, dist_column, label_column, model=model)
+        z = embed_family(model, scaler, family, ctx, context_size, seed, progress)
+        if out_path is not None:
+            write_embeddings(out_path, family, z, dist_column, label_column)
+        return z
+    q = _one_set(query_path, model, scaler, "query", dist_column)
     if dist is not None and not refine_steps:
         raise ValueError("--dist names the decoder that --refine-steps refines under; pass --refine-steps K too")
     if refine_steps:
@@ -219,8 +433,9 @@ def embed_files(model_path, query_path, context_path, out_path, device: str = "c
         params = refined_encode(model, q.unsqueeze(0), ctx, torch.tensor([k]), steps=refine_steps, lr=lr)[0]
         z = model.latent.mean(params).cpu().numpy()
     else:
-        z = model.embed(q, ctx).cpu().numpy()
-    _save_npy(out_path, z)
+        z = embed_points(model, q, ctx)
+    if out_path is not None:
+        _save_npy(out_path, z)
     return z
 
 
@@ -234,17 +449,17 @@ def decoder_index(model, dist: str) -> int:
     return k
 
 
-def sample_files(model_path, out_path, n: int, context_path=None, dist: str | None = None, seed: int = 0,
-                 device: str = "cpu") -> np.ndarray:
-    """``n`` new points for the distribution of the context set in ``context_path`` (models with a
-    shared decoder: NS, VHE), or from training distribution ``dist`` (a name or index; MetaVAE)."""
-    model = load(model_path, device)
+def sample_model(model, scaler, n: int, context: torch.Tensor | None = None, dist: str | None = None,
+                 seed: int = 0, mean: bool = False) -> torch.Tensor:
+    """``n`` points in the data's units: draws from p(x | z) (``mean=True``: the decoder's means) for
+    the distribution of ``context`` (model units; NS, VHE) or training distribution ``dist`` (MetaVAE)."""
+    if n < 1:
+        raise ValueError(f"-n must be >= 1, got {n}")
     gen = torch.Generator().manual_seed(seed)
-    context = None if context_path is None else _array(context_path, "context", model.event_shape).to(device)
     if hasattr(model, "c_dim"):
         if context is None:
             raise ValueError("this model generates for a context set: pass --context")
-        x = model.sample(n, context, generator=gen)
+        x = model.sample(n, context, mean=mean, generator=gen)
     else:
         if context is not None:
             model.sample(n, context=context)  # the MetaVAE explains why it cannot
@@ -252,29 +467,65 @@ def sample_files(model_path, out_path, n: int, context_path=None, dist: str | No
             names = list(getattr(model, "extra", {}).get("distributions", []))
             raise ValueError("the MetaVAE samples from one training distribution's decoder: pass --dist NAME "
                              f"(one of {', '.join(names[:10]) or 'its indices'})")
-        x = model.sample(n, dist=decoder_index(model, dist), generator=gen)
-    x = x.cpu().numpy()
-    _save_npy(out_path, x)
+        x = model.sample(n, dist=decoder_index(model, dist), mean=mean, generator=gen)
+    return scaler.to_data(x).cpu()
+
+
+def sample_files(model_path, out_path, n: int, context_path=None, dist: str | None = None, seed: int = 0,
+                 device: str = "cpu", mean: bool = False, dist_column: str = "distribution") -> np.ndarray:
+    """`sample_model` from a model file, written to ``out_path`` (.npy; .csv/.parquet with the
+    model's feature names as columns)."""
+    model, scaler = load_fitted(model_path, device)
+    context = None if context_path is None else _one_set(context_path, model, scaler, "context", dist_column)
+    x = sample_model(model, scaler, n, context, dist, seed, mean).numpy()
+    write_points(out_path, x, getattr(model, "extra", {}).get("feature_names"))
     return x
 
 
+def write_points(path, x: np.ndarray, features=None) -> None:
+    """Points to .npy, or to a .csv/.parquet table (columns: the model's feature names, else x_0..)."""
+    from .io import atomic_write
+
+    path = Path(path)
+    if path.suffix in (".csv", ".parquet", ".pq"):
+        import pandas as pd
+
+        flat = x.reshape(len(x), -1)
+        cols = list(features) if features and len(features) == flat.shape[1] else [f"x_{j}" for j in
+                                                                                   range(flat.shape[1])]
+        table = pd.DataFrame(flat, columns=cols)
+        if path.suffix == ".csv":
+            atomic_write(path, lambda f: f.write(table.to_csv(index=False).encode()))
+        else:
+            atomic_write(path, lambda f: table.to_parquet(f, index=False))
+    else:
+        _save_npy(path, x)
+
+
 def adapt_files(model_path, data_path, out_path, name: str | None = None, steps: int = 500, seed: int = 0,
-                progress: bool = True, device: str = "cpu") -> int:
-    """Fit a MetaVAE decoder for the unseen distribution whose points are in ``data_path`` (encoder
-    frozen, `MetaVAE.adapt`) and save the grown model as ``out_path``; the new decoder's index.
-    ``name`` (default: the file's stem) is how `metavae sample --dist` finds it."""
-    model = load(model_path, device)
+                progress: bool = True, device: str = "cpu", dist_column: str = "distribution") -> list[int]:
+    """Fit a MetaVAE decoder for each unseen distribution in ``data_path`` (any layout `train` reads;
+    encoder frozen, `MetaVAE.adapt`) and save the grown model as ``out_path``; the new decoders'
+    indices. ``name`` (one distribution only; default: its name, for a .npy the file's stem) is how
+    `metavae sample --dist` finds it."""
+    model, scaler = load_fitted(model_path, device)
     if not hasattr(model, "adapt"):
         raise ValueError(f"adapt fits a decoder for a MetaVAE; {type(model).__name__} needs none: it generates "
                          "for a context set directly (metavae sample --context)")
-    points = _array(data_path, "points", model.event_shape).to(device)
+    family = read_points(data_path, dist_column, model=model)
+    if name is not None and len(family.names) > 1:
+        raise ValueError(f"--name names one distribution; {data_path} holds {len(family.names)}")
     names = list(model.extra.get("distributions", [str(k) for k in range(model.n_decoders)]))
-    name = name or Path(data_path).stem
-    if name in names:
-        raise ValueError(f"the model already has a distribution named {name!r}; pass another --name")
-    k = model.adapt(points, steps=steps, seed=seed, progress=progress)
-    model.save(out_path, **{**model.extra, "distributions": names + [name]})
-    return k
+    new = [name] if name else list(family.names)
+    for nm in new:
+        if nm in names:
+            raise ValueError(f"the model already has a distribution named {nm!r}; pass another --name")
+    ks = []
+    for nm, p in zip(new, family.points):
+        ks.append(model.adapt(scaler.to_model(p).to(device), steps=steps, seed=seed, progress=progress))
+        names.append(nm)
+    model.save(out_path, **{**model.extra, "distributions": names})
+    return ks
 
 
 def _save_npy(path, array: np.ndarray) -> None:

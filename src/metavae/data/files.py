@@ -27,6 +27,7 @@ class Family:
     points: list[np.ndarray]
     labels: list[np.ndarray] | None = None
     source: str = ""
+    features: list[str] | None = None  # a table's feature columns, in order (kept in the model file)
 
     @property
     def event_shape(self) -> tuple:
@@ -85,11 +86,11 @@ def _read_table(path: Path, dist_column: str, label_column: str | None) -> Famil
         import pandas as pd
     except ImportError:
         raise ValueError("reading CSV or Parquet needs pandas (and pyarrow for Parquet): "
-                         "pip install 'metavae[data]'") from None
+                         "pip install -e '.[data]' in a clone of metavae") from None
     try:
         table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     except ImportError as e:
-        raise ValueError(f"reading {path.name} needs pyarrow: pip install 'metavae[data]' ({e})") from None
+        raise ValueError(f"reading {path.name} needs pyarrow: pip install -e '.[data]' in a clone of metavae ({e})") from None
     except Exception as e:  # pandas raises many parser errors; each is a bad file
         raise ValueError(f"{path}: cannot read the table ({type(e).__name__}: {e})") from None
     if dist_column not in table.columns:
@@ -109,4 +110,4 @@ def _read_table(path: Path, dist_column: str, label_column: str | None) -> Famil
         points.append(rows[features].to_numpy())
         if label_column is not None:
             labels.append(rows[label_column].to_numpy())
-    return Family(names, points, labels if label_column is not None else None, str(path))
+    return Family(names, points, labels if label_column is not None else None, str(path), list(map(str, features)))

@@ -112,7 +112,7 @@ def score_value(models: dict, ctx_pool: torch.Tensor, test: torch.Tensor, cfg: G
                 torch.manual_seed(seed)
                 row[label] = _scored(lambda x: model.log_prob(x, ctx, dist=d, k=cfg.k), test, cfg.chunk)
                 if n == show:
-                    samples[label] = model.sample(cfg.samples, dist=d, generator=gen)
+                    samples[label] = model.sample(cfg.samples, dist=d, mean=True, generator=gen)
         vae = _scratch_vae(ctx, cfg, seed, device)
         torch.manual_seed(seed)
         row["vae-scratch"] = _scored(lambda x: vae.log_prob(x, k=cfg.k), test, cfg.chunk)

@@ -217,11 +217,10 @@ class HierarchicalVAE(Saveable, nn.Module):
 
     # -- generation -------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, context: torch.Tensor, mean: bool = True, generator=None) -> torch.Tensor:
+    def sample(self, n: int, context: torch.Tensor, mean: bool = False, generator=None) -> torch.Tensor:
         """``n`` new points (n, *event) of the distribution that ``context`` (N, *event) was drawn
-        from, unseen in training or not: c from q(c | D) (its mean, or one sample with ``mean=False``),
-        z ~ p(z | c), then the decoder's mean of p(x | z, c) (``mean=False``: a draw from it, Gaussian
-        likelihoods only; Bernoulli grey levels are returned as means)."""
+        from, unseen in training or not: c from q(c | D) (one sample; ``mean=True``: its mean),
+        z ~ p(z | c), then a draw from p(x | z, c) (``mean=True``: the decoder's mean)."""
         ev = self.event_shape
         if context.dim() != len(ev) + 1 or tuple(context.shape[1:]) != ev:
             raise ValueError(f"context must be one set (N, *{ev}), got shape {tuple(context.shape)}")

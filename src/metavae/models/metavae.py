@@ -170,8 +170,9 @@ class MetaVAE(Saveable, nn.Module):
         return self.decoder(z, dist)
 
     @torch.no_grad()
-    def sample(self, n: int, dist: int = 0, context=None, mean: bool = True, generator=None) -> torch.Tensor:
-        """``n`` points (n, *event) from training distribution ``dist``'s decoder, z ~ p(z).
+    def sample(self, n: int, dist: int = 0, context=None, mean: bool = False, generator=None) -> torch.Tensor:
+        """``n`` points (n, *event) drawn from training distribution ``dist``'s decoder: z ~ p(z),
+        x ~ p(x | z). ``mean=True`` returns the decoder's means E[x | z] instead (smoother, less spread).
 
         The MetaVAE keeps one decoder per *training* distribution, so a context set of an unseen
         distribution does not define a generator: asking for one is an error, not a silent guess."""

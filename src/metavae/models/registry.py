@@ -39,8 +39,10 @@ FORMAT = "metavae-model"
 FORMAT_VERSION = 1
 
 
-def make_model(name: str, arch: str = "mlp", event_shape=(28, 28), n_distributions: int = 1, **kw):
-    """A model of the comparison by name.
+def make_model(name: str, arch: str = "mlp", event_shape=None, n_distributions: int = 1, **kw):
+    """A model of the comparison by name, for points of ``event_shape`` (required: no image default).
+    ``likelihood`` (an object or ``"gaussian"``/``"bernoulli"``) defaults to the paper's Bernoulli,
+    which refuses values outside [0, 1]; pass ``likelihood="gaussian"`` for real-valued data.
 
     ``n_distributions`` is the number of training distributions K: the MetaVAE gets one decoder
     per distribution; the other models share one decoder and ignore it. ``kw`` goes to the builder
@@ -50,7 +52,11 @@ def make_model(name: str, arch: str = "mlp", event_shape=(28, 28), n_distributio
         raise ValueError(f"unknown model '{name}'; choose from {', '.join(MODEL_NAMES)}")
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture '{arch}'; choose from {', '.join(ARCHS)}")
+    if event_shape is None:
+        raise ValueError("make_model needs event_shape: the shape of one point, e.g. (3,) or (1, 28, 28)")
     event_shape = tuple(event_shape)
+    if isinstance(kw.get("likelihood"), str):
+        kw["likelihood"] = make_likelihood(kw["likelihood"], None)  # a Gaussian's variance is learned
     if name == "metavae":
         if n_distributions < 1:
             raise ValueError(f"the MetaVAE needs n_distributions >= 1, got {n_distributions}")
