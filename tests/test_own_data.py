@@ -235,3 +235,172 @@ def test_train_from_files_takes_bf16_as_a_setting(tmp_path, capsys):
     np.testing.assert_allclose(bf16, fp32, rtol=0.02)
     assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "x"), "--set", "amp=fp16"]) == 2
     assert "setting 'amp' must be one of bf16 or null, got 'fp16'" in capsys.readouterr().err
+
+
+# --- issue 27: real samples, kept preprocessing, images, tables in and out, evaluate -------------------------
+def _train(tmp_path, data, *extra, name="run"):
+    out = tmp_path / name
+    assert main(["train", "--data", str(data), "--out", str(out), "--quiet", *extra]) == 0
+    return out
+
+
+def test_samples_spread_like_the_data_and_mean_says_so(tmp_path, capsys):
+    """On a Gaussian family the model fits (unit spread about each distribution's mean), drawn
+    samples' per-feature spread is within 25% of the data's; --mean gives the (narrower) means."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", **{f"d{k}": rng.normal(size=(200, 3)) + 3 * rng.normal(size=3) for k in range(2)})
+    out = _train(tmp_path, tmp_path / "f.npz", "--set", "epochs=10", "--set", "patience=null", "--set", "z_dim=2",
+                 "--set", "hidden_widths=32,32", "--set", "summary_widths=32", "--set", "lr=5e-3")
+    data = np.load(tmp_path / "f.npz")["d0"]
+    assert main(["sample", "--model", str(out / "model.pt"), "--dist", "d0", "-n", "2000",
+                 "--out", str(tmp_path / "s.npy")]) == 0
+    assert "draws from p(x | z)" in capsys.readouterr().out
+    ratio = np.load(tmp_path / "s.npy").std(0) / data.std(0)
+    assert np.all(np.abs(ratio - 1) < 0.25), ratio
+    assert main(["sample", "--model", str(out / "model.pt"), "--dist", "d0", "-n", "2000", "--mean",
+                 "--out", str(tmp_path / "m.npy")]) == 0
+    assert "decoder means (--mean)" in capsys.readouterr().out
+    assert np.all(np.load(tmp_path / "m.npy").std(0) < 0.75 * data.std(0))
+
+
+def test_an_unscaled_table_trains_finitely_and_samples_near_its_context(tmp_path):
+    """Features x1000 with offset 5000: the kept standard scaler makes training finite, samples come
+    back in the data's units, and the model file stores it as plain values (weights_only)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    rows = pd.concat([pd.DataFrame({"site": f"s{k}", "mass": 5000 + 1000 * (rng.normal(size=200) + k),
+                                    "length": 5000 + 1000 * (rng.normal(size=200) - k)}) for k in range(3)])
+    rows.to_csv(tmp_path / "t.csv", index=False)
+    out = _train(tmp_path, tmp_path / "t.csv", "--dist-column", "site", "--set", "epochs=8", "--set", "lr=3e-3",
+                 "--set", "hidden_widths=32,32", "--set", "summary_widths=32")
+    m = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(m["best_val_loss"]) and m["scale"] == "standard" and m["likelihood"] == "gaussian"
+    ck = torch.load(out / "model.pt", weights_only=True)
+    assert ck["extra"]["feature_names"] == ["mass", "length"] and ck["extra"]["preprocess"]["kind"] == "standard"
+    assert main(["sample", "--model", str(out / "model.pt"), "--dist", "s2", "-n", "500",
+                 "--out", str(tmp_path / "s.csv")]) == 0
+    got = pd.read_csv(tmp_path / "s.csv")
+    mine = rows[rows.site == "s2"][["mass", "length"]]
+    assert list(got.columns) == ["mass", "length"]
+    assert np.all(np.abs(got.mean() - mine.mean()) < 0.5 * mine.std())
+
+
+def test_uint8_family_embeds_identically_from_uint8_and_float_over_255(tmp_path):
+    rng = np.random.default_rng(2)
+    imgs = {f"d{k}": rng.integers(0, 256, size=(60, 6), dtype=np.uint8) for k in range(3)}
+    np.savez(tmp_path / "f.npz", **imgs)
+    out = _train(tmp_path, tmp_path / "f.npz", "--set", "epochs=1", "--set", "context_size=4")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["scale"] == "unit" and m["likelihood"] == "bernoulli"
+    np.save(tmp_path / "q8.npy", imgs["d0"])
+    np.save(tmp_path / "qf.npy", imgs["d0"] / 255.0)
+    for q in ("q8", "qf"):
+        assert main(["embed", "--model", str(out / "model.pt"), "--query", str(tmp_path / f"{q}.npy"), "--context",
+                     str(tmp_path / "q8.npy"), "--out", str(tmp_path / f"z{q}.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "zq8.npy"), np.load(tmp_path / "zqf.npy"), atol=1e-5)
+
+
+def test_bernoulli_on_data_outside_unit_range_is_refused(tmp_path, capsys):
+    from metavae.models import make_model
+
+    np.savez(tmp_path / "f.npz", **{f"d{k}": np.random.default_rng(k).normal(size=(60, 2)) for k in range(2)})
+    assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o"), "--set",
+                 "likelihood=bernoulli", "--set", "scale=none", "--set", "context_size=4", "--quiet"]) == 2
+    assert "likelihood=bernoulli needs values in [0, 1]" in capsys.readouterr().err
+    model = make_model("vhe", "mlp", (2,), c_dim=2, z_dim=2, hidden=8, decoder_hidden=8)
+    with pytest.raises(ValueError, match="Bernoulli likelihood needs values in"):
+        model.log_prob(torch.randn(3, 2), torch.randn(5, 2), k=2)
+    with pytest.raises(ValueError, match="needs event_shape"):
+        make_model("vhe")
+    assert make_model("vae", "mlp", (2,), likelihood="gaussian").likelihood.name == "gaussian"
+
+
+def test_an_image_npz_trains_the_conv_model_by_default(tmp_path):
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "img.npz", **{f"d{k}": rng.integers(0, 256, size=(40, 16, 16), dtype=np.uint8)
+                                      for k in range(2)})
+    out = _train(tmp_path, tmp_path / "img.npz", "--set", "epochs=1", "--set", "context_size=3",
+                 "--set", "channels=4,4,4", "--set", "conv_hidden=16", "--set", "summary_widths=[16]",
+                 "--set", "context_pool=8", "--set", "free_bits=0.1")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["arch"] == "conv" and m["likelihood"] == "bernoulli" and m["scale"] == "unit"
+    assert load_model(out / "model.pt").config["kind"] == "conv_metavae"
+    assert load_model(out / "model.pt").config["free_bits"] == 0.1
+
+
+def test_csv_in_csv_out_for_embed_and_other_columns_are_refused(tmp_path, capsys):
+    import pandas as pd
+
+    path = _table(tmp_path, ".csv")
+    out = _train(tmp_path, path, "--dist-column", "patient", "--label-column", "label", "--set", "epochs=1",
+                 "--set", "context_size=2", "--set", "hidden_widths=16,16", "--set", "latent=categorical")
+    assert main(["embed", "--model", str(out / "model.pt"), "--data", str(path), "--dist-column", "patient",
+                 "--label-column", "label", "--out", str(tmp_path / "z.csv"), "--quiet"]) == 0
+    z = pd.read_csv(tmp_path / "z.csv")
+    assert list(z.columns) == ["patient", "label", "z_0", "z_1", "z_2", "z_3"] and len(z) == 90
+    assert main(["embed", "--model", str(out / "model.pt"), "--data", str(path), "--dist-column", "patient",
+                 "--out", str(tmp_path / "z.npz"), "--quiet"]) == 2  # 'label' is now a feature the model lacks
+    assert "not in the model: label" in capsys.readouterr().err
+    assert main(["embed", "--model", str(out / "model.pt"), "--data", str(path), "--dist-column", "patient",
+                 "--label-column", "label", "--out", str(tmp_path / "z.npz"), "--quiet"]) == 0
+    assert sorted(np.load(tmp_path / "z.npz").files) == ["a", "b", "c"]
+
+
+def test_embed_without_a_context_on_a_metavae_is_one_line_and_exit_2(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "f.npz", **{f"d{k}": rng.normal(size=(50, 2)) for k in range(2)})
+    out = _train(tmp_path, tmp_path / "f.npz", "--set", "epochs=1", "--set", "context_size=4")
+    np.save(tmp_path / "q.npy", rng.normal(size=(5, 2)))
+    capsys.readouterr()
+    assert main(["embed", "--model", str(out / "model.pt"), "--query", str(tmp_path / "q.npy"),
+                 "--out", str(tmp_path / "z.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --context FILE" in err
+
+
+def test_evaluate_writes_the_model_beside_every_control(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    import pandas as pd
+
+    frames = []
+    for k in range(3):
+        y = rng.integers(0, 2, 120)
+        x = np.where(y[:, None] == 1, 2.0, -2.0) + rng.normal(size=(120, 3))
+        frames.append(pd.DataFrame({"g": f"g{k}", "a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "y": y}))
+    pd.concat(frames).to_csv(tmp_path / "t.csv", index=False)
+    out = _train(tmp_path, tmp_path / "t.csv", "--dist-column", "g", "--label-column", "y", "--set", "epochs=2")
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--data", str(tmp_path / "t.csv"), "--dist-column",
+                 "g", "--label-column", "y", "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(m["controls"]) == {"raw", "pca", "random_projection", "untrained"}
+    for rep in [m["model"], *m["controls"].values()]:
+        assert 0 <= rep["probe_accuracy"] <= 1 and rep["kmeans_ari"] is not None
+    assert m["controls"]["raw"]["probe_accuracy"] > 0.9  # separable labels: the control works
+    assert np.isfinite(m["model"]["log_likelihood"]) and len(m["kl_per_dim"]) == 4
+    assert "| untrained |" in (tmp_path / "ev" / "report.md").read_text()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("On linear-probe accuracy the embedding")
+
+
+def test_untrained_rebuild_is_training_s_init(tmp_path):
+    from metavae.workflows import init_checksum, untrained_copy
+
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "f.npz", **{f"d{k}": rng.normal(size=(50, 2)) for k in range(2)})
+    out = _train(tmp_path, tmp_path / "f.npz", "--set", "epochs=1", "--set", "context_size=4", "--set", "seed=3")
+    model = load_model(out / "model.pt")
+    fresh = untrained_copy(model)
+    assert init_checksum(fresh) == pytest.approx(model.extra["init_checksum"], rel=1e-6)
+    assert init_checksum(fresh) != pytest.approx(init_checksum(model), rel=1e-6)
+
+
+def test_help_shows_defaults_and_settings_accept_both_list_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: auto)" in text and "hidden_widths=[128, 128]" in text and "--pooling" in text
+    from metavae.cli import _train_overrides
+
+    assert _train_overrides(["hidden=256,256", "summary_widths=[8]"]) == {"hidden_widths": "[256,256]",
+                                                                          "summary_widths": "[8]"}

@@ -226,8 +226,8 @@ def own_data_command(args) -> int:
         with RunFolder(args.out):
             result = evaluate_files(args.model, args.data, args.out, args.dist_column, args.label_column,
                                     seed=args.seed, device=args.device, progress=not args.quiet)
-        print((args.out / "report.md").read_text().rstrip())
-        print(result["verdict"])
+        print((args.out / "report.md").read_text().rstrip())  # its last line: the verdict, in words
+        assert result["verdict"]
     else:
         x = W.sample_files(args.model, args.out, args.n, args.context, args.dist, args.seed, device=args.device,
                            mean=args.mean, dist_column=args.dist_column)
