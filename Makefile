@@ -7,13 +7,15 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.metavae-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo install test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+install: $(STAMP)  ## .venv with torch and metavae (its test extras include the data extras: pandas, pyarrow)
 
 demo: $(STAMP)  ## the main job: mixture-of-Gaussians clustering, a few minutes on 2 CPU cores
 	$(BIN)/metavae run mog

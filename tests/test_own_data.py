@@ -404,3 +404,23 @@ def test_help_shows_defaults_and_settings_accept_both_list_forms(capsys):
 
     assert _train_overrides(["hidden=256,256", "summary_widths=[8]"]) == {"hidden_widths": "[256,256]",
                                                                           "summary_widths": "[8]"}
+
+
+def test_the_estimator_sits_in_a_sklearn_pipeline():
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from metavae.estimator import MetaVAEEmbedding
+
+    rng = np.random.default_rng(7)
+    groups = np.repeat(["a", "b", "c"], 60)
+    y = rng.integers(0, 2, 180)
+    X = 2.0 * y[:, None] + rng.normal(size=(180, 3)) + np.repeat(rng.normal(size=(3, 3)), 60, axis=0)
+    emb = MetaVAEEmbedding(epochs=1, z_dim=3, context_size=4, hidden_widths=(16,), summary_widths=(16,))
+    assert emb.get_params()["z_dim"] == 3 and clone(emb).get_params() == emb.get_params()
+    pipe = Pipeline([("embed", emb), ("probe", LogisticRegression())])
+    pipe.fit(X, y, embed__groups=groups)
+    z = pipe.named_steps["embed"].transform(X, groups)
+    assert z.shape == (180, 3) and np.isfinite(z).all()
+    assert pipe.predict(X).shape == (180,)

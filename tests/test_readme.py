@@ -26,35 +26,58 @@ def test_quick_start_is_two_make_commands():
 
 
 def test_own_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """From a fresh clone: `make install` (a real Makefile target), then every `.venv/bin/metavae`
+    line exactly as written (epochs and adapt steps shortened), on a table and files made here."""
     import shlex
 
     import numpy as np
+    import pandas as pd
 
     from metavae.cli import main
 
     text = README.read_text()
     section = text[text.index("## Your own family of data sets"):text.index("## Command line")]
     commands = [line for line in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines() if line.strip()]
-    assert [c.split()[:2] for c in commands] == [["metavae", "train"], ["metavae", "embed"], ["metavae", "train"],
-                                                ["metavae", "sample"], ["metavae", "adapt"], ["metavae", "sample"]]
+    assert commands[0] == "make install" and "\ninstall: $(STAMP)" in (README.parent / "Makefile").read_text()
+    assert "pip install -e '.[data]'" in section and 'data = ["pandas' in (README.parent / "pyproject.toml").read_text()
+    commands = commands[1:]
+    assert all(c.startswith(".venv/bin/metavae ") for c in commands)
+    assert [c.split()[1] for c in commands] == ["train", "embed", "evaluate", "embed", "train", "sample", "adapt",
+                                                "sample"]
     rng = np.random.default_rng(0)
     monkeypatch.chdir(tmp_path)
-    np.savez("family.npz", **{f"site{k}": rng.normal(size=(120, 3)) + 3 * rng.normal(size=3) for k in range(4)})
-    unseen = rng.normal(size=(80, 3)) + 5.0  # float64 on purpose
+
+    def table(sites, n=120):
+        frames = []
+        for site in sites:
+            label = rng.integers(0, 2, n)
+            x = 3 * rng.normal(size=3) + 2.0 * label[:, None] + rng.normal(size=(n, 3))
+            frames.append(pd.DataFrame({"site": site, "label": label, "x1": x[:, 0] * 1000 + 5000, "x2": x[:, 1],
+                                        "x3": x[:, 2]}))
+        return pd.concat(frames)
+
+    table([f"site{k}" for k in range(4)]).to_csv("family.csv", index=False)
+    table(["new1", "new2"]).to_csv("unseen.csv", index=False)
+    unseen = table(["new"], 80)[["x1", "x2", "x3"]].to_numpy()  # float64 on purpose
     np.save("new-points.npy", unseen[:10])
     np.save("new-context.npy", unseen[10:])
     for command in commands:
         argv = shlex.split(command)[1:]
         if argv[0] == "train":  # as written, but shorter and quiet
             argv += ["--set", "epochs=2", "--quiet"]
-        if argv[0] == "adapt":
-            argv += ["--steps", "50", "--quiet"]
+        if argv[0] in ("adapt", "evaluate"):
+            argv += ["--quiet"] + (["--steps", "50"] if argv[0] == "adapt" else [])
         assert main(argv) == 0, command
-    assert "float64 data cast to float32" in capsys.readouterr().err
-    assert np.load("z.npy").shape == (10, 4) and np.load("samples.npy").shape == (64, 3)
+    out = capsys.readouterr()
+    assert "float64 data cast to float32" in out.err and "likelihood=gaussian" in out.err
+    assert out.out.count("On linear-probe accuracy the embedding") == 1
+    assert np.load("z.npy").shape == (10, 4) and pd.read_csv("samples.csv").shape == (64, 3)
+    assert list(pd.read_csv("z.csv").columns) == ["site", "label", "z_0", "z_1", "z_2", "z_3"]
     assert np.load("new-samples.npy").shape == (64, 3)
+    assert abs(np.load("new-samples.npy")[:, 0].mean() - unseen[:, 0].mean()) < 3 * unseen[:, 0].std()
     for name in ("model.pt", "metrics.json", "metrics.jsonl", "loss.png"):
         assert (tmp_path / "my-run" / name).exists(), name
+    assert (tmp_path / "my-eval" / "report.md").exists()
 
 
 def test_readme_mnist_table_is_what_the_report_rebuilds_from_results(tmp_path):

@@ -185,12 +185,21 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
     from .experiments.common import check_settings
     from .preprocess import choose_likelihood, fit_scaler
 
-    pooling = summary or pooling
+    family = read_family(data_path, dist_column, label_column)
+    return train_family(family, out, model_name, cfg, tensorboard, progress, summary or pooling, storage, arch, device)
+
+
+def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrainConfig = FileTrainConfig(),
+                 tensorboard=None, progress: bool = True, pooling: str = "mean", storage: str = "auto",
+                 arch: str = "auto", device: str = "cpu") -> dict:
+    """`train_on_files` on a family already in memory (the scikit-learn estimator's way in)."""
+    from .experiments.common import check_settings
+    from .preprocess import choose_likelihood, fit_scaler
+
     check_settings(cfg)
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
     out = Path(out)
-    family = read_family(data_path, dist_column, label_column)
     _notice_float64(family)
     arch = choose_arch(arch, family.event_shape)
     if model_name == "vae" and len(family.names) > 1:
@@ -232,7 +241,8 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
                      context_pool=cfg.context_pool if arch == "conv" and model_name in ("metavae", "vhe",
                                                                                        "vhe-vampprior") else None,
                      tensorboard=str(tensorboard) if tensorboard else None)
-    info = {"data": {"source": str(Path(data_path).expanduser().resolve()), "names": family.names,
+    source = str(Path(family.source).expanduser().resolve()) if family.source else ""
+    info = {"data": {"source": source, "names": family.names,
                      "points": [len(p) for p in family.points]},
             "model": model_name, "pooling": pooling, "arch": arch, "likelihood": likelihood, "scale": scaler.kind,
             "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "patience")}}
