@@ -205,9 +205,11 @@ def own_data_command(args) -> int:
     elif args.command == "adapt":
         ks = W.adapt_files(args.model, args.data, args.out, args.name, args.steps, args.seed, progress=not args.quiet,
                            device=args.device, dist_column=args.dist_column)
-        name = args.name or args.data.stem
-        print(f"fitted decoder(s) {', '.join(map(str, ks))}; wrote {args.out} "
-              f"(metavae sample --model {args.out} --dist {name if len(ks) == 1 and args.data.suffix == '.npy' else 'NAME'})")
+        from .workflows import read_points
+
+        names = [args.name] if args.name else read_points(args.data, args.dist_column).names
+        for k, name in zip(ks, names):
+            print(f"fitted decoder {k} for {name}; wrote {args.out} (metavae sample --model {args.out} --dist {name})")
     elif args.command == "embed":
         if args.refine_steps < 0:
             raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
