@@ -29,6 +29,16 @@ def describe(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except where there is none to show (required, None, off)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or action.default == [] \
+                or action.help == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metavae", description="Meta-amortized variational inference (MetaVAE).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = dict(formatter_class=_Defaults)
     t = sub.add_parser("train", help="train a model on your own family of data sets", **fmt)
     t.add_argument("--data", type=Path, required=True,
                    help=".npz (one array per distribution), a folder of .npy files, or a .csv/.parquet table")

@@ -207,14 +207,16 @@ def verdict(metrics: dict) -> str:
         mine = metrics["model"].get(key)
         if mine is None:
             continue
-        beats, loses = [], []
+        beats, ties, loses = [], [], []
         for c in CONTROLS:
             theirs = (metrics["controls"].get(c) or {}).get(key)
             if theirs is not None:
-                (beats if mine > theirs else loses).append(f"{c} ({theirs:.3f})")
+                side = ties if abs(mine - theirs) < 1e-9 else beats if mine > theirs else loses
+                side.append(f"{c} ({theirs:.3f})")
         said = f"On {what} the embedding ({mine:.3f}) "
         said += f"beats {', '.join(beats)}" if beats else "beats no control"
-        return said + (f" and does not beat {', '.join(loses)}." if loses else ".")
+        said += f"; ties {', '.join(ties)}" if ties else ""
+        return said + (f"; does not beat {', '.join(loses)}." if loses else ".")
     return "No labels (--label-column): nothing to compare the embedding with; see log-likelihood and KL per dimension."
 
 

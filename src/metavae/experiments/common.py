@@ -48,6 +48,11 @@ def _coerce(value, hint, key):
         except json.JSONDecodeError:
             parsed = value
     base, optional = _parts(hint)
+    if base is tuple and isinstance(value, str) and isinstance(parsed, (str, int)):
+        try:  # "256,256" (or "8") as a list, as well as "[256,256]"
+            parsed = json.loads(f"[{value}]")
+        except json.JSONDecodeError:
+            pass
     if parsed is None:
         if optional:
             return None
@@ -61,7 +66,8 @@ def _coerce(value, hint, key):
     wrong = not isinstance(parsed, base) or (base in (int, float) and isinstance(parsed, bool))
     if wrong:
         article = "an" if base.__name__[0] in "aeiou" else "a"
-        raise ValueError(f"setting '{key}' expects {article} {base.__name__}{' or null' if optional else ''}, "
+        form = " (a list: 256,256 or [256,256])" if base is tuple else ""
+        raise ValueError(f"setting '{key}' expects {article} {base.__name__}{' or null' if optional else ''}{form}, "
                          f"got {value!r}")
     return parsed
 
