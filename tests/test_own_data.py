@@ -424,3 +424,21 @@ def test_the_estimator_sits_in_a_sklearn_pipeline():
     z = pipe.named_steps["embed"].transform(X, groups)
     assert z.shape == (180, 3) and np.isfinite(z).all()
     assert pipe.predict(X).shape == (180,)
+
+
+def test_log_prob_in_data_units_carries_the_jacobian(tmp_path):
+    """The same points scaled by 1000 score log(1000) per feature lower in data units."""
+    from metavae.workflows import log_prob_data
+
+    rng = np.random.default_rng(8)
+    fam = {f"d{k}": rng.normal(size=(60, 2)) + k for k in range(2)}
+    np.savez(tmp_path / "a.npz", **fam)
+    np.savez(tmp_path / "b.npz", **{k: 1000 * v for k, v in fam.items()})
+    lps = []
+    for name in ("a", "b"):
+        out = _train(tmp_path, tmp_path / f"{name}.npz", "--set", "epochs=1", "--set", "context_size=4", name=name)
+        model = load_model(out / "model.pt")
+        x = fam["d0"] * (1000 if name == "b" else 1)
+        torch.manual_seed(0)
+        lps.append(log_prob_data(model, x[:10], x[10:30], dist="d0", k=5))
+    np.testing.assert_allclose(lps[1].numpy(), lps[0].numpy() - 2 * np.log(1000), atol=1e-3)

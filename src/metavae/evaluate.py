@@ -195,6 +195,9 @@ def report(metrics: dict) -> str:
         lines.append(f"| {name} | {m['dim']} | {_fmt(m.get('probe_accuracy'))} | {_fmt(m.get('kmeans_ari'))} | "
                      f"{_fmt(m.get('log_likelihood'))} |")
     text = "\n".join(lines) + "\n"
+    if metrics["model"].get("log_likelihood") is None:
+        text += ("\nLog-likelihood: '-' where the model has no decoder for these distributions (a MetaVAE on unseen "
+                 "ones: `metavae adapt` first; the NS and VHE score any context's distribution).\n")
     if metrics.get("kl_per_dim") is not None:
         kl = ", ".join(f"{v:.2f}" for v in metrics["kl_per_dim"])
         text += f"\nMean KL per latent dimension (nats): {kl} ({metrics['active_dims']} above 0.01: in use)\n"

@@ -459,6 +459,24 @@ def decoder_index(model, dist: str) -> int:
     return k
 
 
+@torch.no_grad()
+def log_prob_data(model, x, context=None, dist: str | int | None = None, k: int = 100) -> torch.Tensor:
+    """Importance-weighted log p(x) per point for points in the data's units: the model's stored
+    scaler applied to ``x`` and ``context``, the result in data units (minus the map's log-Jacobian
+    for a Gaussian likelihood). ``dist``: a MetaVAE's decoder (name or index); NS/VHE need ``context``."""
+    from .preprocess import Scaler, data_log_prob
+
+    scaler = Scaler.of(model)
+    device = next(model.parameters()).device
+    xm = scaler.to_model(x).to(device)
+    ctx = None if context is None else scaler.to_model(context).to(device)
+    if hasattr(model, "c_dim"):
+        lp = model.log_prob(xm, ctx, k=k)
+    else:
+        lp = model.log_prob(xm, ctx, dist=decoder_index(model, str(dist if dist is not None else 0)), k=k)
+    return data_log_prob(lp, scaler, model.likelihood.name)
+
+
 def sample_model(model, scaler, n: int, context: torch.Tensor | None = None, dist: str | None = None,
                  seed: int = 0, mean: bool = False) -> torch.Tensor:
     """``n`` points in the data's units: draws from p(x | z) (``mean=True``: the decoder's means) for
