@@ -229,8 +229,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
         points = [scaler.to_model(np.array(p) if isinstance(p, np.memmap) else p) for p in family.points]
         if model_name == "vae":
             points = [torch.cat(points)]
-    likelihood = choose_likelihood(cfg.likelihood, [p[:4096] for p in points] if storage != "mapped" else
-                                   family.points)
+    likelihood = choose_likelihood(cfg.likelihood, points if storage != "mapped" else family.points)
     data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
                        names=family.names if model_name != "vae" else ["all"], storage=storage)
     seed_everything(cfg.seed)
