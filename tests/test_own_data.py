@@ -327,6 +327,11 @@ def test_an_image_npz_trains_the_conv_model_by_default(tmp_path):
     assert m["arch"] == "conv" and m["likelihood"] == "bernoulli" and m["scale"] == "unit"
     assert load_model(out / "model.pt").config["kind"] == "conv_metavae"
     assert load_model(out / "model.pt").config["free_bits"] == 0.1
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--data", str(tmp_path / "img.npz"),
+                 "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (tmp_path / "ev" / "reconstructions.png").stat().st_size > 0 and (tmp_path / "ev" / "samples.png").exists()
+    assert np.isfinite(ev["model"]["log_likelihood"]) and ev["controls"]["raw"]["dim"] == 256
 
 
 def test_csv_in_csv_out_for_embed_and_other_columns_are_refused(tmp_path, capsys):

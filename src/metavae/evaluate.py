@@ -93,8 +93,10 @@ def _log_likelihood(model, scaler, x: torch.Tensor, ctx, dist: int | None, likel
 
 @torch.no_grad()
 def _kl_per_dim(model, x: torch.Tensor, ctx) -> list | None:
+    from .models.metavae import MetaVAE
+
     latent = getattr(model, "latent", None)
-    if not hasattr(latent, "kl_per_dim") or not hasattr(model, "n_decoders"):
+    if not hasattr(latent, "kl_per_dim") or not isinstance(model, MetaVAE):
         return None  # the NS and VHE's q(z | x, c) has a learned prior p(z | c): not this N(0, I) read-out
     params = model.encode(x.to(next(model.parameters()).device), ctx if model.uses_context else None)
     return latent.kl_per_dim(params).mean(0).cpu().tolist()
@@ -160,7 +162,9 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
     for name, m in (("model", model), ("untrained", untrained)):
         if m is None:
             continue
-        lls = [_log_likelihood(m, scaler, x, ctx, names_trained.index(n) if n in names_trained else None, likelihood)
+        # a VAE's one decoder scores any distribution; a MetaVAE's decoders only their own
+        lls = [_log_likelihood(m, scaler, x, ctx, names_trained.index(n) if n in names_trained else
+                               (0 if not uses else None), likelihood)
                for n, x, ctx in zip(family.names, xs, ctxs)]
         scores[name]["log_likelihood"] = _mean(lls)
         scores[name]["log_likelihood_per_distribution"] = dict(zip(family.names, lls))
@@ -205,7 +209,8 @@ def report(metrics: dict) -> str:
 
 
 def verdict(metrics: dict) -> str:
-    """Which controls the embedding beats, in words (probe accuracy, else k-means ARI)."""
+    """Which controls the embedding beats, in words: on probe accuracy, then on k-means ARI (one line)."""
+    said = []
     for key, what in (("probe_accuracy", "linear-probe accuracy"), ("kmeans_ari", "k-means ARI")):
         mine = metrics["model"].get(key)
         if mine is None:
@@ -216,11 +221,13 @@ def verdict(metrics: dict) -> str:
             if theirs is not None:
                 side = ties if abs(mine - theirs) < 1e-9 else beats if mine > theirs else loses
                 side.append(f"{c} ({theirs:.3f})")
-        said = f"On {what} the embedding ({mine:.3f}) "
-        said += f"beats {', '.join(beats)}" if beats else "beats no control"
-        said += f"; ties {', '.join(ties)}" if ties else ""
-        return said + (f"; does not beat {', '.join(loses)}." if loses else ".")
-    return "No labels (--label-column): nothing to compare the embedding with; see log-likelihood and KL per dimension."
+        text = f"{'On' if not said else 'on'} {what} the embedding ({mine:.3f}) "
+        text += f"beats {', '.join(beats)}" if beats else "beats no control"
+        text += f"; ties {', '.join(ties)}" if ties else ""
+        said.append(text + (f"; does not beat {', '.join(loses)}" if loses else ""))
+    if not said:
+        return "No labels (--label-column): nothing to compare the embedding with; see log-likelihood and KL per dimension."
+    return ". Then ".join(said) + "."
 
 
 def _image_grids(model, scaler, xs, ctxs, names, names_trained, out: Path, seed: int) -> dict:
@@ -237,12 +244,12 @@ def _image_grids(model, scaler, xs, ctxs, names, names_trained, out: Path, seed:
     try:
         with torch.no_grad():
             dev = next(model.parameters()).device
-            if hasattr(model, "n_decoders"):
+            if not hasattr(model, "c_dim"):  # a MetaVAE: its own decoder for a training distribution, else the nearest
                 k = names_trained.index(name) if name in names_trained else model._nearest_decoder(
                     xs[0][:64].to(dev), min(64, len(xs[0])), min(len(xs[0]), 10), seed)
                 z = model.embed(x.to(dev), ctx if model.uses_context else None)
                 rec = model.likelihood.mean(model.decode(z.unsqueeze(0), torch.tensor([k]))[0]).reshape(x.shape)
-                samples = sample_model(model, scaler, 16, None, str(k), seed, mean=True)
+                samples = sample_model(model, scaler, 16, None, k, seed, mean=True)
             else:
                 rec = None
                 samples = sample_model(model, scaler, 16, ctx, None, seed, mean=True)

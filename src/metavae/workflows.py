@@ -472,7 +472,7 @@ def log_prob_data(model, x, context=None, dist: str | int | None = None, k: int 
     if hasattr(model, "c_dim"):
         lp = model.log_prob(xm, ctx, k=k)
     else:
-        lp = model.log_prob(xm, ctx, dist=decoder_index(model, str(dist if dist is not None else 0)), k=k)
+        lp = model.log_prob(xm, ctx, dist=decoder_index(model, dist if dist is not None else 0), k=k)
     return data_log_prob(lp, scaler, model.likelihood.name)
 
 
