@@ -350,6 +350,14 @@ def test_csv_in_csv_out_for_embed_and_other_columns_are_refused(tmp_path, capsys
     assert main(["embed", "--model", str(out / "model.pt"), "--data", str(path), "--dist-column", "patient",
                  "--label-column", "label", "--out", str(tmp_path / "z.npz"), "--quiet"]) == 0
     assert sorted(np.load(tmp_path / "z.npz").files) == ["a", "b", "c"]
+    new = pd.read_csv(path).replace({"patient": {"a": "d", "b": "e"}})
+    new[new.patient.isin(["d", "e"])].to_csv(tmp_path / "new.csv", index=False)
+    assert main(["adapt", "--model", str(out / "model.pt"), "--data", str(tmp_path / "new.csv"), "--dist-column",
+                 "patient", "--steps", "3", "--out", str(tmp_path / "adapted.pt"), "--quiet"]) == 2
+    assert "not in the model: label" in capsys.readouterr().err  # the label column is not a feature
+    assert main(["adapt", "--model", str(out / "model.pt"), "--data", str(tmp_path / "new.csv"), "--dist-column",
+                 "patient", "--label-column", "label", "--steps", "3", "--out", str(tmp_path / "adapted.pt"), "--quiet"]) == 0
+    assert load_model(tmp_path / "adapted.pt").extra["distributions"] == ["a", "b", "c", "d", "e"]
 
 
 def test_embed_without_a_context_on_a_metavae_is_one_line_and_exit_2(tmp_path, capsys):

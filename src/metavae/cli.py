@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="write the decoder's means E[x | z] instead of draws from p(x | z) (smoother, less spread)")
     sm.add_argument("--seed", type=int, default=0, help="random seed of the draws")
     sm.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    sm.add_argument("--dist-column", default="distribution", help="CSV/Parquet context: the distribution column")
+    _table_args(sm)
     sm.add_argument("--out", type=Path, required=True, help=".npy, .csv or .parquet to write the (n, ...) points to")
     a = sub.add_parser("adapt", help="MetaVAE: fit a decoder for each unseen distribution (encoder frozen), "
                                      "so that `sample --dist NAME` generates it", **fmt)
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=int, default=500, help="Adam steps on the ELBO")
     a.add_argument("--seed", type=int, default=0, help="random seed")
     a.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    a.add_argument("--dist-column", default="distribution", help="CSV/Parquet: the column naming the distribution")
+    _table_args(a)
     a.add_argument("--out", type=Path, required=True, help="where to save the model with its new decoders")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     ev = sub.add_parser("evaluate", help="is the embedding any good? the model beside raw, PCA, random-projection "
@@ -214,10 +214,10 @@ def own_data_command(args) -> int:
               f"best validation loss {m['best_val_loss']:.4g} at epoch {m['best_epoch']}; wrote {args.out / 'model.pt'}")
     elif args.command == "adapt":
         ks = W.adapt_files(args.model, args.data, args.out, args.name, args.steps, args.seed, progress=not args.quiet,
-                           device=args.device, dist_column=args.dist_column)
+                           device=args.device, dist_column=args.dist_column, label_column=args.label_column)
         from .workflows import read_points
 
-        names = [args.name] if args.name else read_points(args.data, args.dist_column).names
+        names = [args.name] if args.name else read_points(args.data, args.dist_column, args.label_column).names
         for k, name in zip(ks, names):
             print(f"fitted decoder {k} for {name}; wrote {args.out} (metavae sample --model {args.out} --dist {name})")
     elif args.command == "embed":
@@ -242,7 +242,7 @@ def own_data_command(args) -> int:
         assert result["verdict"]
     else:
         x = W.sample_files(args.model, args.out, args.n, args.context, args.dist, args.seed, device=args.device,
-                           mean=args.mean, dist_column=args.dist_column)
+                           mean=args.mean, dist_column=args.dist_column, label_column=args.label_column)
         what = "decoder means (--mean)" if args.mean else "draws from p(x | z)"
         print(f"wrote {x.shape[0]} points of shape {tuple(x.shape[1:])} ({what}) to {args.out}")
     return 0

@@ -320,9 +320,10 @@ def _check_against(family: Family, model) -> None:
                          f"{tuple(model.event_shape)}")
 
 
-def _one_set(path, model, scaler, what: str, dist_column: str = "distribution") -> torch.Tensor:
+def _one_set(path, model, scaler, what: str, dist_column: str = "distribution",
+             label_column: str | None = None) -> torch.Tensor:
     """One distribution's points from ``path`` in model units (a file with several is refused)."""
-    fam = read_points(path, dist_column, model=model)
+    fam = read_points(path, dist_column, label_column, model=model)
     if len(fam.names) != 1:
         raise ValueError(f"{path}: the {what} must be one distribution's points; this file holds {len(fam.names)} "
                          f"({', '.join(fam.names[:5])})")
@@ -418,7 +419,7 @@ def embed_files(model_path, query_path=None, context_path=None, out_path=None, d
     if uses and context_path is None and data_path is None:
         raise ValueError("this model embeds a point given a context set: pass --context FILE (points of the "
                          "queries' distribution) or --data FILE (each distribution its own context)")
-    ctx = _one_set(context_path, model, scaler, "context", dist_column) if uses and context_path else None
+    ctx = _one_set(context_path, model, scaler, "context", dist_column, label_column) if uses and context_path else None
     if data_path is not None:
         if refine_steps:
             raise ValueError("--refine-steps works with --query and --context")
@@ -427,7 +428,7 @@ def embed_files(model_path, query_path=None, context_path=None, out_path=None, d
         if out_path is not None:
             write_embeddings(out_path, family, z, dist_column, label_column)
         return z
-    q = _one_set(query_path, model, scaler, "query", dist_column)
+    q = _one_set(query_path, model, scaler, "query", dist_column, label_column)
     if dist is not None and not refine_steps:
         raise ValueError("--dist names the decoder that --refine-steps refines under; pass --refine-steps K too")
     if refine_steps:
@@ -499,11 +500,13 @@ def sample_model(model, scaler, n: int, context: torch.Tensor | None = None, dis
 
 
 def sample_files(model_path, out_path, n: int, context_path=None, dist: str | None = None, seed: int = 0,
-                 device: str = "cpu", mean: bool = False, dist_column: str = "distribution") -> np.ndarray:
+                 device: str = "cpu", mean: bool = False, dist_column: str = "distribution",
+                 label_column: str | None = None) -> np.ndarray:
     """`sample_model` from a model file, written to ``out_path`` (.npy; .csv/.parquet with the
     model's feature names as columns)."""
     model, scaler = load_fitted(model_path, device)
-    context = None if context_path is None else _one_set(context_path, model, scaler, "context", dist_column)
+    context = None if context_path is None else _one_set(context_path, model, scaler, "context", dist_column,
+                                                         label_column)
     x = sample_model(model, scaler, n, context, dist, seed, mean).numpy()
     write_points(out_path, x, getattr(model, "extra", {}).get("feature_names"))
     return x
@@ -530,7 +533,8 @@ def write_points(path, x: np.ndarray, features=None) -> None:
 
 
 def adapt_files(model_path, data_path, out_path, name: str | None = None, steps: int = 500, seed: int = 0,
-                progress: bool = True, device: str = "cpu", dist_column: str = "distribution") -> list[int]:
+                progress: bool = True, device: str = "cpu", dist_column: str = "distribution",
+                label_column: str | None = None) -> list[int]:
     """Fit a MetaVAE decoder for each unseen distribution in ``data_path`` (any layout `train` reads;
     encoder frozen, `MetaVAE.adapt`) and save the grown model as ``out_path``; the new decoders'
     indices. ``name`` (one distribution only; default: its name, for a .npy the file's stem) is how
@@ -539,7 +543,7 @@ def adapt_files(model_path, data_path, out_path, name: str | None = None, steps:
     if not hasattr(model, "adapt"):
         raise ValueError(f"adapt fits a decoder for a MetaVAE; {type(model).__name__} needs none: it generates "
                          "for a context set directly (metavae sample --context)")
-    family = read_points(data_path, dist_column, model=model)
+    family = read_points(data_path, dist_column, label_column, model=model)
     if name is not None and len(family.names) > 1:
         raise ValueError(f"--name names one distribution; {data_path} holds {len(family.names)}")
     names = list(model.extra.get("distributions", [str(k) for k in range(model.n_decoders)]))
