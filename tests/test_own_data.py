@@ -455,3 +455,25 @@ def test_log_prob_in_data_units_carries_the_jacobian(tmp_path):
         torch.manual_seed(0)
         lps.append(log_prob_data(model, x[:10], x[10:30], dist="d0", k=5))
     np.testing.assert_allclose(lps[1].numpy(), lps[0].numpy() - 2 * np.log(1000), atol=1e-3)
+
+
+def test_an_image_npz_carries_labels_as_label_slash_name_arrays(tmp_path):
+    from metavae.workflows import read_points
+
+    rng = np.random.default_rng(9)
+    arrays = {}
+    for k in range(2):
+        arrays[f"d{k}"] = rng.random((30, 4, 4)).astype(np.float32)
+        arrays[f"y/d{k}"] = rng.integers(0, 2, 30)
+    np.savez(tmp_path / "f.npz", **arrays)
+    fam = read_points(tmp_path / "f.npz", label_column="y")
+    assert fam.names == ["d0", "d1"] and fam.event_shape == (4, 4) and len(fam.labels[1]) == 30
+    out = _train(tmp_path, tmp_path / "f.npz", "--label-column", "y", "--set", "epochs=1", "--set", "context_size=3")
+    assert json.loads((out / "metrics.json").read_text())["data"]["names"] == ["d0", "d1"]
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--data", str(tmp_path / "f.npz"), "--label-column",
+                 "y", "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["model"]["probe_accuracy"] is not None
+    del arrays["y/d1"]
+    np.savez(tmp_path / "g.npz", **arrays)
+    with pytest.raises(ValueError, match="no array y/d1"):
+        read_points(tmp_path / "g.npz", label_column="y")
