@@ -16,6 +16,7 @@ from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
 from ..io import atomic_write_text
+from . import regimes
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, VARIANT_SETTINGS, InvarianceConfig, accuracy_figure,
@@ -232,7 +233,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     runs = Path(runs)
     out = Path(out) if out is not None else runs / "mnist-report"
     found = find_runs(runs, ("mnist",))
-    models = table2_models(found, TABLE2_MODELS)
+    models = tuple(m for m in table2_models(found, TABLE2_MODELS) if not regimes.is_regime_label(m))
     table1, table2, missing = gather_tables(found, AXES, models, "mnist", out, " --data-dir DIR --preset long")
     panels = []
     for key, axis in AXES.items():
@@ -254,7 +255,8 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     if curves:
         learning_curve_figure(out / "probe_vs_steps.png", curves, "Learning curves, contiguous split (first seed)")
     _write_summary(out, table1, table2, found, missing, models)
-    return {"table1": table1, "table2": table2, "missing": missing}
+    regime = regimes.write(found, out)
+    return {"table1": table1, "table2": table2, "missing": missing, "regimes": regime}
 
 
 def _write_summary(out, table1, table2, found, missing, models):
