@@ -2,7 +2,9 @@
 interleaved in one process (docs/regimes.md, "Step cost"), with each step's FLOPs (so a ratio of
 times can be read as architecture, FLOPs, or implementation, GFLOP/s) and a profile of the slowest.
 
-    OMP_NUM_THREADS=1 python benchmarks/model_steps.py [--steps 6] [--out benchmarks/model_steps.json]
+    OMP_NUM_THREADS=1 python benchmarks/model_steps.py [--steps 6] [--out results/mnist/model_steps.json]
+
+(`metavae report mnist --runs results/mnist` puts the table in regimes.md.)
 
 K=10 distributions of 28x28 binary images, B=100 queries each, N=10 context images per query drawn
 from a pool of P=50 per distribution (`context_pool=50`, what the long preset trains with); the
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("model_steps.json"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "results" / "mnist" / "model_steps.json")
     args = ap.parse_args(argv)
     device = torch.device("cpu")
     steppers = {}

@@ -255,7 +255,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     if curves:
         learning_curve_figure(out / "probe_vs_steps.png", curves, "Learning curves, contiguous split (first seed)")
     _write_summary(out, table1, table2, found, missing, models)
-    regime = regimes.write(found, out)
+    regime = regimes.write(found, out, runs)
     return {"table1": table1, "table2": table2, "missing": missing, "regimes": regime}
 
 

@@ -186,8 +186,20 @@ def verdict(found: dict, k_data: dict) -> list:
     return lines
 
 
-def write(found: dict, out: Path) -> dict:
-    """regimes.md, regimes.json and regimes.png under ``out`` (the mnist report's folder)."""
+def step_cost_rows(path: Path) -> list:
+    """Rows from benchmarks/model_steps.py's JSON (copied beside the runs as model_steps.json):
+    each model's step time and FLOPs against the MetaVAE's, measured interleaved in one process."""
+    if not path.is_file():
+        return []
+    b = json.loads(path.read_text())
+    return [[m, f"{ms:.0f}", f"{b['over_metavae'][m]:.2f}", f"{b['gflop_per_step'][m]:.1f}",
+             f"{b['flop_over_metavae'][m]:.2f}", f"{b['gflop_per_s'][m]:.1f}"] for m, ms in b["step_ms"].items()]
+
+
+def write(found: dict, out: Path, runs: Path | None = None) -> dict:
+    """regimes.md, regimes.json and regimes.png under ``out`` (the mnist report's folder); the step
+    costs from ``runs``/model_steps.json where the benchmark's output was copied there."""
+    steps = step_cost_rows(Path(runs) / "model_steps.json") if runs is not None else []
     k_table, k_data = k_rows(found)
     n_table, n_data = n_rows(found)
     curves = time_curves(found)
@@ -210,6 +222,9 @@ def write(found: dict, out: Path) -> dict:
         markdown_table(["seconds"] + probe_cols, t_rows) if t_rows else "No learning curves for both models yet.", "",
         "Seconds are each run's own measured training time (machines shared with other jobs: a ratio "
         "of times is indicative; benchmarks/model_steps.json has interleaved step times).", "",
+        "## Step cost at the long preset (`benchmarks/model_steps.py`, interleaved, one thread)", "",
+        markdown_table(["model", "ms/step", "time / MetaVAE's", "GFLOP/step", "FLOPs / MetaVAE's", "GFLOP/s"], steps)
+        if steps else "Not measured (copy benchmarks/model_steps.json beside the runs).", "",
         "## Verdict (standardised probe)", "",
         *(verdict(found, k_data) or ["No comparison measured yet."]), "",
         "![regimes](regimes.png)",
