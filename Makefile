@@ -7,7 +7,9 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.metavae-installed
 
-.PHONY: demo install test bench clean
+DOCS_STAMP := $(VENV)/.metavae-docs-installed
+
+.PHONY: demo install test docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +25,15 @@ demo: $(STAMP)  ## the main job: mixture-of-Gaussians clustering, a few minutes 
 test: $(STAMP)  ## the test suite (offline, CPU)
 	$(BIN)/python -m pytest
 
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)  ## the documentation site (MkDocs, Material, mkdocstrings) into site/, warnings are errors
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache
 
 BENCH ?=
 bench: $(STAMP)  ## training-step benchmarks vs the machine's fp32 and bf16 matmul peaks -> benchmarks/results.json

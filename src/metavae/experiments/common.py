@@ -74,7 +74,7 @@ def _coerce(value, hint, key):
 
 # Fields whose values may be zero (all other numbers must be positive) or an empty tuple.
 MAY_BE_ZERO = {"ridge", "seed", "free_bits"}
-MAY_BE_EMPTY = {"query"}
+MAY_BE_EMPTY = {"query", "test_context_sizes"}
 
 
 def check_settings(cfg) -> None:

@@ -52,18 +52,24 @@ class InvarianceConfig:
     free_bits: float = 0.0  # MetaVAE and VAE training only: each latent dim's KL counts as >= this many nats
     pooling: str = "mean"  # MetaVAE, NS and VHE: how the context set is pooled, "mean" (the paper's) or "attention"
     amp: str | None = None  # "bf16": bfloat16 matmuls and convolutions, float32 losses (TrainConfig.amp); None: fp32
+    seen: int | None = None  # train on K of the split's seen values, spread out, at the same steps and images per step
+    test_context_sizes: tuple = ()  # evaluation only: also probe the selected weights with contexts of these sizes
 
     CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference"), "pooling": POOLINGS,
                                       "amp": ("bf16",)}
 
     def check(self) -> None:
+        if self.seen is not None and self.seen < 1:
+            raise ValueError(f"setting 'seen' must be at least 1, got {self.seen}")
+        if any(not isinstance(n, int) or n < 1 for n in self.test_context_sizes):
+            raise ValueError(f"setting 'test_context_sizes' must list sizes >= 1, got {list(self.test_context_sizes)}")
         if self.context_pool is not None and self.context_pool < self.context_size:
             raise ValueError(f"context_pool ({self.context_pool}) must hold at least context_size "
                              f"({self.context_size}) images")
 
 
 # Settings that change only the evaluation: a finished run may be re-scored under other values.
-EVALUATION_ONLY = ("embed_chunk", "selection", "epochs")
+EVALUATION_ONLY = ("embed_chunk", "selection", "epochs", "test_context_sizes")
 # Weights kept for learning curves: after these fractions of the run's steps (0: untrained).
 SNAPSHOT_FRACTIONS = (0.0, 1 / 16, 1 / 4, 1.0)
 
@@ -317,7 +323,8 @@ def make_control(name: str, event_shape, z_dim: int) -> PixelControl:
 # Each model kind's init stream is offset from the run seed, so that kinds sharing parts (the VHE
 # and the VHE+VampPrior) do not start from bit-identical weights.
 POOLED_MODELS = ("metavae", "ns", "vhe", "vhe-vampprior")
-INIT_STREAM = {"metavae": 0, "vae": 0, "ns": 0, "vhe": 0, "vhe-vampprior": 7919}
+MLP_METAVAES = ("metavae", "vae", "metavae-nocontext")  # the MetaVAE's code: take init and free_bits
+INIT_STREAM = {"metavae": 0, "vae": 0, "metavae-nocontext": 0, "ns": 0, "vhe": 0, "vhe-vampprior": 7919}
 
 
 def training_settings(cfg: InvarianceConfig) -> dict:
@@ -337,7 +344,7 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     seed_everything(seed + INIT_STREAM.get(model_name, 0))
     event = tuple(train_sets[0].shape[1:])
     kwargs = dict(model_kwargs or {})
-    if model_name in ("metavae", "vae"):
+    if model_name in MLP_METAVAES:
         kwargs.setdefault("init", cfg.init)
         kwargs.setdefault("free_bits", cfg.free_bits)
     if cfg.pooling != "mean":  # the builders' default; only models that pool a context set take it
@@ -463,10 +470,11 @@ def untrained_distances(found: dict, axis: str) -> dict | None:
 VARIANT_SETTINGS = ("init", "free_bits", "selection", "pooling", "amp")  # settings that make a run a variant of its model
 
 
-def run_label(model: str, cfg, default_cfg) -> str:
-    """The model's name in tables, with the variant settings that differ from the experiment's
-    default preset: 'metavae (init xavier)'. Runs of one label are averaged over seeds."""
-    extras = [f"{k} {getattr(cfg, k)}" for k in VARIANT_SETTINGS if getattr(cfg, k) != getattr(default_cfg, k)]
+def run_label(model: str, cfg, default_cfg, variants: tuple = VARIANT_SETTINGS) -> str:
+    """The model's name in tables, with the ``variants`` settings that differ from ``default_cfg``
+    (the experiment's reference preset): 'metavae (init xavier)'. Runs of one label are averaged
+    over seeds, so every setting that changes the trained weights on purpose must be a variant."""
+    extras = [f"{k} {getattr(cfg, k, None)}" for k in variants if getattr(cfg, k, None) != getattr(default_cfg, k, None)]
     return model + (f" ({', '.join(extras)})" if extras else "")
 
 

@@ -4,6 +4,7 @@ mnist-shear. Each trains one model (``--model``) on the seen values of one meta-
 also measures Table 1's invariance distances."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,12 +16,13 @@ from ..data import transforms as T
 from ..data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
 from ..io import atomic_write_text
+from . import regimes
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
-from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run,
-                         find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure, make_control,
-                         probe_unseen, run_label, snapshot_model, summarise_probes, table2_models, train_on_seen,
-                         untrained_distances)
+from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, VARIANT_SETTINGS, InvarianceConfig, accuracy_figure,
+                         evaluate_run, find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure,
+                         make_control, probe_unseen, run_label, snapshot_model, summarise_probes, table2_models,
+                         train_on_seen, untrained_distances)
 
 AXES = {"rotate": "rotation", "scale": "scale", "shear": "shear"}  # experiment key -> transforms axis
 BASE = {"rotation": 0, "scale": 1.0, "shear": 0}  # the untransformed value of each axis
@@ -41,6 +43,44 @@ PRESETS = {
     "paper": InvarianceConfig(train_images=None, test_images=None, epochs=100),
 }
 OPTIONS = {"model", "split", "data_dir"}
+
+
+# Settings that make a run a variant of its model in the tables (beside invariance.VARIANT_SETTINGS):
+# an unpooled run or a run on fewer seen values is not another seed of the default run.
+LABELLED_SETTINGS = VARIANT_SETTINGS + ("context_pool", "seen")
+
+
+def label_reference(cfg: InvarianceConfig) -> InvarianceConfig:
+    """The preset a run's label is relative to: runs on the whole split against the long preset
+    (its context pool is the default there), subsets against the quick preset."""
+    return PRESETS["long"] if cfg.train_images is None else PRESETS["quick"]
+
+
+def seen_subset(seen, cfg: InvarianceConfig) -> tuple:
+    """(the ``cfg.seen`` = K seen values to train on, the config to train with). The K values are
+    spread out over the split's seen values (the centre of each of K equal strata); batch size and
+    epochs grow by len(seen) / K, so that a run on fewer values takes the same number of steps of
+    the same number of images as the run on all of them (the regime map, docs/regimes.md)."""
+    seen = tuple(seen)
+    if cfg.seen is None or cfg.seen == len(seen):
+        return seen, cfg
+    if cfg.seen > len(seen):
+        raise ValueError(f"setting 'seen' is {cfg.seen}, but this split has only {len(seen)} seen values")
+    n, k = len(seen), cfg.seen
+    subset = tuple(seen[int((i + 0.5) * n / k)] for i in range(k))
+    factor = n / k
+    return subset, dataclasses.replace(cfg, batch_size=round(cfg.batch_size * factor), epochs=round(cfg.epochs * factor))
+
+
+def probe_context_sizes(model, data: dict, unseen, cfg: InvarianceConfig, seed: int, device, progress) -> dict:
+    """Both probes' mean unseen accuracy with test contexts of each size in ``cfg.test_context_sizes``
+    (the trained weights unchanged): how much the embedding gains from a larger set D."""
+    out = {}
+    for n in cfg.test_context_sizes:
+        per = summarise_probes(probe_unseen(model, data, unseen, dataclasses.replace(cfg, context_size=n), seed,
+                                            device, progress))
+        out[str(n)] = {"mean_unseen_accuracy": per["mean_unseen_accuracy"], "embedding_std": per["embedding_std"]}
+    return out
 
 
 def _load(data_dir, cfg: InvarianceConfig):
@@ -83,16 +123,20 @@ def make_run(key: str):
             raise ValueError(f"unknown model '{model}'; choose from {', '.join(MODEL_NAMES + CONTROLS)}")
         split = T.resolve_split(split)
         seen, unseen = T.get_split(axis, split)
+        split_seen = list(seen)
+        seen, cfg = seen_subset(seen, cfg)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (tr_x, tr_y), (te_x, te_y) = _load(data_dir, cfg)
         train_t, test_t = _transformed(tr_x, axis, seen + unseen), _transformed(te_x, axis, seen + unseen)
         data = {v: ((train_t[v], tr_y), (test_t[v], te_y)) for v in unseen}
         record = data_record(data_dir, tr_x, te_x)
-        metrics = {"model": model, "label": run_label(model, cfg, next(iter(PRESETS.values()))), "split": split,
+        metrics = {"model": model, "label": run_label(model, cfg, label_reference(cfg), LABELLED_SETTINGS), "split": split,
                    "axis": key, "data": "mnist", "data_record": record, "seen": list(seen), "unseen": list(unseen),
                    "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x), "seed": seed,
                    "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": asdict(cfg)}
+        if cfg.seen is not None:
+            metrics["split_seen"] = split_seen
         if model in CONTROLS:  # no training: the same probes on the same images
             control = make_control(model, tuple(tr_x.shape[1:]), cfg.z_dim)
             metrics.update(summarise_probes(probe_unseen(control, data, unseen, cfg, seed, device, progress)),
@@ -104,6 +148,8 @@ def make_run(key: str):
                 out, seed, device, progress, run_info=info)
             trained.to(device)
             metrics.update(evaluate_run(trained, trainer, data, unseen, cfg, seed, device, progress))
+            if cfg.test_context_sizes and getattr(trained, "uses_context", False) and model != "ns":
+                metrics["by_test_context_size"] = probe_context_sizes(trained, data, unseen, cfg, seed, device, progress)
             metrics.update(epochs=cfg.epochs, epochs_trained=history[-1]["epoch"] if history else 0,
                            best_epoch=trainer.state.best_epoch, train_seconds=round(seconds, 1),
                            train_seconds_total=round(sum(h["seconds"] for h in history), 1), history=history)
@@ -187,7 +233,7 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     runs = Path(runs)
     out = Path(out) if out is not None else runs / "mnist-report"
     found = find_runs(runs, ("mnist",))
-    models = table2_models(found, TABLE2_MODELS)
+    models = tuple(m for m in table2_models(found, TABLE2_MODELS) if not regimes.is_regime_label(m))
     table1, table2, missing = gather_tables(found, AXES, models, "mnist", out, " --data-dir DIR --preset long")
     panels = []
     for key, axis in AXES.items():
@@ -209,7 +255,8 @@ def report(runs: Path = Path("runs"), out: Path | None = None) -> dict:
     if curves:
         learning_curve_figure(out / "probe_vs_steps.png", curves, "Learning curves, contiguous split (first seed)")
     _write_summary(out, table1, table2, found, missing, models)
-    return {"table1": table1, "table2": table2, "missing": missing}
+    regime = regimes.write(found, out, runs)
+    return {"table1": table1, "table2": table2, "missing": missing, "regimes": regime}
 
 
 def _write_summary(out, table1, table2, found, missing, models):

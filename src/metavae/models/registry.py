@@ -32,7 +32,7 @@ KINDS = {
 OLD_KINDS = {"homoencoder": "vhe", "statistician": "ns"}
 
 # The comparison's names (the experiments' and `metavae train`'s ``--model``).
-MODEL_NAMES = ("metavae", "ns", "vhe", "vhe-vampprior", "vae")
+MODEL_NAMES = ("metavae", "ns", "vhe", "vhe-vampprior", "vae", "metavae-nocontext")
 ARCHS = ("mlp", "conv")
 
 FORMAT = "metavae-model"
@@ -44,8 +44,9 @@ def make_model(name: str, arch: str = "mlp", event_shape=None, n_distributions: 
     ``likelihood`` (an object or ``"gaussian"``/``"bernoulli"``) defaults to the paper's Bernoulli,
     which refuses values outside [0, 1]; pass ``likelihood="gaussian"`` for real-valued data.
 
-    ``n_distributions`` is the number of training distributions K: the MetaVAE gets one decoder
-    per distribution; the other models share one decoder and ignore it. ``kw`` goes to the builder
+    ``n_distributions`` is the number of training distributions K: the MetaVAE (and its ablation
+    ``metavae-nocontext``, the same K decoders with q(z | x)) gets one decoder per distribution;
+    the other models share one decoder and ignore it. ``kw`` goes to the builder
     (e.g. ``z_dim``, ``hidden``, ``c_dim``, ``channels`` for conv, ``n_components`` for the VampPrior).
     """
     if name not in MODEL_NAMES:
@@ -64,6 +65,10 @@ def make_model(name: str, arch: str = "mlp", event_shape=None, n_distributions: 
         return build(event_shape, n_decoders=n_distributions, **kw)
     if name == "vae":
         return (build_vae if arch == "mlp" else build_conv_vae)(event_shape, **kw)
+    if name == "metavae-nocontext":  # the ablation: K decoders, q(z | x) (no summary network)
+        if arch != "mlp":
+            raise ValueError("metavae-nocontext is built for the MLP architecture only")
+        return build_mlp_metavae(event_shape, n_decoders=max(1, n_distributions), use_context=False, **kw)
     if name == "ns":
         return build_ns(event_shape, arch=arch, **kw)
     prior = "vampprior" if name == "vhe-vampprior" else "gaussian"

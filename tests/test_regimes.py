@@ -1,0 +1,69 @@
+"""The regime map's settings (seen=K, the no-context ablation, test context sizes) and its report."""
+import dataclasses
+
+import pytest
+import torch
+
+from metavae.experiments import regimes
+from metavae.experiments.invariance import InvarianceConfig
+from metavae.experiments.mnist import LABELLED_SETTINGS, PRESETS, label_reference, seen_subset
+from metavae.experiments.invariance import run_label
+from metavae.models import make_model
+
+SEEN = (-180, -160, -140, -120, -100, -80, -60, -40, -20, 0)
+
+
+@pytest.mark.parametrize("k, expected", [(1, (-80,)), (2, (-140, -40)), (5, (-160, -120, -80, -40, 0)), (10, SEEN)])
+def test_seen_subset_spreads_the_values_and_keeps_steps_and_images_per_step(k, expected):
+    cfg = dataclasses.replace(PRESETS["long"], seen=k)
+    subset, train_cfg = seen_subset(SEEN, cfg)
+    assert subset == expected
+    assert train_cfg.batch_size * k == cfg.batch_size * len(SEEN)  # images per step
+    assert train_cfg.epochs * cfg.batch_size == cfg.epochs * train_cfg.batch_size  # steps: epochs x images / batch
+
+
+def test_seen_beyond_the_split_is_refused():
+    with pytest.raises(ValueError, match="only 10 seen values"):
+        seen_subset(SEEN, dataclasses.replace(PRESETS["long"], seen=11))
+
+
+def test_nocontext_metavae_has_k_decoders_and_no_summary():
+    m = make_model("metavae-nocontext", event_shape=(4,), n_distributions=3, z_dim=2, hidden=(8,))
+    assert m.n_decoders == 3 and not m.uses_context
+    assert m.embed(torch.rand(5, 4)).shape == (5, 2)  # q(z | x): no context needed
+
+
+def test_unpooled_and_subset_runs_are_variants_not_seeds_of_the_default_run():
+    long = PRESETS["long"]
+    assert run_label("metavae", long, label_reference(long), LABELLED_SETTINGS) == "metavae"
+    unpooled = dataclasses.replace(long, context_pool=None)
+    assert run_label("metavae", unpooled, label_reference(unpooled), LABELLED_SETTINGS) == "metavae (context_pool None)"
+    subset = dataclasses.replace(long, seen=2)
+    assert run_label("vhe", subset, label_reference(subset), LABELLED_SETTINGS) == "vhe (seen 2)"
+    assert run_label("metavae", InvarianceConfig(), label_reference(InvarianceConfig()), LABELLED_SETTINGS) == "metavae"
+
+
+def _run(model, acc, seen=None, seed=0):
+    return {"model": model, "seed": seed, "config": {"seen": seen}, "seen": list(range(seen or 10)),
+            "mean_unseen_accuracy": {"reference": acc - 0.01, "standardised": acc}}
+
+
+def test_report_builds_k_table_and_words_the_verdict_by_the_numbers(tmp_path):
+    found = {("rotate", "contiguous", "metavae"): [_run("metavae", 0.90)],
+             ("rotate", "contiguous", "vhe"): [_run("vhe", 0.895)],
+             ("rotate", "contiguous", "metavae (seen 2)"): [_run("metavae", 0.85, 2)],
+             ("rotate", "contiguous", "vhe (seen 2)"): [_run("vhe", 0.80, 2)],
+             ("rotate", "contiguous", "vhe (seen 2, amp bf16)"): [_run("vhe", 0.10, 2)],  # another variant: not mapped
+             ("rotate", "contiguous", "pixels"): [_run("pixels", 0.92)]}
+    data = regimes.write(found, tmp_path)
+    assert data["k"]["metavae"]["2"]["standardised"]["mean"] == pytest.approx(0.85)
+    assert data["k"]["vhe"]["2"]["standardised"]["mean"] == pytest.approx(0.80)
+    text = (tmp_path / "regimes.md").read_text()
+    assert "K=2: metavae 0.850 against vhe 0.800: **higher**" in text
+    assert "K=10: metavae 0.900 against vhe 0.895: **level**" in text
+    assert "metavae 0.900 against pixels 0.920: **lower**" in text
+    assert (tmp_path / "regimes.png").stat().st_size > 0
+
+
+def test_regime_runs_stay_out_of_table2():
+    assert regimes.is_regime_label("metavae (seen 5)") and not regimes.is_regime_label("metavae (amp bf16)")
