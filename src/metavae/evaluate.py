@@ -164,7 +164,7 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
             continue
         # a VAE's one decoder scores any distribution; a MetaVAE's decoders only their own
         lls = [_log_likelihood(m, scaler, x, ctx, names_trained.index(n) if n in names_trained else
-                               (0 if not uses else None), likelihood)
+                               (0 if not uses and m.n_decoders == 1 else None), likelihood)
                for n, x, ctx in zip(family.names, xs, ctxs)]
         scores[name]["log_likelihood"] = _mean(lls)
         scores[name]["log_likelihood_per_distribution"] = dict(zip(family.names, lls))

@@ -85,12 +85,14 @@ def _notice_float64(family: Family) -> None:
 def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean",
            likelihood: str = "gaussian", arch: str = "mlp"):
     lik = make_likelihood(likelihood, None)  # Gaussian: a learned variance; Bernoulli takes none
-    if pooling != "mean" and model_name == "vae":
-        raise ValueError(f"--pooling {pooling}: the VAE has no context set to pool")
-    if cfg.latent != "gaussian" and model_name not in ("metavae", "vae"):
+    own = ("metavae", "vae", "metavae-nocontext")  # the MetaVAE's builders (the others: NS, VHE)
+    if pooling != "mean" and model_name in ("vae", "metavae-nocontext"):
+        who = "the VAE" if model_name == "vae" else "metavae-nocontext"
+        raise ValueError(f"--pooling {pooling}: {who} has no context set to pool")
+    if cfg.latent != "gaussian" and model_name not in own:
         raise ValueError(f"latent={cfg.latent}: only the MetaVAE and the VAE take another latent")
     common = dict(z_dim=cfg.z_dim, likelihood=lik)
-    if model_name in ("metavae", "vae"):
+    if model_name in own:
         common.update(latent=cfg.latent, free_bits=cfg.free_bits)
     elif cfg.free_bits:
         raise ValueError("free_bits applies to the MetaVAE and the VAE")
@@ -103,7 +105,7 @@ def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: 
             return make_model(model_name, "conv", event_shape, n, **kw)
         return make_model(model_name, "conv", event_shape, n, c_dim=cfg.summary_widths[-1], pooling=pooling,
                           **common, **conv)
-    if model_name in ("metavae", "vae"):
+    if model_name in own:
         kw = dict(common, hidden=cfg.hidden_widths)
         if model_name == "metavae":
             kw.update(summary=cfg.summary_widths, pooling=pooling)
@@ -201,7 +203,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
         raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
     out = Path(out)
     _notice_float64(family)
-    arch = choose_arch(arch, family.event_shape)
+    arch = choose_arch("mlp" if arch == "auto" and model_name == "metavae-nocontext" else arch, family.event_shape)
     if model_name == "vae" and len(family.names) > 1:
         logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
     sizes = [len(p) for p in family.points]
