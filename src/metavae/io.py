@@ -42,9 +42,13 @@ def atomic_save(obj, path: Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def safe_load(path: Path, what: str = "checkpoint") -> object:
+RESTART_HINT = "delete it to start afresh"
+
+
+def safe_load(path: Path, what: str = "checkpoint", hint: str | None = RESTART_HINT) -> object:
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers only, so a file planted
-    in a run folder cannot run code), to the CPU; an unreadable or unsafe file raises one clear error."""
+    in a run folder cannot run code), to the CPU; an unreadable or unsafe file raises one clear error.
+    ``hint``: what to do about it (None for a user's own file, e.g. a model, which is never advised away)."""
     import torch
 
     try:
@@ -52,7 +56,7 @@ def safe_load(path: Path, what: str = "checkpoint") -> object:
     except Exception as e:  # a corrupt or unsafe file names itself rather than dying deep in pickle
         why = "it holds objects other than tensors and plain data, refused unread" if "GLOBAL" in str(e) \
             else f"corrupt or truncated ({type(e).__name__})"
-        raise ValueError(f"cannot read {what} {path}: {why}; delete it to start afresh") from None
+        raise ValueError(f"cannot read {what} {path}: {why}" + (f"; {hint}" if hint else "")) from None
 
 
 def atomic_write_text(text: str, path: Path) -> Path:
