@@ -283,9 +283,5 @@ def load(path, device: str | torch.device = "cpu"):
     config, state = check_config(config, path), check_state(state, path)
     extra = check_extra(ck.get("extra", {}), path)
     model = _rebuild(config, state, path)
-    n = getattr(model, "n_decoders", None)
-    names = extra.get("distributions")
-    if names is not None and n is not None and n > 0 and len(names) != n:
-        raise ValueError(f"{path}: names {len(names)} distributions for a model with {n} decoders")
     model.extra = extra
     return model.to(device).eval()
