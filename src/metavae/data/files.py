@@ -219,3 +219,18 @@ def _names_column(path: Path, table, dist_column: str):
         raise ValueError(f"{path}: {int(missing.sum())} row(s) have no {dist_column!r} (the first is data row "
                          f"{first + 1}); every row must name its distribution")
     return col.map(str).to_numpy()
+
+
+def family_fingerprint(family: Family) -> dict:
+    """What identifies a family's data, for a resume to check it trains on the same: names,
+    shapes, dtypes and a sha256 of the values (read in chunks, so a mapped family stays bounded)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, a in zip(family.names, family.points):
+        digest.update(f"{name}\0{a.shape}\0{a.dtype}\0".encode())
+        step = max(1, FINITE_CHECK_CHUNK // max(1, int(np.prod(a.shape[1:]))))
+        for start in range(0, len(a), step):
+            digest.update(np.ascontiguousarray(a[start:start + step]).tobytes())
+    return {"names": list(family.names), "shapes": [list(a.shape) for a in family.points],
+            "dtypes": [str(a.dtype) for a in family.points], "sha256": digest.hexdigest()}
