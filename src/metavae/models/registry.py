@@ -44,6 +44,8 @@ ALLOWED_PARTS = {
     "metavae.experiments.physics:FixedStandardize": "metavae.experiments.physics:FixedStandardize",
 }
 
+PART_FIELDS = ("preprocess",)  # config fields that name a part of ALLOWED_PARTS (or hold None)
+
 FORMAT = "metavae-model"
 FORMAT_VERSION = 1
 
@@ -203,6 +205,8 @@ def check_config(config, source) -> dict:
         why = _value_error(key, value, params.get(key))
         if why is None and key == "likelihood" and value is not None and value not in ("gaussian", "bernoulli"):
             why = "not 'gaussian' or 'bernoulli'"
+        if key in PART_FIELDS and value is not None and (not isinstance(value, str) or value not in ALLOWED_PARTS):
+            why = "not an allowed part (model files name no code; allowed: " + ", ".join(sorted(ALLOWED_PARTS)) + ")"
         if why is not None:
             raise ValueError(f"{source}: model config field {key!r} = {str(value)[:60]!r} is {why}")
     return dict(config)
