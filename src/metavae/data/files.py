@@ -203,22 +203,38 @@ def _read_table(path: Path, dist_column: str, label_column: str | None) -> Famil
     return Family(names, points, labels if label_column is not None else None, str(path))
 
 
-def _names_column(path: Path, table, dist_column: str):
-    """The distribution column as text: 'NA', '' and 'None' are names like any other (a CSV's
-    column is re-read with no NA parsing); a row with no name at all (a short CSV row, a Parquet
-    null or NaN) is refused with a count, never dropped."""
-    import pandas as pd
-
+def _names_column(path: Path, table, dist_column: str) -> np.ndarray:
+    """The distribution column as text: 'NA', '' and 'None' are names like any other; a row with
+    no name at all (a CSV row that ends before the column, a Parquet null or NaN) is refused with
+    a count, never dropped."""
     if path.suffix == ".csv":
-        col = pd.read_csv(path, usecols=[dist_column], dtype=str, keep_default_na=False)[dist_column]
+        col = _csv_column(path, dist_column)
+        if len(col) != len(table):
+            raise ValueError(f"{path}: {len(col)} rows name a distribution but the table has {len(table)} rows "
+                             "(blank or malformed lines?)")
+        missing = np.array([v is None for v in col], dtype=bool)
     else:
-        col = table[dist_column]
-    missing = col.isna()
-    if bool(missing.any()):
-        first = int(np.flatnonzero(missing.to_numpy())[0])
+        col = table[dist_column].to_numpy()
+        missing = table[dist_column].isna().to_numpy()
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
         raise ValueError(f"{path}: {int(missing.sum())} row(s) have no {dist_column!r} (the first is data row "
                          f"{first + 1}); every row must name its distribution")
-    return col.map(str).to_numpy()
+    return np.array([str(v) for v in col], dtype=object)
+
+
+def _csv_column(path: Path, column: str) -> list:
+    """One CSV column read verbatim (Python's csv module: no NA parsing), None where a row ends
+    before it; blank lines are skipped, as pandas skips them."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        if column not in header:
+            raise ValueError(f"{path}: no column {column!r} in the header")
+        i = header.index(column)
+        return [row[i] if len(row) > i else None for row in rows if row]
 
 
 def family_fingerprint(family: Family) -> dict:
