@@ -85,6 +85,10 @@ def _load_npy(f: Path, mmap_mode=None) -> np.ndarray:
 def _load_npz(path: Path) -> tuple[list, list]:
     """Names and arrays of an .npz archive; a corrupt archive or a member that is not an array
     (text, a pickled object) is one ValueError naming the file and the member."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # numpy would try other formats (even pickle) on a non-zip file
+        raise ValueError(f"{path}: not a readable .npz file (not a zip archive: corrupt, truncated or another format)")
     try:
         with np.load(path, allow_pickle=False) as z:
             names, arrays = list(z.files), []
