@@ -493,7 +493,7 @@ def test_a_uint8_family_embeds_as_it_trained(guarded, capsys):
 @pytest.mark.parametrize("setting", [["--set", "batch_size=200000"], ["--set", "batch_size=20000", "--set",
                                                                             "context_size=40"]])
 def test_a_step_too_big_for_memory_is_refused_naming_the_setting(setting, guarded, capsys, monkeypatch):
-    import metavae.training.memory as memory
+    import metavae.training.distributed as memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: 50 << 20)  # a small machine: 50 MB free
     _family(guarded / "a.npz", n=500)

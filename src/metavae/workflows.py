@@ -22,7 +22,7 @@ from .distributions import make_likelihood
 from .io import atomic_write_text
 from .models import MODEL_NAMES, load, make_model
 from .training import Trainer, TrainConfig, seed_everything
-from .training.memory import available_memory
+from .training.distributed import available_memory
 
 logger = logging.getLogger(__name__)
 

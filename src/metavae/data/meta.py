@@ -675,7 +675,9 @@ class MetaDataset:
         return self.parts[name]
 
     def to(self, device) -> "MetaDataset":
-        device = _usable_device(device)
+        from ..training.distributed import resolve_device  # training imports this module: look it up late
+
+        device = resolve_device(device)  # a device this machine lacks is a ValueError, not torch's assertion
         for p in self.parts.values():
             p.to(device)
         return self
@@ -746,22 +748,6 @@ class MetaDataset:
             pos = torch.arange(s * batch_size, (s + 1) * batch_size, device=perm.device).unsqueeze(0)
             idx = perm.gather(1, pos % lengths)
             yield p.batch(idx, context_size, generator, exclude_query, shared_context, context_pool, rows)
-
-
-def _usable_device(device) -> torch.device:
-    """``device`` as a torch.device, refused in one line where this machine has no such device."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({str(e).splitlines()[0][:100]})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available on this machine; use 'cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device} requested but this machine has {torch.cuda.device_count()} GPU(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device} requested but MPS is not available on this machine; use 'cpu'")
-    return device
 
 
 def _check_storage(storage: str) -> None:

@@ -24,8 +24,7 @@ from ..io import atomic_save, atomic_write_text
 from ..nets.mlp import bank_parameters, sparse_bank_gradients
 from .checkpoint import CHECKPOINT_VERSION, check_resumable, load_checkpoint
 from .config import TrainConfig
-from .distributed import LossModule, init_distributed, process_device, resolve_device
-from .memory import check_step_memory
+from .distributed import LossModule, check_step_memory, init_distributed, process_device, resolve_device
 from .optim import RowAdam, clip_grad_norm, make_optimizer
 from .precision import check_bf16, fp32_parameter_outputs
 from .rng import rng_state, seed_everything, set_rng_state
