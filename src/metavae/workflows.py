@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.files import Family, read_family
+from .data.files import Family, check_likelihood, family_fingerprint, read_family, read_points
 from .data.meta import MetaDataset
 from .distributions import make_likelihood
 from .io import atomic_write_text
 from .models import MODEL_NAMES, load, make_model
 from .training import Trainer, TrainConfig, seed_everything
+from .training.distributed import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +71,6 @@ def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: 
                       decoder_hidden=cfg.hidden[-1], likelihood=lik, pooling=pooling)
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says can still be allocated (MemAvailable), or None where it does not say."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def choose_storage(storage: str, family: Family) -> str:
     """``auto``: mapped for a folder of .npy files (memory-mapped by `read_family`) holding more than
     a quarter of the available memory, else padded. Both give the same batches for one seed, so
@@ -113,6 +103,7 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
         raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
     out = Path(out)
     family = read_family(data_path, dist_column, label_column)
+    check_likelihood(family, cfg.likelihood)
     _notice_float64(family)
     if model_name == "vae" and len(family.names) > 1:
         logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
@@ -142,7 +133,7 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
                      grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed, amp=cfg.amp,
                      tensorboard=str(tensorboard) if tensorboard else None)
     info = {"data": {"source": str(Path(data_path).expanduser().resolve()), "names": family.names,
-                     "points": [len(p) for p in family.points]},
+                     "points": [len(p) for p in family.points], "fingerprint": family_fingerprint(family)},
             "model": model_name, "summary": summary, "settings": {k: v for k, v in dataclasses.asdict(cfg).items()
                                               if k not in ("epochs", "patience")}}
     t0 = time.time()
@@ -180,19 +171,7 @@ def _loss_plot(path: Path, history: list, title: str) -> None:
 
 
 def _array(path, what: str, event_shape) -> torch.Tensor:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} file at {path}")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
-    if tuple(a.shape[1:]) != tuple(event_shape) or a.ndim != len(event_shape) + 1:
-        raise ValueError(f"{path}: {what} must have shape (n, {', '.join(map(str, event_shape))}) for this model, "
-                         f"got {a.shape}")
-    from .data.meta import checked_points
-
-    return checked_points(a, what, path.name).float()
+    return read_points(path, what, event_shape)  # converted and scaled as training reads the family
 
 
 def embed_files(model_path, query_path, context_path, out_path, device: str = "cpu", refine_steps: int = 0,
@@ -203,15 +182,20 @@ def embed_files(model_path, query_path, context_path, out_path, device: str = "c
     ``dist`` (a training distribution's or an adapted one: `metavae.refine`)."""
     model = load(model_path, device)
     ev = model.event_shape
+    uses_context = getattr(model, "uses_context", True)
+    if uses_context and context_path is None:
+        raise ValueError(f"this {type(model).__name__} encodes each query with a context set of its distribution: "
+                         "pass --context points.npy")
     q = _array(query_path, "query", ev).to(device)
-    ctx = _array(context_path, "context", ev).to(device) if getattr(model, "uses_context", True) else None
+    ctx = _array(context_path, "context", ev).to(device) if uses_context else None
     if dist is not None and not refine_steps:
         raise ValueError("--dist names the decoder that --refine-steps refines under; pass --refine-steps K too")
     if refine_steps:
         from .refine import refined_encode
 
-        if not hasattr(model, "n_decoders"):
-            raise ValueError("--refine-steps refines a MetaVAE's q under one of its decoders; this model has none")
+        if not hasattr(model, "adapt") or not getattr(model, "n_decoders", 0):
+            raise ValueError(f"--refine-steps refines a MetaVAE's q under one of its decoders; a "
+                             f"{type(model).__name__} has no per-distribution decoders to refine under")
         if dist is None:
             raise ValueError("--refine-steps needs --dist: the decoder (training or adapted distribution) whose ELBO "
                              "the steps climb")
