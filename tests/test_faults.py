@@ -241,7 +241,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(capsys, tmp_path):
 
 
 def test_temporaries_of_killed_runs_are_cleared_and_failed_writes_leave_none(tmp_path):
-    stale = tmp_path / "checkpoints" / ".last.pt.abc123.tmp"
+    stale = tmp_path / "checkpoints" / ".last.pt.abc12_yz.metavae-tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"x" * 100)
     with RunFolder(tmp_path):

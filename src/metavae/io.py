@@ -2,26 +2,40 @@
 
 Every file metavae writes goes through `atomic_write`: a temporary file in the target's folder,
 flushed to disk, then renamed over the target, so a crash leaves the old file or the new one and
-never half of one. Temporary names start with ``.`` and contain ``.tmp``; a failed write removes
-its own, and `RunFolder` clears any that a killed process left behind.
+never half of one. Temporary names have a form only metavae makes (`is_temporary`: ``.NAME.`` then
+mkstemp's 8 random characters then ``.metavae-tmp``); a failed write removes its own, and
+`RunFolder` clears those a killed process left behind -- and nothing else, whatever its name.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-TMP_MARK = ".tmp"
+TMP_MARK = ".metavae-tmp"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TMP_MARK))  # mkstemp's random part is 8 of [a-z0-9_]
+
+
+def is_temporary(path: Path) -> bool:
+    """True for a regular file whose name `atomic_write` (or `RunFolder`'s probe) makes."""
+    path = Path(path)
+    return bool(_TEMPORARY.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
 
 
 def atomic_write(path: Path, write: Callable[[object], None], binary: bool = True) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_MARK)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_MARK)
+    except OSError as e:  # name the file the user asked for, not the temporary beside it
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -29,8 +43,10 @@ def atomic_write(path: Path, write: Callable[[object], None], binary: bool = Tru
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     return path
 
@@ -42,9 +58,13 @@ def atomic_save(obj, path: Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def safe_load(path: Path, what: str = "checkpoint") -> object:
+RESTART_HINT = "delete it to start afresh"
+
+
+def safe_load(path: Path, what: str = "checkpoint", hint: str | None = RESTART_HINT) -> object:
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers only, so a file planted
-    in a run folder cannot run code), to the CPU; an unreadable or unsafe file raises one clear error."""
+    in a run folder cannot run code), to the CPU; an unreadable or unsafe file raises one clear error.
+    ``hint``: what to do about it (None for a user's own file, e.g. a model, which is never advised away)."""
     import torch
 
     try:
@@ -52,7 +72,7 @@ def safe_load(path: Path, what: str = "checkpoint") -> object:
     except Exception as e:  # a corrupt or unsafe file names itself rather than dying deep in pickle
         why = "it holds objects other than tensors and plain data, refused unread" if "GLOBAL" in str(e) \
             else f"corrupt or truncated ({type(e).__name__})"
-        raise ValueError(f"cannot read {what} {path}: {why}; delete it to start afresh") from None
+        raise ValueError(f"cannot read {what} {path}: {why}" + (f"; {hint}" if hint else "")) from None
 
 
 def atomic_write_text(text: str, path: Path) -> Path:
@@ -64,10 +84,11 @@ def atomic_write_bytes(data: bytes, path: Path) -> Path:
 
 
 def clear_temporaries(folder: Path) -> int:
-    """Remove the temporary files that killed writers left in ``folder`` and below; their count."""
+    """Remove the temporary files that killed writers left in ``folder`` and below (only names
+    `is_temporary` accepts: a user's ``.notes.tmp.md`` stays); their count."""
     removed = 0
-    for p in Path(folder).rglob(f".*{TMP_MARK}*"):
-        if p.is_file():
+    for p in Path(folder).rglob(f".*{TMP_MARK}"):
+        if is_temporary(p):
             p.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -91,9 +112,9 @@ class RunFolder(contextlib.AbstractContextManager):
 
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-check{TMP_MARK}{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-check.", suffix=TMP_MARK)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as e:
             raise OSError(e.errno, f"output folder {self.path} is not writable ({os.strerror(e.errno or errno.EIO)})") \
                 from None

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.files import Family, read_family
+from .data.files import Family, family_fingerprint, read_family
+from .data.files import read_points as read_array
 from .data.meta import MetaDataset
 from .distributions import make_likelihood
 from .io import atomic_write_text
 from .models import MODEL_NAMES, load, make_model
 from .training import Trainer, TrainConfig, seed_everything
+from .training.distributed import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +148,6 @@ def untrained_copy(model):
     return fresh.to(next(model.parameters()).device)
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says can still be allocated (MemAvailable), or None where it does not say."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def choose_storage(storage: str, family: Family) -> str:
     """``auto``: mapped for a folder of .npy files (memory-mapped by `read_family`) holding more than
     a quarter of the available memory, else padded. Both give the same batches for one seed, so
@@ -184,9 +175,6 @@ def train_on_files(data_path, out, model_name: str = "metavae", cfg: FileTrainCo
     `save_model` format, with the distribution names, the fitted `Scaler`, a table's feature names and
     what rebuilds the untrained init), ``metrics.json``, ``metrics.jsonl`` and ``loss.png``.
     ``storage``: see `choose_storage`; ``summary``: the old name of ``pooling``. Returns the metrics."""
-    from .experiments.common import check_settings
-    from .preprocess import choose_likelihood, fit_scaler
-
     family = read_points(data_path, dist_column, label_column)
     return train_family(family, out, model_name, cfg, tensorboard, progress, summary or pooling, storage, arch, device)
 
@@ -244,7 +232,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
                      tensorboard=str(tensorboard) if tensorboard else None)
     source = str(Path(family.source).expanduser().resolve()) if family.source else ""
     info = {"data": {"source": source, "names": family.names,
-                     "points": [len(p) for p in family.points]},
+                     "points": [len(p) for p in family.points], "fingerprint": family_fingerprint(family)},
             "model": model_name, "pooling": pooling, "arch": arch, "likelihood": likelihood, "scale": scaler.kind,
             "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "patience")}}
     t0 = time.time()
@@ -288,7 +276,9 @@ def read_points(path, dist_column: str = "distribution", label_column: str | Non
     """What `train` reads (.npz, a folder of .npy, CSV/Parquet), or one .npy array (one distribution
     named by the file's stem); with ``model``, checked against its point shape and a table's feature names."""
     path = Path(path).expanduser()
-    if path.suffix == ".npy":
+    if path.suffix == ".npy" and model is not None:  # dtypes converted, uint8 / 255, as training reads
+        family = Family([path.stem], [read_array(path, "points", model.event_shape).numpy()], None, str(path))
+    elif path.suffix == ".npy":
         if not path.is_file():
             raise FileNotFoundError(f"no file at {path}")
         try:
@@ -463,8 +453,9 @@ def embed_files(model_path, query_path=None, context_path=None, out_path=None, d
     if refine_steps:
         from .refine import refined_encode
 
-        if not hasattr(model, "n_decoders"):
-            raise ValueError("--refine-steps refines a MetaVAE's q under one of its decoders; this model has none")
+        if not hasattr(model, "adapt") or not getattr(model, "n_decoders", 0):
+            raise ValueError(f"--refine-steps refines a MetaVAE's q under one of its decoders; a "
+                             f"{type(model).__name__} has no per-distribution decoders to refine under")
         if dist is None:
             raise ValueError("--refine-steps needs --dist: the decoder (training or adapted distribution) whose ELBO "
                              "the steps climb")

@@ -16,7 +16,9 @@ Two options for large families:
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -30,6 +32,9 @@ STORAGES = ("padded", "mapped")
 FINITE_CHECK_CHUNK = 1 << 24  # values per chunk when checking a large array for NaN/inf
 MAPPED_RELEASE_BYTES = 256 << 20  # mapped storage: drop this process's mapped pages after ~this much was mapped
 _FAULT_AROUND = 64 << 10  # Linux maps up to 64 KB around a faulting file page (fault_around_bytes)
+# Values above this overflow float32 arithmetic (a square exceeds float32's 3.4e38): refused as too
+# large, before training could report the overflow as divergence.
+MAX_MAGNITUDE = 1e18
 
 
 @dataclass
@@ -120,34 +125,66 @@ def check_points(points, part: str, dist: str) -> None:
         raise ValueError(f"{where}: expected real numbers, got {torch.from_numpy(np.zeros(0, a.dtype)).dtype}")
     if not (np.issubdtype(a.dtype, np.number)):
         raise ValueError(f"{where}: expected real numbers, got {a.dtype}")
-    if np.issubdtype(a.dtype, np.floating):
+    _check_width(a.shape, where)
+    if a.dtype != np.uint8:
         row = max(1, int(np.prod(a.shape[1:])))
         step = max(1, FINITE_CHECK_CHUNK // row)
-        first, count = None, 0
+        first, count, top = None, 0, 0.0
         for start in range(0, len(a), step):
-            bad = ~np.isfinite(np.asarray(a[start:start + step]).reshape(-1, row)).all(axis=1)
-            if bad.any():
-                first = start + int(np.flatnonzero(bad)[0]) if first is None else first
-                count += int(bad.sum())
+            chunk = np.asarray(a[start:start + step]).reshape(-1, row)
+            if np.issubdtype(a.dtype, np.floating):
+                bad = ~np.isfinite(chunk).all(axis=1)
+                if bad.any():
+                    first = start + int(np.flatnonzero(bad)[0]) if first is None else first
+                    count += int(bad.sum())
+                    continue
+            top = max(top, float(np.abs(chunk.astype(np.float64, copy=False)).max()))
         if first is not None:
             raise ValueError(f"{where}: point {first} holds a non-finite value (NaN or inf); "
                              f"{count} such point(s) in all")
+        _check_magnitude(top, where)
+
+
+def _tensor(points, where: str) -> torch.Tensor:
+    """``points`` as a tensor that needs no gradient (data are constants: a tensor that requires
+    grad would make every step backpropagate into it), any numpy byte order accepted."""
+    if isinstance(points, np.ndarray) and not points.dtype.isnative:
+        points = points.astype(points.dtype.newbyteorder("="))  # torch reads native byte order only
+    try:
+        return torch.as_tensor(points).detach()
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise TypeError(f"{where}: not an array of numbers ({str(e).splitlines()[0][:120]})") from None
+
+
+def _check_width(shape, where: str) -> None:
+    """Points with no values (shape (n, 0)) describe nothing a model could fit."""
+    if len(shape) >= 2 and 0 in tuple(shape[1:]):
+        raise ValueError(f"{where}: points of shape {tuple(shape[1:])} hold no values (a zero-width array)")
+
+
+def _check_magnitude(top: float, where: str) -> None:
+    if top > MAX_MAGNITUDE:
+        raise ValueError(f"{where}: values up to {top:.3g} overflow float32 arithmetic (magnitudes must stay "
+                         f"below {MAX_MAGNITUDE:.0e}); rescale the data, e.g. standardise each feature")
 
 
 def checked_points(points, part: str, dist: str) -> torch.Tensor:
     """One distribution's points as a tensor: numpy is accepted, float64 becomes float32 (the
     models' dtype; logged), and empty sets, non-numeric and non-finite values are refused with the
-    part, distribution and index named."""
-    t = torch.as_tensor(points)
+    part, distribution and index named. Tensors that require grad are detached: data are constants."""
     where = f"{part} part, distribution {dist}"
+    t = _tensor(points, where)
     if t.dim() == 0:
         raise ValueError(f"{where}: expected an array of points (n, ...), got a scalar")
     if len(t) == 0:
         raise ValueError(f"{where}: no points (every distribution needs at least one)")
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{where}: expected real numbers, got {t.dtype}")
+    _check_width(tuple(t.shape), where)
     if t.dtype == torch.float64:
         logger.info("%s: float64 cast to float32", where)
+        t = t.float()
+    elif t.is_floating_point() and t.dtype != torch.float32:  # float16, bfloat16: the models compute in float32
         t = t.float()
     if t.is_floating_point():
         bad = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
@@ -155,6 +192,8 @@ def checked_points(points, part: str, dist: str) -> torch.Tensor:
             i = int(bad.nonzero()[0])
             raise ValueError(f"{where}: point {i} holds a non-finite value (NaN or inf); "
                              f"{int(bad.sum())} such point(s) in all")
+    if t.dtype != torch.uint8 and t.numel():
+        _check_magnitude(float(t.abs().max().double()), where)
     return t
 
 
@@ -385,6 +424,7 @@ class MappedPart(Part):
         self._n_max = int(self.lengths.max())
         self._device = torch.device("cpu")
         self._read = 0  # bytes of pages touched since the last release (an upper estimate)
+        self._needs = [_mapped_extent(a) for a in self.arrays]
         _advise(self.arrays, "MADV_RANDOM")
         self.labels = None
         if labels is not None:
@@ -447,6 +487,7 @@ class MappedPart(Part):
         ks = range(K) if rows is None else rows.cpu().tolist()
         out = np.empty((K, flat.shape[1], *self.event_shape), dtype=self.np_dtype)
         for s, k in enumerate(ks):
+            self._check_file(k)
             where = flat[s] if self.index[k] is None else self.index[k][flat[s]]
             order = np.argsort(where, kind="stable")  # ascending file rows: sequential page reads
             out[s, order] = self.arrays[k][where[order]]
@@ -457,10 +498,33 @@ class MappedPart(Part):
         t = torch.from_numpy(out)
         return t.reshape(*idx.shape, *self.event_shape).to(self._device)
 
+    def _check_file(self, k: int) -> None:
+        """Refuse to read distribution ``k``'s memory map if its file shrank under the run: a read
+        past a file's end kills the process with SIGBUS, with no message."""
+        need = getattr(self, "_needs", [None] * (k + 1))[k]
+        if need is None:
+            return
+        filename, size = need
+        try:
+            now = os.stat(filename).st_size
+        except OSError as e:
+            raise OSError(e.errno, f"{filename} vanished while training read it memory-mapped ({e.strerror})") from None
+        if now < size:
+            raise OSError(errno.EIO, f"{filename} shrank from {size} to {now} bytes while training read it "
+                                     "memory-mapped; restore the file (or train with --storage padded)")
+
     def release(self) -> None:
         """Drop the pages of this part's read-only memory maps from the process's resident set."""
         self._read = 0
         _advise(self.arrays, "MADV_DONTNEED")
+
+
+def _mapped_extent(a) -> tuple[str, int] | None:
+    """(file, bytes the array needs of it) for a numpy memmap of a file; None for other arrays."""
+    filename = getattr(a, "filename", None)
+    if not isinstance(a, np.memmap) or not filename:
+        return None
+    return str(filename), int(getattr(a, "offset", 0)) + int(a.nbytes)
 
 
 def _advise(arrays, advice: str) -> None:
@@ -611,6 +675,9 @@ class MetaDataset:
         return self.parts[name]
 
     def to(self, device) -> "MetaDataset":
+        from ..training.distributed import resolve_device  # training imports this module: look it up late
+
+        device = resolve_device(device)  # a device this machine lacks is a ValueError, not torch's assertion
         for p in self.parts.values():
             p.to(device)
         return self
@@ -714,7 +781,7 @@ def _check_arrays(arrays, what: str) -> list:
 def _check_distributions(tensors, what: str) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         tensors = list(tensors)
-    tensors = [torch.as_tensor(t) for t in tensors]
+    tensors = [_tensor(t, f"{what}: distribution {k}") for k, t in enumerate(tensors)]
     if not tensors:
         raise ValueError(f"{what}: need at least one distribution")
     for k, t in enumerate(tensors):

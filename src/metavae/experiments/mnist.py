@@ -43,6 +43,30 @@ PRESETS = {
     "paper": InvarianceConfig(train_images=None, test_images=None, epochs=100),
 }
 OPTIONS = {"model", "split", "data_dir"}
+# sha256 of the pixels of the first `IDENTIFY_IMAGES` images of the official MNIST train and test
+# files: a --data-dir whose images start with them is MNIST (whole or a prefix, gzip or not);
+# anything else is labelled as its folder's data, never as MNIST.
+IDENTIFY_IMAGES = 1000
+OFFICIAL_PREFIX_SHA256 = {
+    "train": "2304e0137aea1f236247daacc2dcaf275996895e40c4bb0760c448434d361d1a",
+    "test": "f8f3c5a608a9f7d4bd5e9d69b90c53932b8b99371d9db26121b42f62f3abcd56",
+}
+
+
+def data_label(data_dir, train_images, test_images) -> str:
+    """"mnist" for the cache (md5-checked downloads) or a folder holding the official images (by
+    `OFFICIAL_PREFIX_SHA256`); otherwise "idx:FOLDER", so that other IDX data are never reported as MNIST."""
+    if data_dir is None:
+        return "mnist"
+    import hashlib
+
+    def official(images, split) -> bool:
+        head = np.ascontiguousarray(np.asarray(images[:IDENTIFY_IMAGES]))
+        return len(images) >= IDENTIFY_IMAGES and hashlib.sha256(head.tobytes()).hexdigest() == OFFICIAL_PREFIX_SHA256[split]
+
+    if official(train_images, "train") and official(test_images, "test"):
+        return "mnist"
+    return f"idx:{Path(data_dir).expanduser().resolve().name}"
 
 
 # Settings that make a run a variant of its model in the tables (beside invariance.VARIANT_SETTINGS):
@@ -84,12 +108,19 @@ def probe_context_sizes(model, data: dict, unseen, cfg: InvarianceConfig, seed: 
 
 
 def _load(data_dir, cfg: InvarianceConfig):
+    """The (truncated) splits and the data's label (`data_label`, said when it is not MNIST)."""
     (tr_x, tr_y), (te_x, te_y) = load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
+    label = data_label(data_dir, tr_x, te_x)
+    if label != "mnist":
+        import sys
+
+        print(f"metavae: notice: the images in {data_dir} are not MNIST's (their pixels differ from the official "
+              f"files'); the run is labelled {label!r}, not MNIST", file=sys.stderr)
     if cfg.train_images is not None:
         tr_x, tr_y = tr_x[: cfg.train_images], tr_y[: cfg.train_images]
     if cfg.test_images is not None:
         te_x, te_y = te_x[: cfg.test_images], te_y[: cfg.test_images]
-    return (tr_x, tr_y), (te_x, te_y)
+    return (tr_x, tr_y), (te_x, te_y), label
 
 
 def data_record(data_dir, train_images, test_images) -> dict:
@@ -127,12 +158,12 @@ def make_run(key: str):
         seen, cfg = seen_subset(seen, cfg)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (tr_x, tr_y), (te_x, te_y) = _load(data_dir, cfg)
+        (tr_x, tr_y), (te_x, te_y), label = _load(data_dir, cfg)
         train_t, test_t = _transformed(tr_x, axis, seen + unseen), _transformed(te_x, axis, seen + unseen)
         data = {v: ((train_t[v], tr_y), (test_t[v], te_y)) for v in unseen}
         record = data_record(data_dir, tr_x, te_x)
         metrics = {"model": model, "label": run_label(model, cfg, label_reference(cfg), LABELLED_SETTINGS), "split": split,
-                   "axis": key, "data": "mnist", "data_record": record, "seen": list(seen), "unseen": list(unseen),
+                   "axis": key, "data": label, "data_record": record, "seen": list(seen), "unseen": list(unseen),
                    "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x), "seed": seed,
                    "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": asdict(cfg)}
         if cfg.seen is not None:
@@ -142,7 +173,7 @@ def make_run(key: str):
             metrics.update(summarise_probes(probe_unseen(control, data, unseen, cfg, seed, device, progress)),
                            epochs=0, epochs_trained=0, train_seconds=0.0)
         else:
-            info = {"experiment": f"mnist-{key}", "split": split, "data": record}
+            info = {"experiment": f"mnist-{key}", "split": split, "data": record}  # the pixels' hashes: a resume checks them
             trained, history, seconds, trainer = train_on_seen(
                 model, "mlp", [train_t[v] for v in seen], [test_t[v] for v in seen], [str(v) for v in seen], cfg,
                 out, seed, device, progress, run_info=info)
@@ -154,7 +185,7 @@ def make_run(key: str):
                            best_epoch=trainer.state.best_epoch, train_seconds=round(seconds, 1),
                            train_seconds_total=round(sum(h["seconds"] for h in history), 1), history=history)
             learning_curve_figure(out / "probe_vs_steps.png", {model: metrics["learning_curve"]},
-                                  f"MNIST {key}, {split}: {model}, seed {seed}")
+                                  f"{_title(label)} {key}, {split}: {model}, seed {seed}")
             if split == "interleaved" and model == "metavae":  # Table 1 (the reference forces 'standard')
                 test_by_axis = {a: _transformed(te_x, a, T.GRIDS[a]) for a in AXES.values()}
                 d = invariance_distances(trained, test_by_axis, BASE, cfg, seed, device)
@@ -167,11 +198,16 @@ def make_run(key: str):
         accuracy_figure(out / "accuracy.png", [{
             "title": f"{key}, {split}", "values": T.GRIDS[axis], "seen": seen,
             "curves": {f"{model} ({p})": _by_value(metrics["accuracy"][p], axis) for p in PROBES}}],
-            f"MNIST {key}: linear-probe accuracy on unseen values, {model}")
+            f"{_title(label)} {key}: linear-probe accuracy on unseen values, {model}")
         write_report(out, _report(metrics))
         return metrics
 
     return run
+
+
+def _title(label: str) -> str:
+    """What a figure or report calls the data: MNIST only when it is."""
+    return "MNIST" if label == "mnist" else f"IDX data from {label.removeprefix('idx:')}"
 
 
 def _report(m: dict) -> str:
@@ -182,10 +218,11 @@ def _report(m: dict) -> str:
             + ([f"{untrained['accuracy'][p][v]:.3f}" for p in PROBES] if untrained else []) for v in acc["reference"]]
     rows.append(["**mean**"] + [f"**{mean[p]:.3f}**" for p in PROBES]
                 + ([f"{untrained['mean_unseen_accuracy'][p]:.3f}" for p in PROBES] if untrained else []))
-    paper = PAPER_TABLE2[m["axis"]].get(m["model"]) if m["split"] == "contiguous" else None
+    paper = PAPER_TABLE2[m["axis"]].get(m["model"]) if m["split"] == "contiguous" and m.get("data", "mnist") == "mnist" else None
     trained = m["model"] not in CONTROLS
     lines = [
-        f"# Transformed MNIST ({m['axis']}, {m['split']} split): {m['model']}" + ("" if trained else " (control)"),
+        f"# Transformed {_title(m.get('data', 'mnist'))} ({m['axis']}, {m['split']} split): {m['model']}"
+        + ("" if trained else " (control)"),
         "",
         f"Mean linear-probe accuracy on the {len(m['unseen'])} unseen values: reference probe **{mean['reference']:.3f}**, "
         f"standardised probe **{mean['standardised']:.3f}**" + (f" (paper Table 2: {paper})" if paper is not None else ""),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,6 +183,9 @@ class MetaVAE(Saveable, nn.Module):
                              "and pass dist=its index, or use a model with a shared decoder (--model ns or vhe)")
         if self.decoder is None:
             raise ValueError(f"{type(self).__name__} has no decoder to sample from")
+        for name, v in (("n", n), ("dist", dist)):  # True is an int to Python, not a count or an index
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
         if not 0 <= dist < self.n_decoders:
             raise ValueError(f"dist must name a training distribution 0..{self.n_decoders - 1}, got {dist}")
         if n < 1:

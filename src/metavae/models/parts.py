@@ -1,5 +1,9 @@
-"""Parts a model config names instead of describing by value (e.g. a preprocessing module): their
-import path inside the metavae package, so that loading a saved model never imports other code."""
+"""Parts a model config names instead of describing by value (e.g. a preprocessing module).
+
+A saved config holds the part's name; loading looks that name up in the registry's explicit table
+of allowed parts (`registry.ALLOWED_PARTS`) and never imports a path read from a file, so a model
+file cannot make metavae call anything but a part class built for the purpose.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,22 +11,32 @@ import importlib
 import torch
 
 
+def _allowed() -> dict:
+    from .registry import ALLOWED_PARTS  # the registry imports this module: look the table up late
+
+    return ALLOWED_PARTS
+
+
 def part_name(module: torch.nn.Module | None) -> str | None:
-    """'metavae.pkg.module:Class' for a part that `build_part` can rebuild (a class of the metavae
-    package constructible with no arguments; its tensors come back from the state dict)."""
+    """The table's name of ``module``'s class; a class not in the table cannot be saved, because
+    it could not be loaded back."""
     if module is None:
         return None
     cls = type(module)
-    return f"{cls.__module__}:{cls.__qualname__}"
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if name not in _allowed():
+        raise ValueError(f"part {name} is not in the registry's table of allowed parts "
+                         "(metavae.models.registry.ALLOWED_PARTS); add it there to save models that use it")
+    return name
 
 
 def build_part(name: str | None) -> torch.nn.Module | None:
+    """The part a config names, built with no arguments (its tensors come from the state dict);
+    a name not in the table is refused before anything is imported."""
     if name is None:
         return None
-    module, _, attr = str(name).partition(":")
-    if not (module == "metavae" or module.startswith("metavae.")) or not attr or "<" in attr:
-        raise ValueError(f"cannot rebuild part {name!r}: only parts defined in the metavae package are loaded")
-    try:
-        return getattr(importlib.import_module(module), attr)()
-    except (ImportError, AttributeError, TypeError) as e:
-        raise ValueError(f"cannot rebuild part {name!r}: {e}") from None
+    if not isinstance(name, str) or name not in _allowed():
+        raise ValueError(f"model config names part {name!r}, which is not an allowed part; allowed: "
+                         f"{', '.join(sorted(_allowed())) or 'none'}")
+    module, _, attr = _allowed()[name].partition(":")
+    return getattr(importlib.import_module(module), attr)()

@@ -1,10 +1,18 @@
-"""Devices and torchrun: which device, which rank, and the process group.
+"""Devices and torchrun: which device, which rank, the process group, and the memory a step needs.
 
 Under torchrun every rank draws the same global batch from the same generator and trains on its
-slice of it (`Batch.shard`), so DDP's gradient average equals the one-process gradient."""
+slice of it (`Batch.shard`), so DDP's gradient average equals the one-process gradient.
+
+A step gathers B queries and B context sets of N points for each of K distributions, plus the
+random keys that draw them; a batch_size of a billion would otherwise allocate until the kernel's
+OOM killer ends the process with no message. `check_step_memory` estimates a lower bound (inputs,
+sampling keys and a few activations' worth of the same size) before anything is allocated, so
+refusing what exceeds the memory available never refuses a step that would fit."""
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -61,3 +69,56 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch):
         return self.model.loss(batch)
+
+
+# --- memory ----------------------------------------------------------------------------------
+FLOAT = 4  # bytes: the models compute in float32
+ACTIVATION_FACTOR = 3  # forward activations and their gradients: at least a few copies of the inputs
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can still be allocated (MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: the driver's count; CPU: `available_memory`)."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    return available_memory() if device.type == "cpu" else None
+
+
+def step_bytes(k: int, batch_size: int, context_size: int, event_size: int, n_max: int,
+               shared_context: bool = False, context_pool: int | None = None) -> int:
+    """A lower bound on one step's memory: queries and context points in float32 (times
+    `ACTIVATION_FACTOR`), the index tensors and the random keys that draw the context sets."""
+    sets = 1 if shared_context else batch_size
+    points = k * (batch_size + (context_pool or 0) + sets * context_size * (0 if context_pool else 1))
+    keys = k * batch_size * (n_max if n_max <= 4 * context_size ** 2 else context_size) * FLOAT
+    index = k * batch_size * max(context_size, 1) * 8
+    return points * event_size * FLOAT * ACTIVATION_FACTOR + keys + index
+
+
+def check_step_memory(dataset, config, context_size: int, device: torch.device, k: int) -> None:
+    """Refuse a training configuration whose step cannot fit in the memory available, naming the
+    settings to lower, before any of it is allocated."""
+    free = device_memory(device)
+    if free is None:
+        return
+    part = dataset.part("train")
+    event = math.prod(dataset.event_shape)
+    need = step_bytes(k, config.batch_size, context_size, event, part.n_max, config.shared_context,
+                      config.context_pool)
+    if need > free:
+        raise ValueError(f"one training step needs at least {need / 1e9:.3g} GB (batch_size={config.batch_size} queries "
+                         f"x {k} distributions, context_size={context_size}, {event} values per point) but "
+                         f"{free / 1e9:.3g} GB are available on {device}; lower batch_size (or context_size)")

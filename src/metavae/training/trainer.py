@@ -24,7 +24,7 @@ from ..io import atomic_save, atomic_write_text
 from ..nets.mlp import bank_parameters, sparse_bank_gradients
 from .checkpoint import CHECKPOINT_VERSION, check_resumable, load_checkpoint
 from .config import TrainConfig
-from .distributed import LossModule, init_distributed, process_device, resolve_device
+from .distributed import LossModule, check_step_memory, init_distributed, process_device, resolve_device
 from .optim import RowAdam, clip_grad_norm, make_optimizer
 from .precision import check_bf16, fp32_parameter_outputs
 from .rng import rng_state, seed_everything, set_rng_state
@@ -112,6 +112,9 @@ class Trainer:
                                  "of the training data")
         if config.amp == "bf16":
             check_bf16(self.device)
+        uses_context = getattr(model, "uses_context", True)
+        check_step_memory(dataset, config, config.context_size if uses_context else 0, self.device,
+                          self.subset or self.n_dists)
         self.model = model.to(self.device)
         self._step_module = LossModule(self.model)
         if self.world > 1:
@@ -122,7 +125,6 @@ class Trainer:
         self.data = dataset.to(self.device)
         self.out = Path(out_dir) if out_dir is not None else None
         self.progress, self.desc = progress and self.rank == 0, desc
-        uses_context = getattr(model, "uses_context", True)
         self.context_size = config.context_size if uses_context else 0
         if self.subset is None:
             self.optimizer = make_optimizer(self.model.parameters(), config.lr)
@@ -183,11 +185,33 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = _State(**ckpt["state"])
         set_rng_state(ckpt["rng"], self.gen)
-        if self.state.best_epoch >= 0 and self.best_path.exists():
-            self._best = load_checkpoint(self.best_path)["model"]
+        if self.state.best_epoch >= 0:
+            self._restore_best(ckpt)
         self._fresh = False
         self._write_log()  # a kill between the checkpoint and its log leaves the log behind: catch it up
         return True
+
+    def _restore_best(self, ckpt: dict) -> None:
+        """The best weights so far from ``best.pt``. Where it is gone: ``last.pt``'s when the last epoch
+        was the best (best.pt is written again); otherwise the best is moved to the last epoch (its
+        validation loss from the history) and the run says so, so that the final weights and the
+        reported best epoch always agree."""
+        if self.best_path.exists():
+            self._best = load_checkpoint(self.best_path)["model"]
+            return
+        self._best = {k: v.detach().to("cpu", copy=True) for k, v in ckpt["model"].items()}
+        if self.state.best_epoch == self.state.epoch:
+            if self.rank == 0:
+                self._save_weights(self.best_path, epoch=self.state.epoch, val_loss=self.state.best_val)
+            return
+        last = self.state.history[-1] if self.state.history else {}
+        lost = self.state.best_epoch
+        score = last.get("val_loss") if last.get("val_loss") is not None else last.get("train_loss", math.inf)
+        self.state.best_val, self.state.best_epoch = score, self.state.epoch
+        if self.rank == 0:
+            print(f"metavae: notice: {self.best_path} (the weights of epoch {lost}, the lowest validation loss) is "
+                  f"missing; the best weights now are epoch {self.state.epoch}'s (the last saved), and the final "
+                  "model holds them unless a later epoch does better", file=sys.stderr)
 
     # -- loop -------------------------------------------------------------------------------
     def _train_batches(self):
