@@ -308,9 +308,13 @@ def test_bernoulli_on_data_outside_unit_range_is_refused(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o"), "--set",
                  "likelihood=bernoulli", "--set", "scale=none", "--set", "context_size=4", "--quiet"]) == 2
     assert "likelihood=bernoulli needs values in [0, 1]" in capsys.readouterr().err
-    model = make_model("vhe", "mlp", (2,), c_dim=2, z_dim=2, hidden=8, decoder_hidden=8)
-    with pytest.raises(ValueError, match="Bernoulli likelihood needs values in"):
-        model.log_prob(torch.randn(3, 2), torch.randn(5, 2), k=2)
+    from metavae.data.files import Family
+    from metavae.workflows import FileTrainConfig, train_family
+
+    fam = Family(["a", "b"], [np.random.default_rng(k).normal(size=(60, 2)) for k in range(2)])
+    with pytest.raises(ValueError, match="likelihood=bernoulli needs values in"):  # the Python way in refuses too
+        train_family(fam, tmp_path / "p", cfg=FileTrainConfig(likelihood="bernoulli", scale="none", context_size=4),
+                     progress=False)
     with pytest.raises(ValueError, match="needs event_shape"):
         make_model("vhe")
     assert make_model("vae", "mlp", (2,), likelihood="gaussian").likelihood.name == "gaussian"

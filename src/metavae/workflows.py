@@ -79,9 +79,10 @@ def choose_arch(arch: str, event_shape) -> str:
     return ("conv" if image else "mlp") if arch == "auto" else arch
 
 
-def _notice_float64(family: Family) -> None:
+def _float64_notice(family: Family) -> list[str]:
     if any(np.asarray(p[:1]).dtype == np.float64 for p in family.points):
-        print("metavae: notice: float64 data cast to float32 (the models' precision)", file=sys.stderr)
+        return ["float64 data cast to float32 (the models' precision)"]
+    return []
 
 
 def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean",
@@ -190,7 +191,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
     out = Path(out)
-    _notice_float64(family)
+    notices = _float64_notice(family)  # printed as one line with the likelihood's, before training
     arch = choose_arch("mlp" if arch == "auto" and model_name == "metavae-nocontext" else arch, family.event_shape)
     if model_name == "vae" and len(family.names) > 1:
         logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
@@ -219,7 +220,12 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
         points = [scaler.to_model(np.array(p) if isinstance(p, np.memmap) else p) for p in family.points]
         if model_name == "vae":
             points = [torch.cat(points)]
-    likelihood = choose_likelihood(cfg.likelihood, points if storage != "mapped" else family.points)
+    likelihood = choose_likelihood(cfg.likelihood, points if storage != "mapped" else family.points, quiet=True)
+    if cfg.likelihood == "auto":
+        why = "values in [0, 1]" if likelihood == "bernoulli" else "real values outside [0, 1]"
+        notices.append(f"likelihood={likelihood} ({why}; --set likelihood=gaussian|bernoulli to choose)")
+    if notices:
+        print("metavae: notice: " + "; ".join(notices), file=sys.stderr)
     data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
                        names=family.names if model_name != "vae" else ["all"], storage=storage)
     seed_everything(cfg.seed)
