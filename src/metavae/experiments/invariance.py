@@ -191,7 +191,9 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
     * ``learning_curve``: validation loss and both probes on `curve_values` at each snapshot;
     * ``reference_selection`` (models with a context latent c, when the headline is ``best``):
       the reference's pick, to show how much the reference's baseline numbers owe to it.
+    ``eval_seconds``: the wall time of all of it (beside the run's ``train_seconds``).
     The model is left holding the selected weights."""
+    t0 = time.time()
     hierarchical = hasattr(model, "c_dim")
     selected = model.state_dict()
     if cfg.selection == "reference":
@@ -228,6 +230,7 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
         result["reference_selection"] = {"epoch": worst["epoch"], "val_loss": worst["val_loss"],
                                          "accuracy": ref["accuracy"], "mean_unseen_accuracy": ref["mean_unseen_accuracy"]}
     model.load_state_dict(saved)
+    result["eval_seconds"] = round(time.time() - t0, 1)
     return result
 
 
