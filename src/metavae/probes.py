@@ -62,8 +62,8 @@ def batched_lbfgs(fg, w: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITE
     """Minimise B independent smooth functions at once: ``fg(w, rows) -> (f, grad, stationarity)``
     evaluates the problems ``rows`` (a LongTensor) at ``w`` (len(rows), P). Each problem keeps its
     own curvature pairs, Armijo backtracking step and stopping test (stationarity, e.g. max |grad|,
-    <= tol, or no decrease), and
-    only unconverged problems are evaluated, so the batch costs what solving them one by one would."""
+    <= tol, or no decrease), and only unconverged problems are evaluated, so the batch costs what
+    solving them one by one would, in far fewer, larger tensor operations."""
     f, g, stat = fg(w, torch.arange(len(w)))
     S, Y, rho = [], [], []  # curvature pairs (B, P); rho 0 marks a pair a problem rejected
     gamma = torch.ones_like(f)
