@@ -144,7 +144,7 @@ def dry_run(tasks: list, jobs: int, committed: list) -> str:
             text = fmt_seconds(est[0]) + ("" if est[1] else " (train only)")
             total += 0.0 if done else est[0]
         cmd = " ".join(a for a in t.argv[3:])
-        lines.append(f"{i:3d}. [{'done' if done else 'to do'}] {t.name:42s} {text:>18s}   metavae {cmd}")
+        lines.append(f"{i:3d}. [{'done' if done else 'to do'}] {t.name:44s} {text:>18s}   metavae {cmd}")
     todo = sum(not finished(t) for t in tasks)
     lines.append(f"{todo} of {len(tasks)} run(s) to do; estimated {fmt_seconds(total)} of runs"
                  + (f" plus {unknown} of unknown time" if unknown else "")
