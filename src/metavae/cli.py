@@ -138,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
                      help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
                           "then report from DIR (how results/ is filled)")
+    from .experiments import reproduce
+    reproduce.add_parser(sub)
     return p
 
 
@@ -269,6 +271,9 @@ def main(argv=None) -> int:
             return 0
         if args.command == "cache":
             return cache_command(args)
+        if args.command == "reproduce":
+            from .experiments import reproduce
+            return reproduce.command(args, _overrides(args.set))
         if args.command in ("train", "embed", "sample", "adapt", "evaluate"):
             return own_data_command(args)
         if args.command == "report":

@@ -21,6 +21,7 @@ import torch
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
 from ..models.metavae import INITS, POOLINGS
+from ..probes import STANDARDISED_CS, standardised_probes
 from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
 
 # Two linear probes read every embedding (docs/reproduction.md §13):
@@ -34,7 +35,6 @@ PROBES = ("reference", "standardised")
 PROBE = "one-vs-rest liblinear logistic regression, C=1, tol=1e-4, max_iter=100 (sklearn <= 0.21 defaults)"
 STANDARDISED_PROBE = ("features standardised on the train embeddings; multinomial logistic regression, C from "
                       "{0.01, 0.1, 1, 10} by 3-fold cross-validation on the train embeddings")
-STANDARDISED_CS = (0.01, 0.1, 1.0, 10.0)
 
 @dataclass(frozen=True)
 class InvarianceConfig:
@@ -84,35 +84,20 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     return float(clf.score(train_x, train_y)), float(clf.score(test_x, test_y))
 
 
-def fit_standardised_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple:
-    """(chosen C, test accuracy) of the standardised probe; nothing of the test set is used to fit it
-    (C: the best mean accuracy over 3 stratified folds of the train embeddings, the smaller C on ties)."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.preprocessing import StandardScaler
-
-    def fit(x, y, c):
-        return LogisticRegression(C=c, max_iter=300, tol=1e-4).fit(x, y)
-
-    scaler = StandardScaler().fit(train_x)
-    xs = scaler.transform(train_x)
-    folds = list(StratifiedKFold(n_splits=3).split(xs, train_y))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        scores = [np.mean([fit(xs[a], train_y[a], c).score(xs[b], train_y[b]) for a, b in folds]) for c in STANDARDISED_CS]
-        best = STANDARDISED_CS[int(np.argmax(scores))]
-        clf = fit(xs, train_y, best)
-    return float(best), float(clf.score(scaler.transform(test_x), test_y))
+def fit_probes_many(problems: Sequence) -> list:
+    """Test accuracy under both probes for each ``(train_x, train_y, test_x, test_y)``:
+    [{"reference": a, "standardised": b, "standardised_C": C}]. The standardised probes of all
+    problems are one batched solve (`metavae.probes`); the reference probe stays liblinear."""
+    problems = [(np.asarray(a, dtype=np.float64), np.asarray(b), np.asarray(c, dtype=np.float64), np.asarray(d))
+                for a, b, c, d in problems]
+    standardised = standardised_probes(problems, STANDARDISED_CS)
+    return [{"reference": fit_probe(*p)[1], "standardised": acc, "standardised_C": c}
+            for p, (c, acc) in zip(problems, standardised)]
 
 
 def fit_probes(train_x, train_y, test_x, test_y) -> dict:
-    """Test accuracy under both probes: {"reference": a, "standardised": b, "standardised_C": C}."""
-    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
-    c, std = fit_standardised_probe(train_x, train_y, test_x, test_y)
-    return {"reference": fit_probe(train_x, train_y, test_x, test_y)[1], "standardised": std, "standardised_C": c}
+    """`fit_probes_many` for one problem."""
+    return fit_probes_many([(train_x, train_y, test_x, test_y)])[0]
 
 
 @torch.no_grad()
@@ -140,21 +125,23 @@ def embed_images(model, images: torch.Tensor, context_size: int, generator: torc
 def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device, progress=True,
                  sample_c: bool = False) -> dict:
     """Both probes per unseen value: embed the value's train part (contexts from its train part) and
-    test part (contexts from its test part), fit on train, score on test. Per value:
+    test part (contexts from its test part), fit on train, score on test. Every value is embedded
+    first, then all are probed in one batched solve. Per value:
     {"reference", "standardised", "standardised_C", "spread"}; ``spread`` is the mean over
     dimensions of the standard deviation of the test embeddings across images (about 1 for a
     latent dimension in use under an N(0, I) prior; near 0 when the posterior has collapsed)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator(device=device).manual_seed(seed + 5)
-    out = {}
-    for v in tqdm(unseen, desc="probe", disable=not progress, leave=False):
+    embedded, spread = {}, {}
+    for v in tqdm(unseen, desc="embed", disable=not progress, leave=False):
         (tr_x, tr_y), (te_x, te_y) = data[v]
         ztr = embed_images(model, tr_x, cfg.context_size, gen, cfg.embed_chunk, device, sample_c)
         zte = embed_images(model, te_x, cfg.context_size, gen, cfg.embed_chunk, device, sample_c)
-        out[v] = dict(fit_probes(ztr.numpy(), tr_y.numpy(), zte.numpy(), te_y.numpy()),
-                      spread=float(zte.std(dim=0).mean()))
-    return out
+        embedded[v] = (ztr.numpy(), tr_y.numpy(), zte.numpy(), te_y.numpy())
+        spread[v] = float(zte.std(dim=0).mean())
+    probes = fit_probes_many(list(embedded.values()))
+    return {v: dict(r, spread=spread[v]) for v, r in zip(embedded, probes)}
 
 
 def summarise_probes(per_value: dict) -> dict:
@@ -197,7 +184,9 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
     * ``learning_curve``: validation loss and both probes on `curve_values` at each snapshot;
     * ``reference_selection`` (models with a context latent c, when the headline is ``best``):
       the reference's pick, to show how much the reference's baseline numbers owe to it.
+    ``eval_seconds``: the wall time of all of it (beside the run's ``train_seconds``).
     The model is left holding the selected weights."""
+    t0 = time.time()
     hierarchical = hasattr(model, "c_dim")
     selected = model.state_dict()
     if cfg.selection == "reference":
@@ -234,6 +223,7 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
         result["reference_selection"] = {"epoch": worst["epoch"], "val_loss": worst["val_loss"],
                                          "accuracy": ref["accuracy"], "mean_unseen_accuracy": ref["mean_unseen_accuracy"]}
     model.load_state_dict(saved)
+    result["eval_seconds"] = round(time.time() - t0, 1)
     return result
 
 

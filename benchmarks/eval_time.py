@@ -1,0 +1,74 @@
+"""Evaluation time of a finished transformed-MNIST run with the old and the new standardised probe,
+measured back to back in one process on copies of the run (training is finished, so `metavae run`
+only evaluates):
+
+    python benchmarks/eval_time.py runs/mnist-rotate/contiguous/metavae --data-dir DIR [--preset quick] [--out FILE.json]
+
+"old": scikit-learn one fit at a time (max_iter=300, as before); "new": the batched torch solve.
+Writes each way's eval_seconds, the seconds inside the standardised probe, and the run's
+train_seconds_total, hence the evaluation / training ratio each way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from metavae.experiments import get_experiment, invariance
+from metavae.experiments.common import resolve_preset
+from metavae.probes import sklearn_standardised_probe, standardised_probes
+
+
+def old_probes(problems, cs):
+    return [sklearn_standardised_probe(*p, cs=cs) for p in problems]
+
+
+def evaluate(run: Path, data_dir, preset: str, probe) -> dict:
+    """Re-run the finished run (a copy) with ``probe`` as the standardised probe; its timings."""
+    m = json.loads((run / "metrics.json").read_text())
+    exp = get_experiment(f"mnist-{m['axis']}")
+    spent = [0.0]
+
+    def timed(problems, cs):
+        t0 = time.time()
+        out = probe(problems, cs)
+        spent[0] += time.time() - t0
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        shutil.copytree(run, out)
+        saved, invariance.standardised_probes = invariance.standardised_probes, timed
+        try:
+            t0 = time.time()
+            metrics = exp.run(resolve_preset(exp.presets, preset), out=out, seed=m["seed"], progress=False,
+                              model=m["model"], split=m["split"], data_dir=data_dir)
+            wall = time.time() - t0
+        finally:
+            invariance.standardised_probes = saved
+    return {"eval_seconds": metrics["eval_seconds"], "standardised_probe_seconds": round(spent[0], 1),
+            "wall_seconds": round(wall, 1), "train_seconds_total": metrics["train_seconds_total"],
+            "eval_over_train": round(metrics["eval_seconds"] / metrics["train_seconds_total"], 3),
+            "mean_unseen_accuracy": metrics["mean_unseen_accuracy"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    result = {"run": str(args.run), "preset": args.preset,
+              "old": evaluate(args.run, args.data_dir, args.preset, old_probes),
+              "new": evaluate(args.run, args.data_dir, args.preset, standardised_probes)}
+    out = args.out or args.run / "eval_time.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`metavae reproduce`: the queue a table needs, skipping finished runs, resuming after an interrupt."""
+import json
+import signal
+import sys
+
+import pytest
+
+from metavae.cli import main
+from metavae.experiments import reproduce as R
+
+
+def _finish(task, **config):
+    task.out.mkdir(parents=True, exist_ok=True)
+    (task.out / "metrics.json").write_text(json.dumps({"mean_unseen_accuracy": {}, "config": dict(task.settings, **config)}))
+
+
+def test_dry_run_lists_the_table_queue(tmp_path, capsys):
+    tasks = R.plan("mnist-table2", tmp_path, "long", seeds=(0, 1))
+    names = [t.name for t in tasks]
+    assert len(tasks) == 3 * (4 * 2 + 2)  # 3 axes x (4 models x 2 seeds + 2 controls, which no seed changes)
+    assert names[0] == "mnist-rotate contiguous metavae seed 0" and "mnist-shear contiguous ns seed 1" in names
+    assert sum("pixels" in n for n in names) == 3
+    assert tasks[0].out == tmp_path / "mnist-rotate" / "contiguous" / "metavae" / "seed-0"
+    assert tasks[0].argv[3:] == ["run", "mnist-rotate", "--split", "contiguous", "--model", "metavae", "--seed", "0",
+                                 "--out", str(tasks[0].out), "--quiet", "--preset", "long"]
+    _finish(tasks[0])
+    assert main(["reproduce", "mnist-table2", "--preset", "long", "--seeds", "0,1", "--runs", str(tmp_path),
+                 "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(tasks) + 1
+    assert "[done]" in lines[0] and all("[to do]" in line for line in lines[1:-1])
+    assert lines[-1].startswith(f"{len(tasks) - 1} of {len(tasks)} run(s) to do")
+    assert all(("min" in line or " h " in line or "unknown" in line) for line in lines[:-1])
+
+
+def test_table1_is_the_interleaved_metavae_and_bad_input_is_refused(tmp_path, capsys):
+    assert [t.name for t in R.plan("norb-table1", tmp_path, seeds=(3,))] == [
+        f"norb-{a} interleaved metavae seed 3" for a in ("elevation", "azimuth", "lighting")]
+    assert main(["reproduce", "mnist-table1", "--seeds", "x", "--dry-run", "--runs", str(tmp_path)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["reproduce", "mnist-table1", "--preset", "nope", "--dry-run", "--runs", str(tmp_path)]) == 2
+
+
+def test_a_finished_run_of_other_settings_is_refused(tmp_path):
+    task = R.plan("mnist-table1", tmp_path)[0]
+    _finish(task)
+    assert R.finished(task)
+    _finish(task, epochs=task.settings["epochs"] + 1)
+    with pytest.raises(ValueError, match="other settings"):
+        R.finished(task)
+
+
+def _fake(tmp_path, name, seconds=0.0, fail=False):
+    """A task whose command counts its launches, sleeps, then writes a finished metrics.json (or fails)."""
+    out = tmp_path / name
+    code = (f"import json, pathlib, time; out = pathlib.Path({str(out)!r}); "
+            f"(out / 'launches').write_text(str(int((out / 'launches').read_text() or 0) + 1) "
+            f"if (out / 'launches').exists() else '1'); time.sleep({seconds}); "
+            + ("raise SystemExit(3)" if fail else
+               "(out / 'metrics.json').write_text(json.dumps({'mean_unseen_accuracy': {}, 'config': {}}))"))
+    return R.Task(name, out, [sys.executable, "-c", code])
+
+
+def _launches(task):
+    return int((task.out / "launches").read_text()) if (task.out / "launches").exists() else 0
+
+
+def test_queue_runs_skips_finished_and_reports_failures(tmp_path):
+    tasks = [_fake(tmp_path, f"t{i}") for i in range(3)] + [_fake(tmp_path, "bad", fail=True)]
+    assert R.run_queue(tasks, jobs=2, progress=False, poll=0.05) == ["bad"]
+    assert [_launches(t) for t in tasks] == [1, 1, 1, 1]
+    assert R.run_queue(tasks, jobs=2, progress=False, poll=0.05) == ["bad"]  # only the unfinished run again
+    assert [_launches(t) for t in tasks] == [1, 1, 1, 2]
+
+
+def test_an_interrupted_queue_resumes_where_it_stopped(tmp_path):
+    tasks = [_fake(tmp_path, "quick"), _fake(tmp_path, "slow", seconds=60), _fake(tmp_path, "later")]
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            R.run_queue(tasks, jobs=1, progress=False, poll=0.05)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert [R.finished(t) for t in tasks] == [True, False, False]
+    assert [_launches(t) for t in tasks] == [1, 1, 0]  # the slow run was stopped, the last never started
+    tasks[1] = _fake(tmp_path, "slow")  # its rerun now finishes quickly
+    assert R.run_queue(tasks, jobs=1, progress=False, poll=0.05) == []
+    assert [_launches(t) for t in tasks] == [1, 2, 1]
+
+
+def test_reproduce_runs_a_tiny_table_then_reports(tmp_path, shared_mnist, capsys, monkeypatch):
+    """One real run of the queue (the others' absence is the report's "missing runs"), for speed."""
+    monkeypatch.setenv("METAVAE_DATA", str(tmp_path / "cache"))
+    plan = R.plan
+    monkeypatch.setattr(R, "plan", lambda *a, **k: plan(*a, **k)[:1])
+    argv = ["reproduce", "mnist-table1", "--runs", str(tmp_path / "runs"), "--data-dir", str(shared_mnist),
+            "--jobs", "2", "--quiet", "--set", "train_images=60", "--set", "test_images=30", "--set", "epochs=1",
+            "--set", "batch_size=20"]
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "Table 1" in report and "mnist-scale --split interleaved" in report  # a missing run, named
+    table1 = json.loads((tmp_path / "runs" / "mnist-report" / "table1.json").read_text())
+    assert table1["rotate"] is not None and table1["scale"] is None
+    first = tmp_path / "runs" / "mnist-rotate" / "interleaved" / "metavae" / "seed-0" / "metrics.json"
+    stamp = first.stat().st_mtime
+    assert main(argv) == 0  # everything finished: nothing reruns
+    assert first.stat().st_mtime == stamp
