@@ -473,6 +473,7 @@ class MappedPart(Part):
         new._read = 0
         new.arrays = [self.arrays[k] for k in dists]
         new.index = [self.index[k] for k in dists]
+        new._needs = [self._needs[k] for k in dists]
         new.lengths = self.lengths[torch.as_tensor(dists, dtype=torch.long).to(self.lengths.device)]
         new._n_max = int(new.lengths.max())
         new.labels = None
@@ -501,7 +502,7 @@ class MappedPart(Part):
     def _check_file(self, k: int) -> None:
         """Refuse to read distribution ``k``'s memory map if its file shrank under the run: a read
         past a file's end kills the process with SIGBUS, with no message."""
-        need = getattr(self, "_needs", [None] * (k + 1))[k]
+        need = self._needs[k]
         if need is None:
             return
         filename, size = need
