@@ -157,24 +157,6 @@ def read_points(path, what: str, event_shape) -> "torch.Tensor":
     return as_float(checked_points(a, what, path.name))
 
 
-def check_likelihood(family: Family, likelihood: str) -> None:
-    """Refuse data a likelihood cannot describe: a Bernoulli decoder models values in [0, 1], so
-    other values would train to a meaningless loss (uint8 pixels are scaled into [0, 1] first)."""
-    if likelihood != "bernoulli":
-        return
-    for name, a in zip(family.names, family.points):
-        if a.dtype == np.uint8:
-            continue
-        step = max(1, FINITE_CHECK_CHUNK // max(1, int(np.prod(a.shape[1:]))))
-        lo, hi = np.inf, -np.inf
-        for start in range(0, len(a), step):
-            chunk = np.asarray(a[start:start + step])
-            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
-        if lo < 0 or hi > 1:
-            raise ValueError(f"{family.source}: distribution {name!r} holds values in [{lo:.4g}, {hi:.4g}]; "
-                             "likelihood=bernoulli models values in [0, 1] (use likelihood=gaussian or rescale)")
-
-
 def _read_table(path: Path, dist_column: str, label_column: str | None) -> Family:
     try:
         import pandas as pd

@@ -39,10 +39,8 @@ def by_k(found: dict, model: str) -> dict:
     """{K: [metrics per seed]} of ``model``'s default-settings runs on rotate/contiguous."""
     out: dict = {}
     for (axis, split, label), runs in found.items():
-        if axis != AXIS or split != SPLIT or (label != model and not label.startswith(f"{model} (seen ")):
-            continue
-        if label != model and label != f"{model} (seen {_seen(runs[0])})":  # another variant too: not on the map
-            continue
+        if axis != AXIS or split != SPLIT or label not in (model, f"{model} (seen {_seen(runs[0])})"):
+            continue  # another model, or a variant beyond seen=K: not on the map
         for m in runs:
             out.setdefault(_seen(m), []).append(m)
     return dict(sorted(out.items()))

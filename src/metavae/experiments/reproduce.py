@@ -96,6 +96,9 @@ def finished(task: Task) -> bool:
     return True
 
 
+DATA_FAMILY = {"mnist": "mnist", "smallnorb": "norb", "synthnorb": "norb"}  # metrics.json "data" -> experiment family
+
+
 def committed_seconds(results: Path = RESULTS) -> list:
     """[(key, config, seconds, eval known)] of every committed run: its training time over all
     launches plus its evaluation time where metrics.json records it."""
@@ -107,7 +110,9 @@ def committed_seconds(results: Path = RESULTS) -> list:
             continue
         if not isinstance(m, dict) or "axis" not in m or m.get("label", m.get("model")) != m.get("model"):
             continue  # not an invariance run, or a variant ("metavae (amp bf16)") of its model
-        family = "mnist" if m.get("data") == "mnist" else "norb"
+        family = DATA_FAMILY.get(m.get("data"))
+        if family is None:  # another data set (e.g. "idx:FOLDER"): its times say nothing of this queue
+            continue
         train = m.get("train_seconds_total", m.get("train_seconds"))
         if train is None:
             continue

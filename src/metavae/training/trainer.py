@@ -112,9 +112,8 @@ class Trainer:
                                  "of the training data")
         if config.amp == "bf16":
             check_bf16(self.device)
-        uses_context = getattr(model, "uses_context", True)
-        check_step_memory(dataset, config, config.context_size if uses_context else 0, self.device,
-                          self.subset or self.n_dists)
+        self.context_size = config.context_size if getattr(model, "uses_context", True) else 0
+        check_step_memory(dataset, config, self.context_size, self.device, self.subset or self.n_dists)
         self.model = model.to(self.device)
         self._step_module = LossModule(self.model)
         if self.world > 1:
@@ -125,7 +124,6 @@ class Trainer:
         self.data = dataset.to(self.device)
         self.out = Path(out_dir) if out_dir is not None else None
         self.progress, self.desc = progress and self.rank == 0, desc
-        self.context_size = config.context_size if uses_context else 0
         if self.subset is None:
             self.optimizer = make_optimizer(self.model.parameters(), config.lr)
         else:  # decoders of distributions not in a step must not move: Adam state per bank row
