@@ -714,3 +714,15 @@ def test_the_official_images_are_labelled_mnist(shared_mnist):
     tr, te = load_mnist(shared_mnist, "train")[0], load_mnist(shared_mnist, "test")[0]
     assert data_label(shared_mnist, tr, te) == "mnist"
     assert data_label(shared_mnist, tr, te.flip(0)) != "mnist"
+
+
+def test_metrics_files_stay_valid_json_with_non_finite_values(tmp_path):
+    """A NaN or -inf in metrics (a log-likelihood a model cannot score) becomes null, never NaN."""
+    import json
+
+    from metavae.io import write_json
+
+    path = write_json({"log_likelihood": float("-inf"), "per": [float("nan"), 1.0], 3: 2.0}, tmp_path / "m.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"log_likelihood": None, "per": [None, 1.0], "3": 2.0}

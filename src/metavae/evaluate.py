@@ -10,7 +10,6 @@ images reconstruction and sample grids.
 """
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, write_json
 
 CONTROLS = ("raw", "pca", "random_projection", "untrained")
 PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # ascending: GridSearchCV keeps the first best, the smaller C
@@ -179,7 +178,7 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
     out.mkdir(parents=True, exist_ok=True)
     if len(model.event_shape) >= 2:
         metrics["figures"] = _image_grids(model, scaler, xs, ctxs, family.names, names_trained, out, seed)
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out / "metrics.json")
+    write_json(metrics, out / "metrics.json")
     atomic_write_text(report(metrics), out / "report.md")
     return metrics
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import tempfile
@@ -186,3 +187,22 @@ def cache_clear(downloads: bool = False) -> int:
             freed += _size(path)[0]
             shutil.rmtree(path)
     return freed
+
+
+def json_safe(obj):
+    """``obj`` with NaN/inf floats as None and keys as text: what JSON can hold (json.dumps would
+    write NaN, which no JSON reader accepts)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path) -> Path:
+    """An indented JSON file of ``obj`` (`json_safe`), written atomically."""
+    import json
+
+    return atomic_write_text(json.dumps(json_safe(obj), indent=2) + "\n", Path(path))

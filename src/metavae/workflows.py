@@ -20,7 +20,7 @@ from .data.files import Family, family_fingerprint, read_family
 from .data.files import read_points as read_array
 from .data.meta import MetaDataset
 from .distributions import make_likelihood
-from .io import atomic_write_text
+from .io import atomic_write_text, write_json
 from .models import MODEL_NAMES, load, make_model
 from .training import Trainer, TrainConfig, seed_everything
 from .training.distributed import available_memory
@@ -252,7 +252,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
                "epochs_trained": trainer.state.epoch, "stopped_early": trainer.stopped_early,
                "best_epoch": trainer.state.best_epoch, "best_val_loss": trainer.state.best_val,
                "train_seconds": round(time.time() - t0, 1), "settings": dataclasses.asdict(cfg), "history": history}
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out / "metrics.json")
+    write_json(metrics, out / "metrics.json")
     atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / "metrics.jsonl")
     _loss_plot(out / "loss.png", history, model_name)
     return metrics

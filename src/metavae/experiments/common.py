@@ -8,7 +8,7 @@ import types
 import typing
 from pathlib import Path
 
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, write_json
 from ..training import is_main_process
 
 
@@ -129,21 +129,11 @@ def train_shared(experiment: str, name: str, model, data, cfg, out: Path, device
     return model.to("cpu").eval()
 
 
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def write_metrics(out: Path, metrics: dict) -> Path:
     """metrics.json (NaN/inf become null, so the file is valid JSON); rank 0 only under torchrun."""
     path = Path(out) / "metrics.json"
     if is_main_process():
-        atomic_write_text(json.dumps(_clean(metrics), indent=2) + "\n", path)
+        write_json(metrics, path)
     return path
 
 
