@@ -726,3 +726,18 @@ def test_metrics_files_stay_valid_json_with_non_finite_values(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"log_likelihood": None, "per": [None, 1.0], "3": 2.0}
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f4", "bool", "int16"])
+def test_a_single_npy_is_read_as_a_training_folders_files_are(tmp_path, dtype):
+    """One .npy file (what `train`, `embed --data` and `evaluate` may get) converts dtypes exactly as a
+    folder of .npy files does: one reader, not two."""
+    from metavae.data.files import read_family, read_npy
+
+    a = (np.arange(40).reshape(20, 2) % 2).astype(dtype)
+    np.save(tmp_path / "d0.npy", a)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    np.save(folder / "d0.npy", a)
+    one, many = read_npy(tmp_path / "d0.npy").points[0], read_family(folder).points[0]
+    assert one.dtype == many.dtype and np.array_equal(one, many)

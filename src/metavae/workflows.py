@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.files import Family, family_fingerprint, read_family
+from .data.files import Family, family_fingerprint, read_family, read_npy, read_npz_with_labels
 from .data.files import read_points as read_array
 from .data.meta import MetaDataset
 from .distributions import make_likelihood
@@ -285,50 +285,14 @@ def read_points(path, dist_column: str = "distribution", label_column: str | Non
     if path.suffix == ".npy" and model is not None:  # dtypes converted, uint8 / 255, as training reads
         family = Family([path.stem], [read_array(path, "points", model.event_shape).numpy()], None, str(path))
     elif path.suffix == ".npy":
-        if not path.is_file():
-            raise FileNotFoundError(f"no file at {path}")
-        try:
-            a = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{path}: not a readable .npy file ({e})") from None
-        from .data.meta import check_points
-
-        if a.ndim < 2:
-            raise ValueError(f"{path}: give points as rows (n, features), got shape {a.shape}")
-        check_points(a, path.name, repr(path.stem))
-        family = Family([path.stem], [a], None, str(path))
+        family = read_npy(path)
     elif path.suffix == ".npz" and label_column is not None:
-        family = _npz_with_labels(path, label_column)
+        family = read_npz_with_labels(path, label_column)
     else:
         family = read_family(path, dist_column, label_column)
     if model is not None:
         _check_against(family, model)
     return family
-
-
-def _npz_with_labels(path: Path, label_column: str) -> Family:
-    """An .npz whose arrays ``LABEL/NAME`` hold the labels of distribution ``NAME`` (images keep their
-    shape, which a table would flatten): ``np.savez(f, **{"d0": x0, "label/d0": y0, ...})``."""
-    from .data.meta import check_points
-
-    with np.load(path, allow_pickle=False) as z:
-        keys = list(z.files)
-        prefix = f"{label_column}/"
-        names = [k for k in keys if not k.startswith(prefix)]
-        missing = [n for n in names if prefix + n not in keys]
-        if missing:
-            raise ValueError(f"{path}: --label-column {label_column}: no array {prefix}{missing[0]} with the labels "
-                             f"of {missing[0]!r} (an .npz keeps labels as arrays named {prefix}NAME)")
-        points, labels = [z[n] for n in names], [z[prefix + n] for n in names]
-    if not names:
-        raise ValueError(f"{path}: holds no distributions")
-    for n, p, y in zip(names, points, labels):
-        check_points(p, path.name, repr(n))
-        if y.shape != (len(p),):
-            raise ValueError(f"{path}: {prefix}{n} must hold one label per point ({len(p)}), got shape {y.shape}")
-    if len({p.shape[1:] for p in points}) > 1:
-        raise ValueError(f"{path}: distributions disagree on the point shape (ragged)")
-    return Family(names, points, labels, str(path))
 
 
 def _check_against(family: Family, model) -> None:

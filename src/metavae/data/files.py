@@ -237,3 +237,30 @@ def family_fingerprint(family: Family) -> dict:
             digest.update(np.ascontiguousarray(a[start:start + step]).tobytes())
     return {"names": list(family.names), "shapes": [list(a.shape) for a in family.points],
             "dtypes": [str(a.dtype) for a in family.points], "sha256": digest.hexdigest()}
+
+
+def read_npy(path) -> Family:
+    """One .npy file as a family of one distribution (named by the file's stem), read and checked
+    as a training family's files are (dtypes converted, one line for a bad file)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    return Family([path.stem], _check([path.stem], [_load_npy(path)], str(path)), None, str(path))
+
+
+def read_npz_with_labels(path, label_column: str) -> Family:
+    """An .npz whose arrays ``LABEL/NAME`` hold the labels of distribution ``NAME`` (images keep their
+    shape, which a table would flatten): ``np.savez(f, **{"d0": x0, "label/d0": y0, ...})``."""
+    path = Path(path).expanduser()
+    keys, arrays = _load_npz(path)
+    by_key, prefix = dict(zip(keys, arrays)), f"{label_column}/"
+    names = [k for k in keys if not k.startswith(prefix)]
+    missing = [n for n in names if prefix + n not in by_key]
+    if missing:
+        raise ValueError(f"{path}: --label-column {label_column}: no array {prefix}{missing[0]} with the labels "
+                         f"of {missing[0]!r} (an .npz keeps labels as arrays named {prefix}NAME)")
+    points, labels = _check(names, [by_key[n] for n in names], str(path)), [by_key[prefix + n] for n in names]
+    for n, x, y in zip(names, points, labels):
+        if y.shape != (len(x),):
+            raise ValueError(f"{path}: {prefix}{n} must hold one label per point ({len(x)}), got shape {y.shape}")
+    return Family(names, points, labels, str(path))
