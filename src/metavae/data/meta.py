@@ -145,6 +145,12 @@ def check_points(points, part: str, dist: str) -> None:
         _check_magnitude(top, where)
 
 
+def samples_by_keys(n_max: int, size: int) -> bool:
+    """Which exact method draws context sets of ``size`` from up to ``n_max`` points: random keys
+    over the whole padded pool (one float per point and query) where it is small, else Floyd's."""
+    return n_max <= 4 * size * size
+
+
 def _tensor(points, where: str) -> torch.Tensor:
     """``points`` as a tensor that needs no gradient (data are constants: a tensor that requires
     grad would make every step backpropagate into it), any numpy byte order accepted."""
@@ -293,8 +299,7 @@ class Part:
                 f"context size {size} exceeds the {int(pool[k])} points available in distribution {name} "
                 f"of the {self.name} part" + (" (the query itself is excluded)" if exclude_query else "")
             )
-        n_max = self.n_max
-        if n_max <= 4 * size * size:
+        if samples_by_keys(self.n_max, size):
             return self._sample_by_keys(query_idx, size, generator, exclude_query, lengths)
         return self._sample_floyd(query_idx, size, generator, exclude_query, pool)
 

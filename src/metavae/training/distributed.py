@@ -103,7 +103,9 @@ def step_bytes(k: int, batch_size: int, context_size: int, event_size: int, n_ma
     `ACTIVATION_FACTOR`), the index tensors and the random keys that draw the context sets."""
     sets = 1 if shared_context else batch_size
     points = k * (batch_size + (context_pool or 0) + sets * context_size * (0 if context_pool else 1))
-    keys = k * batch_size * (n_max if n_max <= 4 * context_size ** 2 else context_size) * FLOAT
+    from ..data.meta import samples_by_keys
+
+    keys = k * batch_size * (n_max if samples_by_keys(n_max, context_size) else context_size) * FLOAT
     index = k * batch_size * max(context_size, 1) * 8
     return points * event_size * FLOAT * ACTIVATION_FACTOR + keys + index
 
