@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def mog(seed: int, amp, out: Path) -> dict:
-    from metavae.experiments import mog as M
+    from metavae.paper import mog as M
 
     @dataclasses.dataclass(frozen=True)
     class MogAmp(M.MogConfig):
@@ -33,8 +33,8 @@ def mog(seed: int, amp, out: Path) -> dict:
 
 
 def mnist(seed: int, amp, out: Path, data_dir: str) -> dict:
-    from metavae.experiments import mnist as M
-    from metavae.experiments.common import resolve_preset
+    from metavae.paper import mnist as M
+    from metavae.settings import resolve_preset
 
     t = time.time()
     cfg = dataclasses.replace(resolve_preset(M.PRESETS, "quick"), amp=amp)  # InvarianceConfig.amp -> TrainConfig

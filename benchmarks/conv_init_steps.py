@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 from metavae import MetaDataset, seed_everything  # noqa: E402
-from metavae.data.norb_loader import load_norb  # noqa: E402
+from metavae.paper.data.norb_loader import load_norb  # noqa: E402
 from metavae.models import make_model  # noqa: E402
 
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from metavae.experiments import get_experiment, invariance
-from metavae.experiments.common import resolve_preset
+from metavae.paper import get_experiment, invariance
+from metavae.settings import resolve_preset
 from metavae.probes import sklearn_standardised_probe, standardised_probes
 
 

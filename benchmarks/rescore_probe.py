@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from metavae.experiments import mnist
-from metavae.experiments.invariance import InvarianceConfig, embed_images
+from metavae.paper import mnist
+from metavae.paper.invariance import InvarianceConfig, embed_images
 from metavae.models import load
 from metavae.probes import sklearn_standardised_probe, standardised_probes
 

@@ -362,8 +362,8 @@ def test_make_model_rejects_unknown_names():
 # --- training on rotated MNIST through the core Trainer ---------------------------------------
 @pytest.fixture(scope="module")
 def rotated_mnist(shared_mnist):
-    from metavae.data.mnist import load_mnist
-    from metavae.data.transforms import apply_transform
+    from metavae.paper.data.mnist import load_mnist
+    from metavae.paper.data.transforms import apply_transform
 
     images, _ = load_mnist(shared_mnist, "test", download=False)
     images = images[:600]

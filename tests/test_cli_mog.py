@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metavae.cli import main
-from metavae.data import mog
+from metavae.paper.data import mog
 
 
 def test_list_names_every_experiment(capsys):

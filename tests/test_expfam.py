@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from metavae.data import expfam as E
+from metavae.paper.data import exponential_families as E
 
 
 def gen(seed=0):

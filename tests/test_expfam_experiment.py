@@ -8,11 +8,11 @@ import torch
 from torch import distributions as D
 
 from metavae.cli import main
-from metavae.data import expfam as E
+from metavae.paper.data import exponential_families as E
 from metavae.data.meta import MetaDataset
-from metavae.experiments import expfam as X
-from metavae.experiments import get_experiment
-from metavae.models.expfam import ExpFamLikelihood, FamilyParams, KnownLikelihoodDecoder, build_expfam_metavae
+from metavae.paper import expfam as X
+from metavae.paper import get_experiment
+from metavae.paper.models.expfam_metavae import ExpFamLikelihood, FamilyParams, KnownLikelihoodDecoder, build_expfam_metavae
 from metavae.objectives import elbo
 from metavae.training import Trainer, TrainConfig, seed_everything
 

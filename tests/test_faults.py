@@ -12,10 +12,10 @@ import torch
 
 from metavae import Gaussian, MetaDataset, TrainConfig, Trainer, build_mlp_metavae
 from metavae.cli import main
-from metavae.data import mnist
-from metavae.data.norb import read_matrix
-from metavae.experiments import get_experiment
-from metavae.experiments.common import resolve_preset
+from metavae.paper.data import mnist
+from metavae.paper.data.norb import read_matrix
+from metavae.paper import get_experiment
+from metavae.settings import resolve_preset
 from metavae.io import RunFolder, RunLocked, atomic_save, cache_root
 
 TINY_MOG = ["--quiet", "--set", "epochs=1", "--set", "steps_per_epoch=3", "--set", "test_mixtures=5",

@@ -23,7 +23,7 @@ from metavae.cli import main
 from metavae.data.files import read_family
 from metavae.io import RunFolder, TMP_MARK, atomic_write_bytes
 from metavae.models import load, make_model
-from metavae.models.compiled import build_compiled_inference
+from metavae.paper.models.compiled import build_compiled_inference
 
 TINY = ["--quiet", "--set", "epochs=1", "--set", "hidden=[8]", "--set", "summary=[8]", "--set", "context_size=3",
         "--set", "batch_size=8", "--set", "z_dim=2"]
@@ -88,9 +88,9 @@ def _metavae(path: Path, k=3, d=4, **extra) -> Path:
 
 
 # 1. a model file names no code ------------------------------------------------------------------
-HOSTILE_PARTS = ["metavae.io:cache_clear", "metavae.cli:main", "metavae.experiments.mnist:report", "os:system",
+HOSTILE_PARTS = ["metavae.io:cache_clear", "metavae.cli:main", "metavae.paper.mnist:report", "os:system",
                  "builtins:eval", "metavae.io:clear_temporaries", "metavae.models.registry:load", "", 5, ["x"],
-                 {"a": 1}, "metavae.experiments.physics:FixedStandardize.__init__"]
+                 {"a": 1}, "metavae.paper.models.standardize:FixedStandardize.__init__"]
 
 
 @pytest.mark.parametrize("part", HOSTILE_PARTS)
@@ -108,7 +108,7 @@ def test_a_model_file_naming_code_is_refused_before_it_runs(part, guarded, capsy
 
 
 def test_allowed_parts_still_round_trip(tmp_path):
-    from metavae.experiments.physics import FixedStandardize
+    from metavae.paper.models.standardize import FixedStandardize
     from metavae.models.registry import ALLOWED_PARTS
 
     model = build_compiled_inference(2, z_dim=1, hidden=(8,), summary=None, preprocess=FixedStandardize(3.0, 2.0))
@@ -688,7 +688,7 @@ def _idx(path: Path, array: np.ndarray) -> None:
 
 
 def test_other_idx_data_is_never_labelled_mnist(guarded, capsys):
-    from metavae.experiments.mnist import data_label
+    from metavae.paper.mnist import data_label
 
     g = np.random.default_rng(0)
     folder = guarded / "fashion"
@@ -708,8 +708,8 @@ def test_other_idx_data_is_never_labelled_mnist(guarded, capsys):
 
 
 def test_the_official_images_are_labelled_mnist(shared_mnist):
-    from metavae.data.mnist import load_mnist
-    from metavae.experiments.mnist import data_label
+    from metavae.paper.data.mnist import load_mnist
+    from metavae.paper.mnist import data_label
 
     tr, te = load_mnist(shared_mnist, "train")[0], load_mnist(shared_mnist, "test")[0]
     assert data_label(shared_mnist, tr, te) == "mnist"

@@ -9,8 +9,8 @@ import torch
 from torch import distributions as D
 
 from metavae.distributions import CategoricalLatent, Gaussian, GaussianLatent, gaussian_log_prob
-from metavae.experiments import gap as G
-from metavae.experiments.common import resolve_preset
+from metavae.paper import gap as G
+from metavae.settings import resolve_preset
 from metavae.models import build_mlp_metavae
 from metavae.objectives import decoder_log_lik, elbo, elbo_of
 from metavae.refine import (GaussHermiteLatent, GradientEncoder, iterate_learned, refine, refined_encode,
@@ -204,7 +204,7 @@ def test_iw_of_equals_the_model_bound_and_tightens_the_elbo():
 
 def _fake_run(folder, seed=0):
     """A finished mnist-rotate MetaVAE run (untrained weights) in the layout `find_model` reads."""
-    from metavae.data import transforms as T
+    from metavae.paper.data import transforms as T
     from metavae.models import make_model
 
     seen, unseen = T.get_split("rotation", "interleaved")

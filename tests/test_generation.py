@@ -2,7 +2,7 @@
 import torch
 
 from metavae.cli import main
-from metavae.experiments import get_experiment
+from metavae.paper import get_experiment
 from metavae.models import make_model
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from metavae.data import mnist
+from metavae.paper.data import mnist
 
 TRAIN_LABEL_COUNTS = [2406, 2770, 2381, 2524, 2386, 2181, 2401, 2524, 2328, 2444]
 
@@ -46,7 +46,7 @@ def _no_network(monkeypatch):
 
 def test_shared_train_and_test_counts(shared_mnist, caplog):
     folder = shared_mnist
-    with caplog.at_level(logging.INFO, logger="metavae.data.mnist"):
+    with caplog.at_level(logging.INFO, logger="metavae.paper.data.mnist"):
         x, y = mnist.load_mnist(folder, "train", download=False)
     assert x.shape == (24345, 28, 28) and x.dtype == torch.uint8
     assert y.shape == (24345,) and y.dtype == torch.int64
@@ -114,7 +114,7 @@ def test_load_local_mixed_gzip_and_plain(tmp_path, caplog):
     images, labels = _small_pair(7, 7)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, compress=True)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, compress=False)
-    with caplog.at_level(logging.INFO, logger="metavae.data.mnist"):
+    with caplog.at_level(logging.INFO, logger="metavae.paper.data.mnist"):
         x, y = mnist.load_mnist(tmp_path, "test")
     assert torch.equal(x, torch.from_numpy(images)) and torch.equal(y, torch.from_numpy(labels).long())
     assert "read 7 MNIST test images" in caplog.text

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from metavae.cli import main
-from metavae.experiments.invariance import fit_probe
+from metavae.paper.invariance import fit_probe
 
 TINY = ["--quiet", "--set", "train_images=300", "--set", "test_images=200", "--set", "epochs=1",
         "--set", "batch_size=50"]
@@ -77,7 +77,7 @@ def test_probe_separates_separable_embeddings_and_not_noise():
 def test_reference_probe_punishes_small_scale_and_standardised_does_not():
     """The same separable features at scale 1 and 0.003: the reference probe's fixed L2 penalty loses
     most of the accuracy at the small scale; the standardised probe does not care."""
-    from metavae.experiments.invariance import fit_probes
+    from metavae.paper.invariance import fit_probes
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, 3000)
@@ -94,7 +94,7 @@ def test_table1_distances_on_a_hand_built_embedding():
     the mean of d over the non-base values."""
     import torch
 
-    from metavae.experiments.invariance import InvarianceConfig, invariance_distances
+    from metavae.paper.invariance import InvarianceConfig, invariance_distances
 
     class Shift(torch.nn.Module):
         uses_context = False

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from metavae.data.norb_loader import load_norb
-from metavae.data import mnist, norb
-from metavae.data import synthnorb as S
+from metavae.paper.data.norb_loader import load_norb
+from metavae.paper.data import mnist, norb
+from metavae.paper.data import synthnorb as S
 from metavae.data.meta import MetaDataset
 
 MAGIC_U8, MAGIC_I32 = 0x1E3D4C55, 0x1E3D4C54

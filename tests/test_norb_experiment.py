@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from metavae.data.norb_loader import load_norb
+from metavae.paper.data.norb_loader import load_norb
 from metavae.cli import main
-from metavae.data import norb
-from metavae.data import synthnorb as S
-from metavae.experiments import get_experiment, list_experiments
-from metavae.experiments import norb as E
+from metavae.paper.data import norb
+from metavae.paper.data import synthnorb as S
+from metavae.paper import get_experiment, list_experiments
+from metavae.paper import norb as E
 
 TINY = ["--quiet", "--set", "train_images=40", "--set", "test_images=30", "--set", "table1_images=20",
         "--set", "epochs=1", "--set", "batch_size=8", "--set", "context_size=4", "--set", "channels=[4,8,8]",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metavae.data import physics as P
+from metavae.paper.data import physics as P
 
 
 def reference_simulate(mu, length, phi, dt=0.005):

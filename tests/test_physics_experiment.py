@@ -8,11 +8,11 @@ import torch
 from torch import distributions as D
 
 from metavae.cli import main
-from metavae.data import physics as P
+from metavae.paper.data import physics as P
 from metavae.data.meta import MetaDataset
-from metavae.experiments import get_experiment
-from metavae.experiments import physics as X
-from metavae.models.compiled import build_compiled_inference
+from metavae.paper import get_experiment
+from metavae.paper import physics as X
+from metavae.paper.models.compiled import build_compiled_inference
 from metavae.training import Trainer, TrainConfig, seed_everything
 
 

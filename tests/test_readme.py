@@ -127,17 +127,17 @@ def _block(name: str) -> str:
 def test_readme_generation_and_pooling_tables_are_rebuilt_from_results():
     import json
 
-    from metavae.experiments.generation import likelihood_table
-    from metavae.experiments.mog import pooling_table
+    from metavae.paper.generation import likelihood_table
+    from metavae.paper.mog import pooling_table
 
     results = README.parent / "results"
     assert _block("generation-table") == likelihood_table(
         json.loads((results / "generation" / "metrics.json").read_text())).strip()
     assert _block("pooling-table") == pooling_table(results / "pooling").strip()
-    from metavae.experiments.mnist import pooling_table as mnist_pooling_table
+    from metavae.paper.mnist import pooling_table as mnist_pooling_table
 
     assert _block("pooling-mnist-table") == mnist_pooling_table(results / "pooling-mnist").strip()
-    from metavae.experiments.mnist_gap import gap_table
+    from metavae.paper.mnist_gap import gap_table
 
     gap = json.loads((results / "mnist-gap" / "rotate-interleaved-full" / "metrics.json").read_text())
     assert _block("mnist-gap-table") == gap_table(gap).strip()

@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from metavae.experiments import regimes
-from metavae.experiments.invariance import InvarianceConfig
-from metavae.experiments.mnist import LABELLED_SETTINGS, PRESETS, label_reference, seen_subset
-from metavae.experiments.invariance import run_label
+from metavae.paper import regimes
+from metavae.paper.invariance import InvarianceConfig
+from metavae.paper.mnist import LABELLED_SETTINGS, PRESETS, label_reference, seen_subset
+from metavae.paper.invariance import run_label
 from metavae.models import make_model
 
 SEEN = (-180, -160, -140, -120, -100, -80, -60, -40, -20, 0)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from metavae.cli import main
-from metavae.experiments import reproduce as R
+from metavae.paper import reproduce as R
 
 
 def _finish(task, **config):

@@ -6,19 +6,19 @@ import torch
 import metavae
 from metavae.distributions import Gaussian
 from metavae.models import KINDS, build_conv_metavae, build_vhe, build_mlp_metavae, build_ns, load
-from metavae.models.compiled import build_compiled_inference
-from metavae.models.expfam import build_expfam_metavae
+from metavae.paper.models.compiled import build_compiled_inference
+from metavae.paper.models.expfam_metavae import build_expfam_metavae
 
 
 def _mog_model():
-    from metavae.experiments.mog import MogConfig, build_model as _model
+    from metavae.paper.mog import MogConfig, build_model as _model
 
     return _model(torch.randn(3, 40, 2), MogConfig(), True)
 
 
 def _physics_models():
     from metavae.data.meta import MetaDataset
-    from metavae.experiments.physics import PhysicsConfig, build_model as _model
+    from metavae.paper.physics import PhysicsConfig, build_model as _model
 
     cfg = PhysicsConfig()
     data = MetaDataset.from_parts(train=[torch.stack([torch.rand(30), torch.zeros(30)], -1)])

@@ -7,8 +7,8 @@ import torch
 from metavae import Gaussian, MetaDataset, Trainer, TrainConfig, build_mlp_metavae, seed_everything
 from metavae.data.files import read_family
 from metavae.models import make_model
-from metavae.models.compiled import build_compiled_inference
-from metavae.models.expfam import build_expfam_metavae
+from metavae.paper.models.compiled import build_compiled_inference
+from metavae.paper.models.expfam_metavae import build_expfam_metavae
 from metavae.nets.mlp import bank_parameters, sparse_bank_gradients
 from metavae.training import make_optimizer
 from metavae.training.optim import RowAdam, clip_grad_norm
@@ -40,7 +40,7 @@ def _expfam_data():
 
 
 def _physics_model():
-    from metavae.experiments.physics import StandardizeOnContext
+    from metavae.paper.models.standardize import StandardizeOnContext
 
     return build_compiled_inference(2, z_dim=1, hidden=(16,), summary=(16,), preprocess=StandardizeOnContext())
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from metavae.data import transforms as T
-from metavae.data.mnist import load_mnist
+from metavae.paper.data import transforms as T
+from metavae.paper.data.mnist import load_mnist
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -22,7 +22,7 @@ $M train --data digits_train.csv --dist-column transform --label-column digit --
 $M evaluate --model dig-unit/model.pt --data digits_unseen.csv --dist-column transform --label-column digit --out dig-unit-eval --quiet
 "$REPO/.venv/bin/python" - <<'PY'
 import numpy as np
-from metavae.data.mnist import read_idx
+from metavae.paper.data.mnist import read_idx
 x = read_idx("/work/shared/data/mnist/train-images-idx3-ubyte.gz")[:10000]
 y = read_idx("/work/shared/data/mnist/train-labels-idx1-ubyte.gz")[:10000]
 np.savez("mnist10k.npz", **{f"digit{d}": x[y == d] for d in range(10)})

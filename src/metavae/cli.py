@@ -1,4 +1,6 @@
-"""`metavae list | run EXPERIMENT [options]`: every experiment of the paper by one command."""
+"""`metavae train | embed | sample | adapt | evaluate | cache`: the library's commands for a user's own
+family of data sets. Other packages add commands through the ``metavae.commands`` entry point
+(`load_commands`); the paper's reproduction (``list``, ``run``, ``report``, ``reproduce``) is one."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments import get_experiment, get_report, list_experiments
-from .data.mnist import DownloadError
-from .experiments.common import collect_metrics, replace_block, resolve_preset
-from .io import RunFolder, RunLocked, cache_clear, cache_info, cache_root
+from .io import DownloadError, RunFolder, RunLocked, cache_clear, cache_info, cache_root
+from .settings import parse_overrides, resolve_preset
 
 
 # Failures a user can cause and fix: one line each, exit status 2, never a traceback.
@@ -39,23 +39,19 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
+def load_commands(sub) -> dict:
+    """Each ``metavae.commands`` entry point's ``add_commands(sub)``: {command: handler(args) -> int}."""
+    from importlib.metadata import entry_points
+
+    handlers = {}
+    for ep in entry_points(group="metavae.commands"):
+        handlers.update(ep.load()(sub))
+    return handlers
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
     p = argparse.ArgumentParser(prog="metavae", description="Meta-amortized variational inference (MetaVAE).")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="name every experiment and what it reproduces")
-    r = sub.add_parser("run", help="train, evaluate and report one experiment")
-    r.add_argument("experiment")
-    r.add_argument("--preset", default=None, help="quick (default; minutes on a laptop CPU) or another of the experiment's presets "
-                        "(e.g. long, paper, full); an unknown name lists them")
-    r.add_argument("--out", type=Path, default=None, help="output folder (default runs/EXPERIMENT)")
-    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--model", default=None, help="model to train, where the experiment offers several")
-    r.add_argument("--split", default=None, help="meta-split: interleaved, sparse or contiguous")
-    r.add_argument("--data-dir", type=Path, default=None, help="local copy of the experiment's data")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one preset setting, e.g. --set epochs=3 (repeatable)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
     fmt = dict(formatter_class=_Defaults)
     t = sub.add_parser("train", help="train a model on your own family of data sets", **fmt)
     t.add_argument("--data", type=Path, required=True,
@@ -128,19 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="show or clear what metavae keeps under $METAVAE_DATA")
     c.add_argument("action", choices=("info", "clear"))
     c.add_argument("--downloads", action="store_true", help="with clear: delete the downloaded data sets too")
-    rep = sub.add_parser("report", help="gather finished runs into the paper's tables and figures")
-    rep.add_argument("benchmark", help="the family of experiments: mnist or norb")
-    rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
-    rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
-    rep.add_argument("--readme", type=Path, default=None, metavar="README",
-                     help="also replace the tables between <!-- BENCHMARK-table2 --> (and, where the file has "
-                          "them, <!-- BENCHMARK-table1 -->) markers in this file")
-    rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
-                     help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
-                          "then report from DIR (how results/ is filled)")
-    from .experiments import reproduce
-    reproduce.add_parser(sub)
-    return p
+    handlers = dict.fromkeys(("train", "embed", "sample", "adapt", "evaluate"), own_data_command)
+    handlers["cache"] = cache_command
+    handlers.update(load_commands(sub))
+    return p, handlers
 
 
 def _table_args(p) -> None:
@@ -166,39 +153,12 @@ def _train_overrides(pairs: list[str]) -> dict:
 
     lists = {f.name for f in dataclasses.fields(FileTrainConfig) if f.type in ("tuple", tuple)}
     out = {}
-    for key, value in _overrides(pairs).items():
+    for key, value in parse_overrides(pairs).items():
         key = FileTrainConfig.ALIASES.get(key, key)
         if key in lists and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", value):
             value = f"[{value}]"
         out[key] = value
     return out
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got '{pair}'")
-        k, v = pair.split("=", 1)
-        out[k.strip().replace("-", "_")] = v.strip()
-    return out
-
-
-def run_command(args) -> int:
-    exp = get_experiment(args.experiment)
-    options = {k: getattr(args, k) for k in ("model", "split", "data_dir") if getattr(args, k) is not None}
-    unsupported = sorted(set(options) - exp.options)
-    if unsupported:
-        flags = ", ".join("--" + u.replace("_", "-") for u in unsupported)
-        raise ValueError(f"experiment '{args.experiment}' does not take {flags}")
-    cfg = resolve_preset(exp.presets, args.preset, _overrides(args.set))
-    out = args.out or (exp.default_out(**options) if exp.default_out else Path("runs") / args.experiment)
-    t0 = time.time()
-    with RunFolder(out):  # writable, ours alone, no stale temporaries: checked before any data loads
-        metrics = exp.run(cfg, out=out, device=args.device, seed=args.seed, progress=not args.quiet, **options)
-    print((out / "report.md").read_text() if (out / "report.md").exists() else json.dumps(metrics, indent=2))
-    print(f"[metavae] {args.experiment} finished in {time.time() - t0:.0f} s; results in {out}/", file=sys.stderr)
-    return 0
 
 
 def own_data_command(args) -> int:
@@ -263,36 +223,10 @@ def cache_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser, handlers = _parser()
+    args = parser.parse_args(argv)
     try:
-        if args.command == "list":
-            for name, desc in list_experiments():
-                print(f"{name:16s} {desc}")
-            return 0
-        if args.command == "cache":
-            return cache_command(args)
-        if args.command == "reproduce":
-            from .experiments import reproduce
-            return reproduce.command(args, _overrides(args.set))
-        if args.command in ("train", "embed", "sample", "adapt", "evaluate"):
-            return own_data_command(args)
-        if args.command == "report":
-            runs = args.runs
-            if args.collect is not None:
-                n = collect_metrics(runs, args.collect)
-                print(f"[metavae] copied {n} metrics.json file(s) into {args.collect}", file=sys.stderr)
-                runs = args.collect
-            result = get_report(args.benchmark)(runs, args.out)
-            out = args.out or runs / f"{args.benchmark}-report"
-            if args.readme is not None:
-                replace_block(args.readme, f"{args.benchmark}-table2", (out / "table2.md").read_text())
-                if f"<!-- {args.benchmark}-table1 -->" in args.readme.read_text():
-                    replace_block(args.readme, f"{args.benchmark}-table1", (out / "table1.md").read_text())
-            print((out / "report.md").read_text())
-            if result["missing"]:
-                print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)
-            return 0
-        return run_command(args)
+        return handlers[args.command](args)
     except KeyboardInterrupt:
         print("metavae: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

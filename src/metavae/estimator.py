@@ -43,7 +43,7 @@ class MetaVAEEmbedding(TransformerMixin, BaseEstimator):
         self.likelihood, self.scale, self.pooling, self.seed, self.device = likelihood, scale, pooling, seed, device
 
     def fit(self, X, y=None, groups=None):
-        from .experiments.common import check_settings
+        from .settings import check_settings
         from .workflows import FileTrainConfig, load_fitted, train_family
 
         family, _ = _family(X, groups)

@@ -21,6 +21,10 @@ TMP_MARK = ".metavae-tmp"
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TMP_MARK))  # mkstemp's random part is 8 of [a-z0-9_]
 
 
+class DownloadError(RuntimeError):
+    """No mirror delivered a file with the expected md5."""
+
+
 def is_temporary(path: Path) -> bool:
     """True for a regular file whose name `atomic_write` (or `RunFolder`'s probe) makes."""
     path = Path(path)

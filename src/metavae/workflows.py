@@ -184,7 +184,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
                  tensorboard=None, progress: bool = True, pooling: str = "mean", storage: str = "auto",
                  arch: str = "auto", device: str = "cpu") -> dict:
     """`train_on_files` on a family already in memory (the scikit-learn estimator's way in)."""
-    from .experiments.common import check_settings
+    from .settings import check_settings
     from .preprocess import choose_likelihood, fit_scaler
 
     check_settings(cfg)
@@ -264,7 +264,7 @@ def _loss_plot(path: Path, history: list, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .experiments.common import save_figure
+    from .plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     epochs = [h["epoch"] for h in history]

@@ -6,14 +6,13 @@ file cannot make metavae call anything but a part class built for the purpose.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 
 def _allowed() -> dict:
-    from .registry import ALLOWED_PARTS  # the registry imports this module: look the table up late
+    from .registry import ALLOWED_PARTS, load_extensions  # the registry imports this module: look the table up late
 
+    load_extensions()  # parts other packages register (the paper's physics standardisers)
     return ALLOWED_PARTS
 
 
@@ -23,11 +22,11 @@ def part_name(module: torch.nn.Module | None) -> str | None:
     if module is None:
         return None
     cls = type(module)
-    name = f"{cls.__module__}:{cls.__qualname__}"
-    if name not in _allowed():
-        raise ValueError(f"part {name} is not in the registry's table of allowed parts "
-                         "(metavae.models.registry.ALLOWED_PARTS); add it there to save models that use it")
-    return name
+    names = [n for n, c in _allowed().items() if c is cls]
+    if not names:
+        raise ValueError(f"part {cls.__module__}:{cls.__qualname__} is not a registered part; register it with "
+                         "metavae.models.registry.register_part to save models that use it")
+    return names[0]
 
 
 def build_part(name: str | None) -> torch.nn.Module | None:
@@ -38,5 +37,4 @@ def build_part(name: str | None) -> torch.nn.Module | None:
     if not isinstance(name, str) or name not in _allowed():
         raise ValueError(f"model config names part {name!r}, which is not an allowed part; allowed: "
                          f"{', '.join(sorted(_allowed())) or 'none'}")
-    module, _, attr = _allowed()[name].partition(":")
-    return getattr(importlib.import_module(module), attr)()
+    return _allowed()[name]()

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 
 from ..distributions import make_likelihood
-from .compiled import build_compiled_inference
 from .conv_metavae import build_conv_metavae, build_conv_vae
-from .expfam import build_expfam_metavae
 from .metavae import build_mlp_metavae, build_vae
 from .ns import build_ns
 from .vhe import build_vhe
@@ -27,8 +25,6 @@ KINDS = {
     "conv_metavae": build_conv_metavae,
     "vhe": build_vhe,
     "ns": build_ns,
-    "expfam_metavae": build_expfam_metavae,
-    "compiled_inference": build_compiled_inference,
 }
 # Kinds written by earlier versions, read as today's: model files and checkpoints keep loading.
 OLD_KINDS = {"homoencoder": "vhe", "statistician": "ns"}
@@ -37,12 +33,45 @@ OLD_KINDS = {"homoencoder": "vhe", "statistician": "ns"}
 MODEL_NAMES = ("metavae", "ns", "vhe", "vhe-vampprior", "vae", "metavae-nocontext")
 ARCHS = ("mlp", "conv")
 
-# The parts a config may name (`parts.build_part`), and the class each name builds. Only these are
-# ever built from a file; a new part class is added here by hand.
-ALLOWED_PARTS = {
-    "metavae.experiments.physics:StandardizeOnContext": "metavae.experiments.physics:StandardizeOnContext",
-    "metavae.experiments.physics:FixedStandardize": "metavae.experiments.physics:FixedStandardize",
-}
+# The parts a config may name (`parts.build_part`), and the class each name builds: only these are
+# ever built from a file. Packages add theirs with `register_part`.
+ALLOWED_PARTS: dict = {}
+
+
+def register_kind(kind: str, builder) -> None:
+    """Add a model kind that another package builds (the paper's expfam and compiled-inference
+    models): ``builder(**config)`` rebuilds it from a saved config."""
+    KINDS[kind] = builder
+
+
+def register_part(name: str, cls: type, *old_names: str) -> None:
+    """Allow part class ``cls`` in model configs under ``name`` (and ``old_names``, names earlier
+    versions wrote): only registered classes are ever built from a file."""
+    for n in (name, *old_names):
+        ALLOWED_PARTS[n] = cls
+
+
+def load_extensions() -> None:
+    """Import every ``metavae.models`` entry point once: packages that register kinds and parts
+    (the paper's reproduction is one) are loaded when a file names a kind not yet known."""
+    from importlib.metadata import entry_points
+
+    global _EXTENSIONS_LOADED
+    if not _EXTENSIONS_LOADED:
+        _EXTENSIONS_LOADED = True
+        for ep in entry_points(group="metavae.models"):
+            ep.load()
+
+
+_EXTENSIONS_LOADED = False
+
+
+def known_kind(kind) -> str | None:
+    """``kind`` as today's name if it is registered (loading extensions for an unknown one), else None."""
+    kind = OLD_KINDS.get(kind, kind)
+    if isinstance(kind, str) and kind not in KINDS:
+        load_extensions()
+    return kind if isinstance(kind, str) and kind in KINDS else None
 
 PART_FIELDS = ("preprocess",)  # config fields that name a part of ALLOWED_PARTS (or hold None)
 
@@ -89,9 +118,10 @@ def make_model(name: str, arch: str = "mlp", event_shape=None, n_distributions: 
 def build_model(config: dict):
     """Rebuild a model from ``model.config`` (as saved in checkpoints and model files)."""
     cfg = dict(config or {})
-    kind = cfg.pop("kind", None)
-    kind = OLD_KINDS.get(kind, kind)
-    if kind not in KINDS:
+    raw = cfg.pop("kind", None)
+    kind = known_kind(raw)
+    if kind is None:
+        kind = raw
         raise ValueError(f"unknown model kind {kind!r} in config; known: {', '.join(sorted(KINDS))}")
     if "likelihood" in cfg:
         cfg["likelihood"] = make_likelihood(cfg.pop("likelihood"), cfg.pop("likelihood_variance", None))
@@ -104,8 +134,8 @@ def complete_config(config: dict) -> dict:
     import inspect
 
     config = dict(config or {})
-    if config.get("kind") in OLD_KINDS:
-        config["kind"] = OLD_KINDS[config["kind"]]
+    if known_kind(config.get("kind")) is not None:
+        config["kind"] = known_kind(config["kind"])
     builder = KINDS.get(config.get("kind"))
     if builder is None:
         return config
@@ -202,8 +232,8 @@ def check_config(config, source) -> dict:
     keys, each of its type. Anything else is one ValueError naming ``source`` and the field."""
     if not isinstance(config, dict):
         raise ValueError(f"{source}: the model config is a {type(config).__name__}, not a mapping")
-    kind = OLD_KINDS.get(config.get("kind"), config.get("kind"))
-    if not isinstance(kind, str) or kind not in KINDS:
+    kind = known_kind(config.get("kind"))
+    if kind is None:
         raise ValueError(f"{source}: unknown model kind {config.get('kind')!r}; known: {', '.join(sorted(KINDS))}")
     params = _builder_params(kind)
     extra_keys = {"kind", "likelihood_variance"} if "likelihood" in params else {"kind"}

@@ -1,5 +1,5 @@
-"""What the NORB experiments read: real smallNORB (`metavae.data.norb`) when a folder is given,
-else its rendered stand-in (`metavae.data.synthnorb`). A module of its own so that the reader and
+"""What the NORB experiments read: real smallNORB (`metavae.paper.data.norb`) when a folder is given,
+else its rendered stand-in (`metavae.paper.data.synthnorb`). A module of its own so that the reader and
 the renderer need not import each other."""
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import get_experiment, get_report
-from .common import resolve_preset
+from ..settings import resolve_preset
 from .invariance import CONTROLS, training_settings
 
 # Table -> (family, axes' experiments, split, models, controls)

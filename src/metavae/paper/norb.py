@@ -4,7 +4,7 @@ meta-split (``--split``, docs/reproduction.md §5.2) and scores a linear probe o
 on the interleaved split also measures Table 1's invariance distances.
 
 Data: the real smallNORB read from ``--data-dir`` when given, otherwise ``synthnorb``, the
-offline, procedurally rendered stand-in with NORB's structure (`metavae.data.synthnorb`). The
+offline, procedurally rendered stand-in with NORB's structure (`metavae.paper.data.synthnorb`). The
 two are *different data*: every metrics.json says which (``"data"``) and every report says so in
 its title.
 
@@ -20,7 +20,7 @@ Table 1 (docs/reproduction.md §7.1 leaves NORB's base and image correspondence 
 each embedded axis, the base group is `BASE_GROUP` (elevation 50deg, the middle one; azimuth 0deg;
 lighting 0), and the test image of group v showing toy (category, instance) from camera c with the
 two other factors f is paired with the base-group test image with the same (category, instance,
-camera, f) (`metavae.data.norb.correspondence`). Distance = mean over pairs of
+camera, f) (`metavae.paper.data.norb.correspondence`). Distance = mean over pairs of
 ||mu(x_v) - mu(x_base)||_2, each image embedded with a context of 10 images of its own group's
 test set; averaged over the non-base groups.
 """
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, NorbPart, group_key, correspondence,
+from .data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, NorbPart, group_key, correspondence,
                          get_split, group_names, group_values, norb_meta, resolve_split)
-from ..data.norb_loader import load_norb
-from ..data.transforms import data_fingerprint
+from .data.norb_loader import load_norb
+from .data.transforms import data_fingerprint
 from ..io import atomic_write_text
 from ..models import MODEL_NAMES
 from .base import Experiment
@@ -254,7 +254,7 @@ def make_run(axis: str):
 def _example_grid(path: Path, data: NorbData) -> bool:
     """The data along each axis (one figure per axis), from the data this run used. A figure that
     cannot be drawn (a partial copy of the data) is logged, never fatal: the numbers are written."""
-    from ..data.synthnorb import save_example_grid
+    from .data.synthnorb import save_example_grid
 
     try:
         save_example_grid(path, data)

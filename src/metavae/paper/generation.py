@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import transforms as T
+from .data import transforms as T
 from ..data.meta import MetaDataset, as_float
-from ..data.mnist import load_mnist, mnist_cache_dir
+from .data.mnist import load_mnist, mnist_cache_dir
 from ..models import build_vae, load
 from ..training import Trainer, TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import markdown_table, save_figure, write_metrics, write_report
+from .common import markdown_table, write_metrics, write_report
+from ..plots import save_figure
 
 TRAINED = ("ns", "vhe", "metavae")  # run folders looked for under `runs`
 ROWS = ("ns", "vhe", "metavae-adapt", "metavae-nearest", "vae-scratch")

@@ -11,19 +11,19 @@ import importlib
 from .base import Experiment
 
 EXPERIMENTS = {
-    "mog": "metavae.experiments.mog:EXPERIMENT",
-    "mnist-rotate": "metavae.experiments.mnist:rotate",
-    "mnist-scale": "metavae.experiments.mnist:scale",
-    "mnist-shear": "metavae.experiments.mnist:shear",
-    "mnist-generation": "metavae.experiments.generation:EXPERIMENT",
-    "mnist-gap": "metavae.experiments.mnist_gap:EXPERIMENT",
-    "norb-elevation": "metavae.experiments.norb:elevation",
-    "norb-azimuth": "metavae.experiments.norb:azimuth",
-    "norb-lighting": "metavae.experiments.norb:lighting",
-    "physics": "metavae.experiments.physics:EXPERIMENT",
-    "expfam-single": "metavae.experiments.expfam:single",
-    "expfam-many": "metavae.experiments.expfam:many",
-    "gap": "metavae.experiments.gap:EXPERIMENT",
+    "mog": "metavae.paper.mog:EXPERIMENT",
+    "mnist-rotate": "metavae.paper.mnist:rotate",
+    "mnist-scale": "metavae.paper.mnist:scale",
+    "mnist-shear": "metavae.paper.mnist:shear",
+    "mnist-generation": "metavae.paper.generation:EXPERIMENT",
+    "mnist-gap": "metavae.paper.mnist_gap:EXPERIMENT",
+    "norb-elevation": "metavae.paper.norb:elevation",
+    "norb-azimuth": "metavae.paper.norb:azimuth",
+    "norb-lighting": "metavae.paper.norb:lighting",
+    "physics": "metavae.paper.physics:EXPERIMENT",
+    "expfam-single": "metavae.paper.expfam:single",
+    "expfam-many": "metavae.paper.expfam:many",
+    "gap": "metavae.paper.gap:EXPERIMENT",
 }
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..io import atomic_save
+from ...io import atomic_save
 
 __all__ = [
     "AXES",

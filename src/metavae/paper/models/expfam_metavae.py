@@ -18,12 +18,12 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..data.expfam import VECTOR_SIZE, get_family
-from .. import objectives
-from ..distributions import GaussianLatent
-from ..nets.mlp import mlp
-from ..nets.sets import MeanPool
-from .metavae import LossOutput, MetaVAE
+from ..data.exponential_families import VECTOR_SIZE, get_family
+from ... import objectives
+from ...distributions import GaussianLatent
+from ...nets.mlp import mlp
+from ...nets.sets import MeanPool
+from ...models.metavae import LossOutput, MetaVAE
 
 # Fisher information of one draw about the latent: 1 / 0.1 for the Gaussian mean and the log-normal
 # log-space mean, 1 for the exponential log-rate. Weighting a distribution's ELBO by its inverse

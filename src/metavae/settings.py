@@ -1,4 +1,5 @@
-"""What every experiment writes: metrics.json, report.md, figures; and preset handling."""
+"""Settings: a preset (a config dataclass) with ``--set key=value`` overrides, each checked by name,
+declared type and range before anything loads. One path for the experiments and `metavae train`."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,10 +7,6 @@ import json
 import math
 import types
 import typing
-from pathlib import Path
-
-from ..io import atomic_write, atomic_write_text, write_json
-from ..training import is_main_process
 
 
 def resolve_preset(presets: dict, name: str | None, overrides: dict | None = None):
@@ -107,88 +104,12 @@ def check_settings(cfg) -> None:
         cfg.check()
 
 
-def train_shared(experiment: str, name: str, model, data, cfg, out: Path, device: str, seed: int, progress: bool,
-                 epochs: int | None = None, evaluation_only: tuple = ()):
-    """Train one model of a point-cloud experiment (mog, physics, expfam) through the one Trainer:
-    one shared context set per distribution and step, the experiment config's training fields,
-    checkpoints under ``out/checkpoints/name``, and a run identity (experiment, model, seed, every
-    setting but ``evaluation_only``) that a resume must match. Returns the model on the CPU, in eval mode."""
-    from ..training import Trainer, TrainConfig
-
-    # ``amp`` / ``distributions_per_step``: taken from the experiment config where it declares them
-    tc = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size,
-                     lr=cfg.lr, steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip,
-                     seed=seed, device=device, amp=getattr(cfg, "amp", None),
-                     distributions_per_step=getattr(cfg, "distributions_per_step", None))
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in evaluation_only}
-    info = {"experiment": experiment, "model": name, "seed": seed, "settings": settings}
-    # a setting added after a checkpoint was written matches it at the setting's default
-    defaults = {f"settings.{k}": v for k, v in dataclasses.asdict(type(cfg)()).items() if k in settings}
-    Trainer(model, data, tc, out_dir=Path(out) / "checkpoints" / name, progress=progress, desc=name,
-            run_info=info, run_info_defaults=defaults).fit()
-    return model.to("cpu").eval()
-
-
-def write_metrics(out: Path, metrics: dict) -> Path:
-    """metrics.json (NaN/inf become null, so the file is valid JSON); rank 0 only under torchrun."""
-    path = Path(out) / "metrics.json"
-    if is_main_process():
-        write_json(metrics, path)
-    return path
-
-
-def collect_metrics(runs: Path, dest: Path) -> int:
-    """Copy every ``metrics.json`` under ``runs`` to the same relative path under ``dest`` (results
-    are small JSON; checkpoints and caches never travel). Returns how many were copied."""
-    runs, dest, n = Path(runs), Path(dest), 0
-    for path in sorted(runs.rglob("metrics.json")):
-        if "checkpoints" in path.parts or dest in path.parents:
-            continue
-        atomic_write_text(path.read_text(), dest / path.relative_to(runs))
-        n += 1
-    return n
-
-
-def replace_block(path: Path, name: str, content: str) -> None:
-    """Put ``content`` between the ``<!-- name -->`` and ``<!-- /name -->`` lines of a markdown file."""
-    path = Path(path)
-    text = path.read_text()
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} block")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    atomic_write_text(f"{head}{start}\n{content.strip()}\n{end}{tail}", path)
-
-
-def write_report(out: Path, text: str) -> Path:
-    path = Path(out) / "report.md"
-    if is_main_process():
-        atomic_write_text(text.rstrip() + "\n", path)
-    return path
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Atomic PNG write (a crash never leaves half a picture)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    if is_main_process():
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
-    return path
-
-
-def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs as {key: value string}; dashes in keys read as underscores."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got '{pair}'")
+        k, v = pair.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from ..data import transforms as T
-from ..data.mnist import load_mnist, mnist_cache_dir
+from .data import transforms as T
+from .data.mnist import load_mnist, mnist_cache_dir
 from ..models import MODEL_NAMES
 from ..io import atomic_write_text
 from . import regimes

@@ -29,15 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import transforms as T
+from .data import transforms as T
 from ..data.meta import as_float
-from ..data.mnist import load_mnist, mnist_cache_dir
+from .data.mnist import load_mnist, mnist_cache_dir
 from ..models import load
 from ..objectives import decoder_log_lik, elbo_of, iw_of
 from ..refine import refine
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import markdown_table, save_figure, write_metrics, write_report
+from .common import markdown_table, write_metrics, write_report
+from ..plots import save_figure
 from .gap import best_gaussian, pick_lr
 from .generation import adapted_copy, find_model
 from .mnist import AXES

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..io import cache_root
+from ...io import DownloadError, cache_root
 
 __all__ = [
     "FILES",
@@ -61,10 +61,6 @@ MIRRORS = (
 # IDX magic -> number of dimensions; both hold unsigned bytes.
 _IDX_MAGIC = {0x00000801: 1, 0x00000803: 3}
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-class DownloadError(RuntimeError):
-    """No mirror delivered a file with the expected md5."""
 
 
 # --------------------------------------------------------------------------- IDX reading

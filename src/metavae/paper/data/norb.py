@@ -41,9 +41,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes, cache_root
+from ...io import atomic_write_bytes, cache_root
 from . import mnist as _mnist
-from .meta import MetaDataset
+from ...data.meta import MetaDataset
 from .transforms import round_pass, scale_matrices, resolve_split  # same split names
 
 __all__ = [

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import physics as P
+from .data import physics as P
 from ..data.meta import MetaDataset
-from ..models.compiled import build_compiled_inference
+from .models.compiled import build_compiled_inference
+from .models.standardize import FixedStandardize, StandardizeOnContext
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from ..plots import save_figure
 
 DESCRIPTION = "Inclined plane: meta-compiled inference of friction over 25 simulators vs one, on 304 unseen, vs Bayes"
 OPTIONS: set[str] = set()
@@ -75,43 +77,6 @@ def features(x: torch.Tensor) -> torch.Tensor:
     censored = x == P.CENSORED_TIME
     inv_sq = torch.where(censored, torch.zeros_like(x), x.clamp(min=1e-3) ** -2)
     return torch.stack([inv_sq, censored.to(inv_sq.dtype)], dim=-1).float()
-
-
-class StandardizeOnContext(nn.Module):
-    """Standardise feature 0 of the query and of its context by the mean and standard deviation of
-    the context's uncensored elements (flag, feature 1, = 0); censored elements keep 0. Parameter-free.
-
-    1/t^2 scales as 1/L, so this removes the plane's length. And because mu ~ U(0, min(1, tan A)) on
-    the boxes that slide and 1/t^2 is affine in mu, the standardised value alone gives the friction
-    relative to the sliding range: what is left to learn is that range (from the censored fraction)
-    and how much to shrink where the timing noise matters.
-    """
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None):
-        if context is None:
-            return x, None
-        v, flag = context[..., 0], context[..., 1]
-        w = 1 - flag
-        n = w.sum(-1)
-        mean = (v * w).sum(-1) / n.clamp(min=1)
-        var = (w * (v - mean.unsqueeze(-1)) ** 2).sum(-1) / (n - 1).clamp(min=1)
-        std = torch.where(n > 1, var.sqrt().clamp(min=1e-6), torch.ones_like(var))
-        xq = torch.stack([(x[..., 0] - mean) / std * (1 - x[..., 1]), x[..., 1]], dim=-1)
-        xc = torch.stack([(v - mean.unsqueeze(-1)) / std.unsqueeze(-1) * w, flag], dim=-1)
-        return xq, xc
-
-
-class FixedStandardize(nn.Module):
-    """The no-context baseline's version: feature 0 standardised with constants (its training
-    simulator's uncensored mean and standard deviation), stored as buffers."""
-
-    def __init__(self, mean: float = 0.0, std: float = 1.0):  # defaults: rebuilt from a config, then loaded
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
-
-    def forward(self, x: torch.Tensor, context=None):
-        return torch.stack([(x[..., 0] - self.mean) / self.std * (1 - x[..., 1]), x[..., 1]], dim=-1), None
 
 
 def build_model(cfg: PhysicsConfig, data: MetaDataset | None = None):

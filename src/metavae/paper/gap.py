@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..data import expfam as E
-from ..data import mog as mog_data
-from ..data import physics as P
+from .data import exponential_families as E
+from .data import mog as mog_data
+from .data import physics as P
 from ..data.meta import MetaDataset
 from ..distributions import CategoricalLatent, gaussian_kl, gaussian_log_prob
 from ..objectives import elbo_of
@@ -33,7 +33,9 @@ from . import expfam as X
 from . import mog as M
 from . import physics as PH
 from .base import Experiment
-from .common import check_settings, config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from ..plots import save_figure
+from ..settings import check_settings
 
 DESCRIPTION = "Inference gap of MetaVAEs on seen vs unseen distributions against exact posteriors, and refinement"
 OPTIONS: set[str] = set()

@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import expfam as E
+from .data import exponential_families as E
 from ..data.meta import MetaDataset
-from ..models.expfam import build_expfam_metavae
+from .models.expfam_metavae import build_expfam_metavae
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from ..plots import save_figure
 
 OPTIONS: set[str] = set()
 # The single distributions of the paper's VAEs (Fig. 3), one parameter per coordinate.

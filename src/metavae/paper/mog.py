@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ..data import mog
+from .data import mog
 from ..data.meta import MetaDataset
 from ..distributions import Gaussian
 from ..models import build_mlp_metavae
 from ..models.metavae import POOLINGS
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, save_figure, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from ..plots import save_figure
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
 PAPER = {"vae": 0.279, "metavae_10": 0.212, "metavae_20": 0.158, "metavae_50": 0.099}

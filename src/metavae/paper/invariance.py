@@ -235,7 +235,7 @@ def learning_curve_figure(path: Path, curves: dict, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .common import save_figure
+    from ..plots import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for i, (label, curve) in enumerate(curves.items()):
@@ -365,7 +365,7 @@ def accuracy_figure(path: Path, panels: list, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .common import save_figure
+    from ..plots import save_figure
 
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)

@@ -140,7 +140,7 @@ def figure(path: Path, k_data: dict, n_data: dict, curves: dict, controls: dict)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .common import save_figure
+    from ..plots import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for i, model in enumerate(REGIME_MODELS):

@@ -52,7 +52,7 @@ import torch
 
 from .norb import (CATEGORIES, INFO_COLUMNS, TEST_INSTANCES, TRAIN_INSTANCES, NorbData, NorbPart,
                    camera_select, group_names, norb_cache_dir, resize_images)
-from ..io import atomic_save
+from ...io import atomic_save
 
 __all__ = [
     "AZIMUTHS",

@@ -16,11 +16,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..distributions import GaussianLatent, gaussian_log_prob
-from ..nets.mlp import mlp
-from ..nets.sets import MeanPool
-from .metavae import LossOutput, MetaVAE
-from .parts import build_part, part_name
+from ...distributions import GaussianLatent, gaussian_log_prob
+from ...nets.mlp import mlp
+from ...nets.sets import MeanPool
+from ...models.metavae import LossOutput, MetaVAE
+from ...models.parts import build_part, part_name
 
 class CompiledInference(MetaVAE):
     """q(z | D, x) = N(mu, diag(sigma^2)) from ``head([query_encoder(x), summary(D)])``.
