@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 DOCS = README.parent / "docs"
 RESULTS = README.parent / "results"
@@ -120,7 +122,8 @@ def test_layout_names_every_module():
 
 def _block(name: str) -> str:
     """A generated block (between <!-- name --> markers) wherever it is in the README or the docs."""
-    text = "\n".join(p.read_text() for p in [README, *sorted(DOCS.rglob("*.md"))] if f"<!-- {name} -->" in p.read_text())
+    pages = [p for p in sorted(DOCS.rglob("*.md")) if "templates" not in p.relative_to(DOCS).parts]
+    text = "\n".join(p.read_text() for p in [README, *pages] if f"<!-- {name} -->" in p.read_text())
     return text[text.index(f"<!-- {name} -->") + len(f"<!-- {name} -->"):text.index(f"<!-- /{name} -->")].strip()
 
 
@@ -141,3 +144,25 @@ def test_readme_generation_and_pooling_tables_are_rebuilt_from_results():
 
     gap = json.loads((results / "mnist-gap" / "rotate-interleaved-full" / "metrics.json").read_text())
     assert _block("mnist-gap-table") == gap_table(gap).strip()
+
+
+def test_results_pages_are_what_their_templates_render(tmp_path):
+    """Every page under docs/ that has a template is exactly what `metavae report pages` writes
+    from results/: no number in it was typed by hand or has drifted from its file."""
+    from metavae.paper.pages import write_pages
+
+    templates = DOCS / "templates"
+    written = write_pages(templates, tmp_path, RESULTS)
+    assert len(written) >= 3
+    for page in written:
+        committed = DOCS / page.relative_to(tmp_path)
+        assert committed.read_text() == page.read_text(), f"{committed} differs: run `metavae report pages`"
+
+
+def test_a_page_placeholder_that_fails_names_itself(tmp_path):
+    from metavae.paper.pages import render
+
+    (tmp_path / "m.json").write_text('{"a": {"b": 0.5}}')
+    assert render("x {{ let v = R('m.json')['a']['b'] }}{{ 100 * v | .1f }}%", tmp_path) == "x 50.0%"
+    with pytest.raises(ValueError, match="placeholder .*R\\('m.json'\\)\\['c'\\].* KeyError"):
+        render("{{ R('m.json')['c'] }}", tmp_path)

@@ -28,7 +28,7 @@ def _section(name: str, parser: argparse.ArgumentParser) -> str:
 def cli_reference() -> str:
     from metavae.cli import _parser
 
-    top = _parser()
+    top, _ = _parser()
     sections = [_section("metavae", top)]
     for action in top._subparsers._group_actions:  # the subcommands, in the parser's order
         for name, sub in action.choices.items():

@@ -30,7 +30,8 @@ def add_commands(sub) -> dict:
                    help="override one preset setting, e.g. --set epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="gather finished runs into the paper's tables and figures")
-    rep.add_argument("benchmark", help="the family of experiments: mnist or norb")
+    rep.add_argument("benchmark", help="the family of experiments (mnist or norb), or pages: the results pages "
+                     "of the documentation from their templates (--runs defaults to results, --out to docs)")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
     rep.add_argument("--readme", type=Path, default=None, metavar="README",
@@ -39,6 +40,8 @@ def add_commands(sub) -> dict:
     rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
                      help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
                           "then report from DIR (how results/ is filled)")
+    rep.add_argument("--templates", type=Path, default=Path("docs/templates"),
+                     help="with pages: the folder of page templates")
     reproduce.add_parser(sub)
     return {"list": list_command, "run": run_command, "report": report_command, "reproduce": reproduce_command}
 
@@ -71,18 +74,30 @@ def run_command(args) -> int:
 
 
 def report_command(args) -> int:
-        runs = args.runs
-        if args.collect is not None:
-            n = collect_metrics(runs, args.collect)
-            print(f"[metavae] copied {n} metrics.json file(s) into {args.collect}", file=sys.stderr)
-            runs = args.collect
-        result = get_report(args.benchmark)(runs, args.out)
-        out = args.out or runs / f"{args.benchmark}-report"
-        if args.readme is not None:
-            replace_block(args.readme, f"{args.benchmark}-table2", (out / "table2.md").read_text())
-            if f"<!-- {args.benchmark}-table1 -->" in args.readme.read_text():
-                replace_block(args.readme, f"{args.benchmark}-table1", (out / "table1.md").read_text())
-        print((out / "report.md").read_text())
-        if result["missing"]:
-            print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)
-        return 0
+    if args.benchmark == "pages":
+        return pages_command(args)
+    runs = args.runs
+    if args.collect is not None:
+        n = collect_metrics(runs, args.collect)
+        print(f"[metavae] copied {n} metrics.json file(s) into {args.collect}", file=sys.stderr)
+        runs = args.collect
+    result = get_report(args.benchmark)(runs, args.out)
+    out = args.out or runs / f"{args.benchmark}-report"
+    if args.readme is not None:
+        replace_block(args.readme, f"{args.benchmark}-table2", (out / "table2.md").read_text())
+        if f"<!-- {args.benchmark}-table1 -->" in args.readme.read_text():
+            replace_block(args.readme, f"{args.benchmark}-table1", (out / "table1.md").read_text())
+    print((out / "report.md").read_text())
+    if result["missing"]:
+        print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)
+    return 0
+
+
+def pages_command(args) -> int:
+    """`metavae report pages`: every results page from its template (`metavae.paper.pages`)."""
+    from .pages import write_pages
+
+    results = args.runs if args.runs != Path("runs") else Path("results")
+    for page in write_pages(args.templates, args.out or Path("docs"), results):
+        print(f"wrote {page}")
+    return 0
