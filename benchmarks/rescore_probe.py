@@ -32,7 +32,7 @@ def embed_unseen(run: Path, data_dir, whole: bool = False) -> tuple:
     if whole:
         cfg = dataclasses.replace(cfg, train_images=None, test_images=None)
     axis = mnist.AXES[m["axis"]]
-    (tr_x, tr_y), (te_x, te_y) = mnist._load(data_dir, cfg)
+    (tr_x, tr_y), (te_x, te_y), _ = mnist._load(data_dir, cfg)
     unseen = [float(v) if axis == "scale" else int(v) for v in m["unseen"]]
     train_t, test_t = mnist._transformed(tr_x, axis, unseen), mnist._transformed(te_x, axis, unseen)
     model = load(run / "checkpoints" / "best.pt")
