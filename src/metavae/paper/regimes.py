@@ -184,6 +184,34 @@ def verdict(found: dict, k_data: dict) -> list:
     return lines
 
 
+def pooling_rows(found: dict) -> list:
+    """Each regime model pooled (the long preset's context_pool=50) beside its unpooled runs
+    (``--set context_pool=null``: every query embeds its own N context images)."""
+    rows = []
+    for model in REGIME_MODELS:
+        for label in (model, f"{model} (context_pool None)"):
+            runs = found.get((AXIS, SPLIT, label), [])
+            if runs:
+                secs = over_seeds([m["train_seconds"] for m in runs if m.get("train_seconds")])
+                rows.append([label, len(runs)] + [fmt_seeds(_acc(runs, p)) for p in PROBES]
+                            + [f"{secs['mean']:.0f}" if secs else "-"])
+    return rows
+
+
+def reference_bug_rows(found: dict) -> list:
+    """The reference's baseline selection taken apart (`benchmarks/reference_bugs.py`, its JSON beside
+    a run as reference_bugs.json): each of {best, worst checkpoint} x {mean, sampled c}, both probes."""
+    rows = []
+    for (axis, split, label), runs in sorted(found.items()):
+        for m in runs:
+            path = Path(m["_path"]) / "reference_bugs.json"
+            if axis == AXIS and split == SPLIT and path.is_file():
+                cells = json.loads(path.read_text())["cells"]
+                rows += [[f"{label}, seed {m['seed']}", name] + [f"{c['mean_unseen_accuracy'][p]:.3f}" for p in PROBES]
+                         for name, c in cells.items()]
+    return rows
+
+
 def step_cost_rows(path: Path) -> list:
     """Rows from benchmarks/model_steps.py's JSON (copied beside the runs as model_steps.json):
     each model's step time and FLOPs against the MetaVAE's, measured interleaved in one process."""
@@ -202,6 +230,7 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
     n_table, n_data = n_rows(found)
     curves = time_curves(found)
     t_rows = equal_time_rows(curves)
+    pool_rows, bug_rows = pooling_rows(found), reference_bug_rows(found)
     controls = {c: found[(AXIS, SPLIT, c)][0]["mean_unseen_accuracy"]["standardised"]
                 for c in CONTROLS + ("vae", "metavae-nocontext") if found.get((AXIS, SPLIT, c))}
     probe_cols = [f"{m}, {p}" for m in REGIME_MODELS for p in PROBES]
@@ -216,6 +245,12 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
         markdown_table(["K"] + probe_cols + ["MetaVAE vs VHE (standardised)"], k_table) if k_table else "No runs yet.", "",
         "## Context size at test N (trained at N=10, K=10)", "",
         markdown_table(["N"] + probe_cols, n_table) if n_table else "No runs with `test_context_sizes` yet.", "",
+        "## Pooling's cost (K=10, N=10): contexts from a pool of 50 against each query's own", "",
+        markdown_table(["run", "seeds"] + [f"{p} probe" for p in PROBES] + ["train s (mean)"], pool_rows)
+        if len(pool_rows) > len(REGIME_MODELS) else "No unpooled runs yet (`--set context_pool=null`).", "",
+        "## The reference's selection of the baselines, taken apart (`benchmarks/reference_bugs.py`)", "",
+        markdown_table(["run", "checkpoint, c", *(f"{p} probe" for p in PROBES)], bug_rows)
+        if bug_rows else "Not measured yet.", "",
         "## Equal training time (K=10, first seed; mean over the learning curve's 3 unseen values)", "",
         markdown_table(["seconds"] + probe_cols, t_rows) if t_rows else "No learning curves for both models yet.", "",
         "Seconds are each run's own measured training time (machines shared with other jobs: a ratio "
