@@ -204,8 +204,8 @@ def reference_bug_rows(found: dict) -> list:
     rows = []
     for (axis, split, label), runs in sorted(found.items()):
         for m in runs:
-            path = Path(m["_path"]) / "reference_bugs.json"
-            if axis == AXIS and split == SPLIT and path.is_file():
+            path = Path(m.get("_path", "")) / "reference_bugs.json"
+            if axis == AXIS and split == SPLIT and m.get("_path") and path.is_file():
                 cells = json.loads(path.read_text())["cells"]
                 rows += [[f"{label}, seed {m['seed']}", name] + [f"{c['mean_unseen_accuracy'][p]:.3f}" for p in PROBES]
                          for name, c in cells.items()]
