@@ -4,7 +4,9 @@ A template (``docs/templates/PAGE.md``) is the page with each number replaced by
 ``{{ EXPRESSION | FORMAT }}``: a Python expression over the committed results, formatted by
 ``format(value, FORMAT)``. In the expression, ``R("mog/metrics.json")`` is that file under
 ``results/`` (parsed JSON), ``J(path)`` the records of a ``.jsonl`` file there, ``B(path)`` a JSON
-file under ``benchmarks/``, ``T("pooling-table")`` a table a report function builds, and
+file under ``benchmarks/``, ``T("pooling-table")`` a table a report function builds,
+``PAPER("mnist-table2")`` the paper's published numbers (constants in the code),
+``span(values, ".2f")`` their range as ``lo-hi`` (one number where both read the same), and
 ``abs``, ``min``, ``max``, ``len``, ``sum``, ``round``, ``sorted``, ``all``, ``any``, ``int``, ``str``,
 ``zip``, ``enumerate``, ``range``, ``dict``, ``list``, ``format``, ``median``, ``mean`` and ``stdev``.
 ``{{ let NAME = EXPRESSION }}`` names a value for the placeholders after it and renders nothing. `metavae report pages` writes
@@ -39,6 +41,20 @@ def _tables(results: Path) -> dict:
             "mnist-gap-table": lambda: gap_table(read("mnist-gap/rotate-interleaved-full/metrics.json"))}
 
 
+def span(values, spec: str = "") -> str:
+    """``lo-hi`` of ``values``, each formatted by ``spec``; one number where both read the same."""
+    values = list(values)
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _paper(name: str) -> dict:
+    """The paper's published numbers, as the code that compares against them holds them (constants, not results)."""
+    from .mnist import PAPER_TABLE1, PAPER_TABLE2
+
+    return {"mnist-table1": PAPER_TABLE1, "mnist-table2": PAPER_TABLE2}[name]
+
+
 def render(template: str, results: Path, source: str = "template") -> str:
     """``template`` with every placeholder replaced by its value from ``results``."""
     results = Path(results)
@@ -54,7 +70,7 @@ def render(template: str, results: Path, source: str = "template") -> str:
         return [json.loads(line) for line in (results / path).read_text().splitlines() if line.strip()]
 
     names = {"R": read, "J": lines, "B": lambda path: json.loads((results.parent / "benchmarks" / path).read_text()),
-             "T": lambda name: tables[name]().strip(), "abs": abs, "min": min, "max": max, "len": len, "sum": sum,
+             "T": lambda name: tables[name]().strip(), "PAPER": _paper, "span": span, "abs": abs, "min": min, "max": max, "len": len, "sum": sum,
              "round": round, "sorted": sorted, "all": all, "any": any, "median": statistics.median,
              "mean": statistics.mean, "stdev": statistics.stdev, "int": int, "str": str, "zip": zip,
              "enumerate": enumerate, "range": range, "dict": dict, "list": list, "format": format}
