@@ -9,7 +9,7 @@ file under ``benchmarks/``, ``T("pooling-table")`` a table a report function bui
 ``span(values, ".2f")`` their range as ``lo-hi`` (one number where both read the same),
 ``sig(x, 2)`` a number to 2 significant digits (``3.1e-5``), and
 ``abs``, ``min``, ``max``, ``len``, ``sum``, ``round``, ``sorted``, ``all``, ``any``, ``int``, ``str``,
-``zip``, ``enumerate``, ``range``, ``dict``, ``list``, ``format``, ``median``, ``mean`` and ``stdev``.
+``zip``, ``enumerate``, ``range``, ``dict``, ``list``, ``format``, ``isinstance``, ``median``, ``mean`` and ``stdev``.
 ``{{ let NAME = EXPRESSION }}`` names a value for the placeholders after it and renders nothing. `metavae report pages` writes
 every template's page; `tests/test_readme.py` checks that the committed pages are what it writes.
 """
@@ -81,7 +81,7 @@ def render(template: str, results: Path, source: str = "template") -> str:
              "T": lambda name: tables[name]().strip(), "PAPER": _paper, "span": span, "sig": sig, "abs": abs, "min": min, "max": max, "len": len, "sum": sum,
              "round": round, "sorted": sorted, "all": all, "any": any, "median": statistics.median,
              "mean": statistics.mean, "stdev": statistics.stdev, "int": int, "str": str, "zip": zip,
-             "enumerate": enumerate, "range": range, "dict": dict, "list": list, "format": format}
+             "enumerate": enumerate, "range": range, "dict": dict, "list": list, "format": format, "isinstance": isinstance}
 
     def value(match: re.Match) -> str:
         let = LET.fullmatch(match.group(1).strip())
