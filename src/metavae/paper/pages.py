@@ -8,8 +8,9 @@ file under ``benchmarks/``, ``T("pooling-table")`` a table a report function bui
 ``PAPER("mnist-table2")`` the paper's published numbers (constants in the code),
 ``span(values, ".2f")`` their range as ``lo-hi`` (one number where both read the same),
 ``sig(x, 2)`` a number to 2 significant digits (``3.1e-5``), and
-``abs``, ``min``, ``max``, ``len``, ``sum``, ``round``, ``sorted``, ``all``, ``any``, ``int``, ``str``,
-``zip``, ``enumerate``, ``range``, ``dict``, ``list``, ``format``, ``isinstance``, ``median``, ``mean`` and ``stdev``.
+``abs``, ``min``, ``max``, ``len``, ``sum``, ``round``, ``sorted``, ``all``, ``any``, ``int``,
+``str``, ``zip``, ``enumerate``, ``range``, ``dict``, ``list``, ``format``, ``isinstance``,
+``median``, ``mean`` and ``stdev``.
 ``{{ let NAME = EXPRESSION }}`` names a value for the placeholders after it and renders nothing. `metavae report pages` writes
 every template's page; `tests/test_readme.py` checks that the committed pages are what it writes.
 """
@@ -50,14 +51,15 @@ def span(values, spec: str = "") -> str:
 
 
 def sig(x: float, digits: int = 2, zero: float = 0.0) -> str:
-    """``x`` to ``digits`` significant digits, exponents without padding (``3.1e-5``); ``~0`` at or below ``zero``."""
+    """``x`` to ``digits`` significant digits, exponents unpadded (``3.1e-5``); ``~0`` at or below ``zero``."""
     if abs(x) <= zero:
         return "~0"
-    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), format(x, f".{digits}g"))
+    unpad = lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2)  # noqa: E731
+    return re.sub(r"e([+-])0*(\d)", unpad, format(x, f".{digits}g"))
 
 
 def _paper(name: str) -> dict:
-    """The paper's published numbers, as the code that compares against them holds them (constants, not results)."""
+    """The paper's published numbers as the code that compares against them holds them (constants)."""
     from .mnist import PAPER_TABLE1, PAPER_TABLE2
 
     return {"mnist-table1": PAPER_TABLE1, "mnist-table2": PAPER_TABLE2}[name]
@@ -78,10 +80,10 @@ def render(template: str, results: Path, source: str = "template") -> str:
         return [json.loads(line) for line in (results / path).read_text().splitlines() if line.strip()]
 
     names = {"R": read, "J": lines, "B": lambda path: json.loads((results.parent / "benchmarks" / path).read_text()),
-             "T": lambda name: tables[name]().strip(), "PAPER": _paper, "span": span, "sig": sig, "abs": abs, "min": min, "max": max, "len": len, "sum": sum,
-             "round": round, "sorted": sorted, "all": all, "any": any, "median": statistics.median,
-             "mean": statistics.mean, "stdev": statistics.stdev, "int": int, "str": str, "zip": zip,
-             "enumerate": enumerate, "range": range, "dict": dict, "list": list, "format": format, "isinstance": isinstance}
+             "T": lambda name: tables[name]().strip(), "PAPER": _paper, "span": span, "sig": sig,
+             "median": statistics.median, "mean": statistics.mean, "stdev": statistics.stdev,
+             **{f.__name__: f for f in (abs, min, max, len, sum, round, sorted, all, any, int, str, zip, enumerate,
+                                        range, dict, list, format, isinstance)}}
 
     def value(match: re.Match) -> str:
         let = LET.fullmatch(match.group(1).strip())
