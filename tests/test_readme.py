@@ -166,3 +166,11 @@ def test_a_page_placeholder_that_fails_names_itself(tmp_path):
     assert render("x {{ let v = R('m.json')['a']['b'] }}{{ 100 * v | .1f }}%", tmp_path) == "x 50.0%"
     with pytest.raises(ValueError, match="placeholder .*R\\('m.json'\\)\\['c'\\].* KeyError"):
         render("{{ R('m.json')['c'] }}", tmp_path)
+
+
+def test_page_helpers_span_sig_and_paper_constants(tmp_path):
+    from metavae.paper.pages import render, sig, span
+
+    assert span([0.0731, 0.052, 0.06], ".2f") == "0.05-0.07" and span([0.131, 0.129], ".2f") == "0.13"
+    assert sig(3.1e-05) == "3.1e-5" and sig(53263.5) == "5.3e4" and sig(1e-17, zero=1e-15) == "~0"
+    assert render("{{ PAPER('mnist-table2')['rotate']['metavae'] }} {{ span([1, 3], 'd') }}", tmp_path) == "0.885 1-3"
