@@ -37,15 +37,21 @@ def config(cls):
     ``dataclasses.replace(cfg, batch_size=8)`` and ``cfg.batch_size`` reach ``cfg.train.batch_size``,
     so presets and readers name a setting as ``--set`` does."""
     cls = dataclasses.dataclass(frozen=True)(cls)
+    clash = [k for k, paths in _declarations(cls).items() if (k,) in paths and len(paths) > 1]
+    if clash:
+        raise TypeError(f"{cls.__name__}: {', '.join(clash)} both a field and a group's setting")
     init = cls.__init__
 
     @functools.wraps(init)
     def __init__(self, *args, **kw):
         nested: dict = {}
         for key in [k for k in kw if k not in cls.__dataclass_fields__]:
-            path = _declarations(cls).get(key)
-            if path is not None and len(path) == 1 and len(path[0]) == 2:
-                nested.setdefault(path[0][0], {})[path[0][1]] = kw.pop(key)
+            paths = _declarations(cls).get(key, [])
+            if len(paths) > 1:
+                raise TypeError(f"{cls.__name__}: '{key}' is ambiguous; name one of "
+                                f"{', '.join('.'.join(p) for p in paths)}")
+            if paths:
+                nested.setdefault(paths[0][0], {})[key] = kw.pop(key)
         for name, values in nested.items():
             kw[name] = dataclasses.replace(kw.get(name, _default(cls.__dataclass_fields__[name])), **values)
         init(self, *args, **kw)
@@ -89,7 +95,8 @@ def _path(cls, key: str) -> tuple:
         return paths[0]
     if paths:
         raise ValueError(f"setting '{key}' is ambiguous; name one of {', '.join('.'.join(p) for p in paths)}")
-    raise ValueError(f"unknown setting '{key}' for this experiment; settings: {', '.join(sorted(_declarations(cls)))}")
+    raise ValueError(f"unknown setting '{key}' for this experiment; settings: "
+                     f"{', '.join(sorted(k for k, _ in _settings(cls)))}")
 
 
 def _field(cls, path: tuple) -> tuple:
@@ -104,23 +111,28 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+@functools.lru_cache(maxsize=None)
+def _settings(cls) -> tuple[tuple[str, tuple], ...]:
+    """(key, path) of every setting in declaration order; the key is the plain name, or the dotted
+    path where two groups expose that name."""
+    names = _declarations(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        for path in [(f.name, n) for n in f.metadata["group"]] if "group" in f.metadata else [(f.name,)]:
+            out.append((path[-1] if len(names[path[-1]]) == 1 else ".".join(path), path))
+    return tuple(out)
+
+
 def flat(cfg) -> dict:
-    """Every setting of ``cfg`` by its plain name, a group's exposed fields in place of the group:
-    the form metrics.json records and a resume compares (`dataclasses.asdict` of a class without groups)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if "group" in f.metadata:
-            out.update({name: copy.deepcopy(getattr(value, name)) for name in f.metadata["group"]})
-        else:
-            out[f.name] = copy.deepcopy(value)
-    return out
+    """Every setting of ``cfg`` by its key (`_settings`), a group's exposed fields in place of the
+    group: the form metrics.json records and a resume compares (`dataclasses.asdict` of a class
+    without groups)."""
+    return {key: copy.deepcopy(_value(cfg, path)) for key, path in _settings(type(cfg))}
 
 
 def describe(cfg) -> list[tuple[str, object, str]]:
-    """(plain name, value, declared help) of every setting of ``cfg``, for ``--help``."""
-    return [(key, value, _field(type(cfg), _declarations(type(cfg))[key][0])[1].get("help", ""))
-            for key, value in flat(cfg).items()]
+    """(key, value, declared help) of every setting of ``cfg``, for ``--help``."""
+    return [(key, _value(cfg, path), _field(type(cfg), path)[1].get("help", "")) for key, path in _settings(type(cfg))]
 
 
 def resolve_preset(presets: dict, name: str | None, overrides: dict | None = None):
@@ -188,11 +200,10 @@ def check_settings(cfg) -> None:
     """Every setting of a config dataclass (a group's exposed ones by their plain names) against its
     declaration (`setting`): the type, numbers positive or >= 0, tuples of such integers non-empty
     unless declared ``empty``, strings among the declared ``choices``; then the class's own ``check()``."""
-    for key, paths in _declarations(type(cfg)).items():
-        for path in paths:
-            hint, meta = _field(type(cfg), path)
-            nonzero = len(path) == 2 and key in type(cfg).__dataclass_fields__[path[0]].metadata["nonzero"]
-            _check(key, _value(cfg, path), hint, meta, nonzero)
+    for key, path in _settings(type(cfg)):
+        hint, meta = _field(type(cfg), path)
+        nonzero = len(path) == 2 and path[1] in type(cfg).__dataclass_fields__[path[0]].metadata["nonzero"]
+        _check(key, _value(cfg, path), hint, meta, nonzero)
     if hasattr(cfg, "check"):
         cfg.check()
 
