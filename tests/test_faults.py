@@ -106,7 +106,7 @@ def test_bad_settings_are_refused_before_any_data_loads(experiment, setting, mes
 def test_null_and_off_settings_that_should_pass():
     assert resolve_preset(get_experiment("mnist-rotate").presets, "quick", {"train_images": "null"}).train_images is None
     assert resolve_preset(get_experiment("mog").presets, None, {"grad_clip": "null"}).grad_clip is None
-    with pytest.raises(ValueError, match="grad_clip must be positive"):
+    with pytest.raises(ValueError, match="grad_clip' must be positive"):
         TrainConfig(grad_clip=-1.0)
 
 

@@ -136,12 +136,11 @@ def _table_args(p) -> None:
 
 
 def _settings_help() -> str:
-    import dataclasses
-
+    from .settings import describe
     from .workflows import FileTrainConfig
 
-    return ", ".join(f"{f.name}={json.dumps(list(f.default) if isinstance(f.default, tuple) else f.default)}"
-                     for f in dataclasses.fields(FileTrainConfig))
+    return "; ".join(f"{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}" + (f": {text}" if text else "")
+                     for key, v, text in describe(FileTrainConfig()))
 
 
 def _train_overrides(pairs: list[str]) -> dict:

@@ -6,7 +6,6 @@ group-aware splitters do; training and embedding are exactly the command line's.
 """
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 
 import numpy as np
@@ -43,7 +42,7 @@ class MetaVAEEmbedding(TransformerMixin, BaseEstimator):
         self.likelihood, self.scale, self.pooling, self.seed, self.device = likelihood, scale, pooling, seed, device
 
     def fit(self, X, y=None, groups=None):
-        from .settings import check_settings
+        from .settings import check_settings, flat
         from .workflows import FileTrainConfig, load_fitted, train_family
 
         family, _ = _family(X, groups)
@@ -56,7 +55,7 @@ class MetaVAEEmbedding(TransformerMixin, BaseEstimator):
             self.metrics_ = train_family(family, tmp, self.model, cfg, progress=False, pooling=self.pooling,
                                          device=self.device)
             self.model_, self.scaler_ = load_fitted(f"{tmp}/model.pt", self.device)
-        self.settings_ = dataclasses.asdict(cfg)
+        self.settings_ = flat(cfg)
         self.n_features_in_ = int(np.prod(np.asarray(X).shape[1:]))
         return self
 

@@ -10,7 +10,6 @@ import logging
 import sys
 import time
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,40 +21,38 @@ from .data.meta import MetaDataset
 from .distributions import make_likelihood
 from .io import atomic_write_text, write_json
 from .models import MODEL_NAMES, load, make_model
+from .settings import config, flat, group, setting
 from .training import Trainer, TrainConfig, seed_everything
 from .training.distributed import available_memory
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config
 class FileTrainConfig:
     """`metavae train` settings (``--set key=value``). Flat points train MLPs; images (H, W) or
     (C, H, W) of at least 16x16 train the convolutional model (``--arch``)."""
 
-    epochs: int = 50
-    batch_size: int = 32  # queries per distribution and step
-    context_size: int = 10  # |D|
-    lr: float = 1e-3
-    z_dim: int = 4
-    hidden_widths: tuple = (128, 128)  # MLP layer widths of the encoder head and decoders (old name: hidden)
-    summary_widths: tuple = (128, 128)  # layer widths of the context-set network (old name: summary)
-    likelihood: str = "auto"  # auto: bernoulli for values in [0, 1] (after scaling), gaussian otherwise
-    scale: str = "auto"  # auto: unit for uint8 or [0, 1] data, standard (per-feature z-score) otherwise
-    latent: str = "gaussian"  # categorical: a discrete z with z_dim values (clusters), summed out exactly
-    free_bits: float = 0.0  # nats per latent dim below which the KL is not penalised (0: off)
-    channels: tuple = (16, 32, 64)  # conv model: the three stage widths
-    conv_hidden: int = 128  # conv model: fully connected width
-    context_pool: int | None = 64  # conv model: contexts drawn from this many images embedded once per step
-    val_fraction: float = 0.1  # of each distribution's points, for validation and early stopping
-    patience: int | None = 10  # stop after this many epochs without a lower validation loss (null: never)
-    grad_clip: float | None = 10.0
-    seed: int = 0
-    amp: str | None = None  # "bf16": bfloat16 matmuls, float32 losses (TrainConfig.amp); None: fp32, the default
+    # context_pool: the conv model's only; patience: early stopping on the validation loss
+    train: TrainConfig = group(TrainConfig(epochs=50, batch_size=32, context_size=10, lr=1e-3, context_pool=64,
+                                           patience=10, grad_clip=10.0),
+                               "epochs", "batch_size", "context_size", "lr", "context_pool", "patience", "grad_clip",
+                               "seed", "amp", nonzero=("context_size",))
+    z_dim: int = setting(4, help="latent dimensions (categorical: the number of values)")
+    hidden_widths: tuple = setting((128, 128), help="MLP layer widths of the encoder head and decoders "
+                                                    "(old name: hidden)")
+    summary_widths: tuple = setting((128, 128), help="layer widths of the context-set network (old name: summary)")
+    likelihood: str = setting("auto", choices=("auto", "gaussian", "bernoulli"),
+                              help="auto: bernoulli for values in [0, 1] (after scaling), gaussian otherwise")
+    scale: str = setting("auto", choices=("auto", "standard", "unit", "none"),
+                         help="auto: unit for uint8 or [0, 1] data, standard (per-feature z-score) otherwise")
+    latent: str = setting("gaussian", choices=("gaussian", "categorical"),
+                          help="categorical: a discrete z with z_dim values (clusters), summed out exactly")
+    free_bits: float = setting(0.0, zero=True, help="nats per latent dim below which the KL is not penalised (0: off)")
+    channels: tuple = setting((16, 32, 64), help="conv model: the three stage widths")
+    conv_hidden: int = setting(128, help="conv model: fully connected width")
+    val_fraction: float = setting(0.1, help="of each distribution's points, for validation and early stopping")
 
-    CHOICES: typing.ClassVar[dict] = {"likelihood": ("auto", "gaussian", "bernoulli"), "amp": ("bf16",),
-                                      "scale": ("auto", "standard", "unit", "none"),
-                                      "latent": ("gaussian", "categorical")}
     ALIASES: typing.ClassVar[dict] = {"hidden": "hidden_widths", "summary": "summary_widths"}  # older keys
 
     def check(self) -> None:
@@ -231,16 +228,14 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
     seed_everything(cfg.seed)
     model = _build(model_name, family.event_shape, len(data), cfg, pooling, likelihood, arch)
     init = {"init_config": dict(model.config), "init_seed": cfg.seed, "init_checksum": init_checksum(model)}
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     grad_clip=cfg.grad_clip, patience=cfg.patience, seed=cfg.seed, amp=cfg.amp, device=device,
-                     context_pool=cfg.context_pool if arch == "conv" and model_name in ("metavae", "vhe",
-                                                                                       "vhe-vampprior") else None,
-                     tensorboard=str(tensorboard) if tensorboard else None)
+    tc = dataclasses.replace(cfg.train, device=device, tensorboard=str(tensorboard) if tensorboard else None,
+                             context_pool=cfg.context_pool if arch == "conv" and model_name in ("metavae", "vhe",
+                                                                                               "vhe-vampprior") else None)
     source = str(Path(family.source).expanduser().resolve()) if family.source else ""
     info = {"data": {"source": source, "names": family.names,
                      "points": [len(p) for p in family.points], "fingerprint": family_fingerprint(family)},
             "model": model_name, "pooling": pooling, "arch": arch, "likelihood": likelihood, "scale": scaler.kind,
-            "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "patience")}}
+            "settings": {k: v for k, v in flat(cfg).items() if k not in ("epochs", "patience")}}
     t0 = time.time()
     trainer = Trainer(model, data, tc, out_dir=out / "checkpoints", progress=progress, desc=model_name, run_info=info)
     history = trainer.fit()
@@ -251,7 +246,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
                "data": info["data"], "storage": storage, "event_shape": list(family.event_shape),
                "epochs_trained": trainer.state.epoch, "stopped_early": trainer.stopped_early,
                "best_epoch": trainer.state.best_epoch, "best_val_loss": trainer.state.best_val,
-               "train_seconds": round(time.time() - t0, 1), "settings": dataclasses.asdict(cfg), "history": history}
+               "train_seconds": round(time.time() - t0, 1), "settings": flat(cfg), "history": history}
     write_json(metrics, out / "metrics.json")
     atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / "metrics.jsonl")
     _loss_plot(out / "loss.png", history, model_name)

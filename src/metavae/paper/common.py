@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from ..io import atomic_write_text, write_json
+from ..settings import flat
 from ..training import is_main_process
 
 
@@ -14,17 +15,14 @@ def train_shared(experiment: str, name: str, model, data, cfg, out: Path, device
     one shared context set per distribution and step, the experiment config's training fields,
     checkpoints under ``out/checkpoints/name``, and a run identity (experiment, model, seed, every
     setting but ``evaluation_only``) that a resume must match. Returns the model on the CPU, in eval mode."""
-    from ..training import Trainer, TrainConfig
+    from ..training import Trainer
 
-    # ``amp`` / ``distributions_per_step``: taken from the experiment config where it declares them
-    tc = TrainConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size,
-                     lr=cfg.lr, steps_per_epoch=cfg.steps_per_epoch, shared_context=True, grad_clip=cfg.grad_clip,
-                     seed=seed, device=device, amp=getattr(cfg, "amp", None),
-                     distributions_per_step=getattr(cfg, "distributions_per_step", None))
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in evaluation_only}
+    tc = dataclasses.replace(cfg.train, epochs=epochs or cfg.train.epochs, shared_context=True, seed=seed,
+                             device=device)
+    settings = {k: v for k, v in flat(cfg).items() if k not in evaluation_only}
     info = {"experiment": experiment, "model": name, "seed": seed, "settings": settings}
     # a setting added after a checkpoint was written matches it at the setting's default
-    defaults = {f"settings.{k}": v for k, v in dataclasses.asdict(type(cfg)()).items() if k in settings}
+    defaults = {f"settings.{k}": v for k, v in flat(type(cfg)()).items() if k in settings}
     Trainer(model, data, tc, out_dir=Path(out) / "checkpoints" / name, progress=progress, desc=name,
             run_info=info, run_info_defaults=defaults).fit()
     return model.to("cpu").eval()
@@ -81,4 +79,4 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return flat(cfg)

@@ -20,10 +20,7 @@ distributions of that family: the same procedure, the same labelled distribution
 """
 from __future__ import annotations
 
-import typing
-
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +29,8 @@ import torch
 from .data import exponential_families as E
 from ..data.meta import MetaDataset
 from .models.expfam_metavae import build_expfam_metavae
-from ..training import resolve_device, seed_everything
+from ..settings import config, group, setting
+from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
 from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
 from ..plots import save_figure
@@ -43,29 +41,27 @@ VAE_PARAMS = {"gaussian": (-1.2, 1.1), "lognormal": (-0.5, 1.8), "exponential": 
 READOUTS = ("posterior", "hidden", "summary")
 
 
-@dataclass(frozen=True)
+@config
 class ExpfamConfig:
     distributions_per_family: int = 30
     draws_per_distribution: int = 10_000  # the first 80% train, the rest validation (reference: 8000 / 2000)
-    context_size: int = 10  # |D|: random vectors of the same distribution
-    batch_size: int = 16  # query vectors per distribution and step
-    epochs: int = 10
-    steps_per_epoch: int = 200
-    lr: float = 3e-3
+    # |D| 10 random vectors of the same distribution, 16 query vectors per distribution and step
+    train: TrainConfig = group(TrainConfig(context_size=10, batch_size=16, epochs=10, steps_per_epoch=200, lr=3e-3,
+                                           grad_clip=10.0),
+                               "context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip",
+                               nonzero=("context_size",))
     draw_features: tuple = (64,)  # per-draw MLP (activated output), averaged over the 20 draws
     meta_summary: tuple = (64, 64, 64)  # MLP on each context vector's statistic, mean pooled over D
     hidden: tuple = (128, 128)
     per_coordinate: bool = True  # infer each coordinate on its own with shared weights (False: the reference's joint 2-D nets)
     balance: bool = True  # weight each distribution's ELBO by 1 / (Fisher information per draw) of its family
-    grad_clip: float | None = 10.0
     sweep_points: int = 37  # parameter values per family sweep
     sweep_vectors: int = 50  # query vectors per sweep value, each with its own context set
-    readout: str = "hidden"  # statistic for the linear read-out: hidden (g's last hidden layer), posterior, summary
+    readout: str = setting("hidden", choices=READOUTS, help="statistic for the linear read-out: hidden (g's last "
+                                                             "hidden layer), posterior, summary")
     readout_distributions: int = 10  # labelled distributions per family for the linear read-out
     readout_vectors: int = 50  # labelled random vectors per such distribution
-    ridge: float = 1e-4
-
-    CHOICES: typing.ClassVar[dict] = {"readout": READOUTS}
+    ridge: float = setting(1e-4, zero=True, help="the read-out's ridge penalty")
 
 
 # a resume may change these: they only read out trained models

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +30,15 @@ from .data.mnist import load_mnist, mnist_cache_dir
 from ..models import build_vae, load
 from ..training import Trainer, TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import markdown_table, write_metrics, write_report
+from .common import config_dict, markdown_table, write_metrics, write_report
+from ..settings import config, group
 from ..plots import save_figure
 
 TRAINED = ("ns", "vhe", "metavae")  # run folders looked for under `runs`
 ROWS = ("ns", "vhe", "metavae-adapt", "metavae-nearest", "vae-scratch")
 
 
-@dataclass(frozen=True)
+@config
 class GenerationConfig:
     runs: str = "runs/mnist-rotate/contiguous"  # holds MODEL/SEED/checkpoints/best.pt (or MODEL/checkpoints/)
     seed_folder: str = "seed-0"
@@ -49,7 +50,8 @@ class GenerationConfig:
     adapt_lr: float = 1e-3
     scratch_steps: int = 300  # the VAE from scratch: Adam steps on the N context images
     scratch_lr: float = 1e-3
-    batch_size: int = 50
+    # the scratch VAE's training (one epoch of scratch_steps, no context); batch_size is adapt's too
+    train: TrainConfig = group(TrainConfig(epochs=1, batch_size=50, context_size=0), "batch_size")
     samples: int = 8  # per model in the figure
     chunk: int = 50  # test images scored at once (memory: k x chunk decoder passes)
 
@@ -86,9 +88,8 @@ def _scratch_vae(ctx: torch.Tensor, cfg: GenerationConfig, seed: int, device) ->
     torch.manual_seed(seed)
     vae = build_vae(tuple(ctx.shape[1:]))
     data = MetaDataset.from_parts(train=[ctx])
-    Trainer(vae, data, TrainConfig(epochs=1, steps_per_epoch=cfg.scratch_steps, batch_size=cfg.batch_size,
-                                   context_size=0, lr=cfg.scratch_lr, seed=seed, device=str(device)),
-            progress=False).fit()
+    Trainer(vae, data, replace(cfg.train, steps_per_epoch=cfg.scratch_steps, lr=cfg.scratch_lr, seed=seed,
+                               device=str(device)), progress=False).fit()
     return vae.eval()
 
 
@@ -167,7 +168,7 @@ def run(cfg: GenerationConfig, out: Path, device: str = "cpu", seed: int = 0, pr
     metrics = {"experiment": "mnist-generation", "models": {m: str(p) for m, p in paths.items()},
                "missing": [m for m, p in paths.items() if p is None], "values": list(cfg.values),
                "contexts": list(cfg.contexts), "test_images_per_value": len(te_x[: cfg.test_images]),
-               "log_likelihood": table, "seconds": round(time.time() - t0, 1), "seed": seed, "config": asdict(cfg)}
+               "log_likelihood": table, "seconds": round(time.time() - t0, 1), "seed": seed, "config": config_dict(cfg)}
     write_metrics(out, metrics)
     samples_figure(out / "samples.png", figure, cfg)
     write_report(out, report(metrics))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-import typing
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +21,7 @@ from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
 from ..models.metavae import INITS, POOLINGS
 from ..probes import STANDARDISED_CS, standardised_probes
+from ..settings import config, flat, group, setting
 from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
 
 # Two linear probes read every embedding (docs/reproduction.md §13):
@@ -36,27 +36,28 @@ PROBE = "one-vs-rest liblinear logistic regression, C=1, tol=1e-4, max_iter=100 
 STANDARDISED_PROBE = ("features standardised on the train embeddings; multinomial logistic regression, C from "
                       "{0.01, 0.1, 1, 10} by 3-fold cross-validation on the train embeddings")
 
-@dataclass(frozen=True)
+@config
 class InvarianceConfig:
     train_images: int | None = 5000  # per transformation value (None: the whole split)
     test_images: int | None = 1000
-    epochs: int = 5
-    batch_size: int = 100
-    context_size: int = 10
+    # contexts drawn from context_pool images per distribution and step (speed; every model); the reference's pick
+    # (worst.pt) kept beside the best
+    train: TrainConfig = group(TrainConfig(epochs=5, batch_size=100, context_size=10, lr=2e-4, keep_worst=True),
+                               "epochs", "batch_size", "context_size", "lr", "context_pool", "amp",
+                               nonzero=("context_size",))
     z_dim: int = 40
-    lr: float = 2e-4
-    context_pool: int | None = None  # contexts drawn from P images per distribution and step (speed; every model)
     embed_chunk: int = 100  # images embedded together; the NS uses each chunk as its set
-    init: str = "default"  # MetaVAE and VAE only: "default" (PyTorch's, the reference) or "xavier" (the baselines', always used by NS/VHE)
-    selection: str = "best"  # "best": lowest val loss, mean c; "reference": the reference's highest val loss, sampled c
-    free_bits: float = 0.0  # MetaVAE and VAE training only: each latent dim's KL counts as >= this many nats
-    pooling: str = "mean"  # MetaVAE, NS and VHE: how the context set is pooled, "mean" (the paper's) or "attention"
-    amp: str | None = None  # "bf16": bfloat16 matmuls and convolutions, float32 losses (TrainConfig.amp); None: fp32
+    init: str = setting("default", choices=INITS, help="MetaVAE and VAE only: default (PyTorch's, the reference) or "
+                                                      "xavier (the baselines', always used by NS/VHE)")
+    selection: str = setting("best", choices=("best", "reference"), help="best: lowest val loss, mean c; reference: "
+                                                                         "the reference's highest val loss, sampled c")
+    free_bits: float = setting(0.0, zero=True, help="MetaVAE and VAE training only: each latent dim's KL counts as "
+                                                    ">= this many nats")
+    pooling: str = setting("mean", choices=POOLINGS, help="MetaVAE, NS and VHE: how the context set is pooled, mean "
+                                                          "(the paper's) or attention")
     seen: int | None = None  # train on K of the split's seen values, spread out, at the same steps and images per step
-    test_context_sizes: tuple = ()  # evaluation only: also probe the selected weights with contexts of these sizes
-
-    CHOICES: typing.ClassVar[dict] = {"init": INITS, "selection": ("best", "reference"), "pooling": POOLINGS,
-                                      "amp": ("bf16",)}
+    test_context_sizes: tuple = setting((), empty=True, help="evaluation only: also probe the selected weights with "
+                                                             "contexts of these sizes")
 
     def check(self) -> None:
         if self.seen is not None and self.seen < 1:
@@ -319,7 +320,7 @@ INIT_STREAM = {"metavae": 0, "vae": 0, "metavae-nocontext": 0, "ns": 0, "vhe": 0
 
 def training_settings(cfg: InvarianceConfig) -> dict:
     """The settings that change a run's trained weights (what a resume must match)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in EVALUATION_ONLY}
+    return {k: v for k, v in flat(cfg).items() if k not in EVALUATION_ONLY}
 
 
 def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, names: list, cfg: InvarianceConfig,
@@ -345,9 +346,8 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
                        **kwargs)
     steps = cfg.epochs * data.steps_per_epoch(cfg.batch_size)
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, context_size=cfg.context_size, lr=cfg.lr,
-                     context_pool=cfg.context_pool, seed=seed, device=device, keep_worst=True, amp=cfg.amp,
-                     snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))
+    tc = replace(cfg.train, seed=seed, device=device,
+                 snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))
     info = dict(run_info or {}, model=model_name, arch=arch, seed=seed, settings=training_settings(cfg))
     t0 = time.time()
     defaults = {f"settings.{k}": v for k, v in training_settings(type(cfg)()).items()}

@@ -8,7 +8,6 @@ import dataclasses
 import json
 
 import numpy as np
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -18,7 +17,7 @@ from ..models import MODEL_NAMES
 from ..io import atomic_write_text
 from . import regimes
 from .base import Experiment
-from .common import markdown_table, write_metrics, write_report
+from .common import config_dict, markdown_table, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, VARIANT_SETTINGS, InvarianceConfig, accuracy_figure,
                          evaluate_run, find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure,
                          make_control, probe_unseen, run_label, snapshot_model, summarise_probes, table2_models,
@@ -165,7 +164,7 @@ def make_run(key: str):
         metrics = {"model": model, "label": run_label(model, cfg, label_reference(cfg), LABELLED_SETTINGS), "split": split,
                    "axis": key, "data": label, "data_record": record, "seen": list(seen), "unseen": list(unseen),
                    "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x), "seed": seed,
-                   "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": asdict(cfg)}
+                   "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": config_dict(cfg)}
         if cfg.seen is not None:
             metrics["split_seen"] = split_seen
         if model in CONTROLS:  # no training: the same probes on the same images

@@ -7,8 +7,6 @@ unseen mixtures: clustering error up to label permutation of argmax q(z | D, x).
 """
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,34 +16,33 @@ from ..data.meta import MetaDataset
 from ..distributions import Gaussian
 from ..models import build_mlp_metavae
 from ..models.metavae import POOLINGS
-from ..training import resolve_device, seed_everything
+from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
 from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
 from ..plots import save_figure
+from ..settings import config, group, setting
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
 PAPER = {"vae": 0.279, "metavae_10": 0.212, "metavae_20": 0.158, "metavae_50": 0.099}
 OPTIONS: set[str] = set()
 
 
-@dataclass(frozen=True)
+@config
 class MogConfig:
     train_mixtures: tuple = (10, 20, 50)  # MetaVAE sizes; nested (the first 10 are among the 20, ...)
     points_per_mixture: int = 1000  # split 80/10/10 into train/val/test
     test_mixtures: int = 1000
     test_points: int = 200  # points clustered per unseen mixture
-    context_size: int = 64  # |D|: points of the same mixture the encoder sees
-    batch_size: int = 64  # queries per mixture and step
-    epochs: int = 5
-    steps_per_epoch: int = 300
-    lr: float = 2e-3
+    # |D| 64 points of the same mixture, 64 queries per mixture and step
+    train: TrainConfig = group(TrainConfig(context_size=64, batch_size=64, epochs=5, steps_per_epoch=300, lr=2e-3,
+                                           grad_clip=10.0),
+                               "context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip",
+                               nonzero=("context_size",))
     hidden: tuple = (64, 64)
     summary: tuple = (64, 64, 64)
     center: bool = True  # translation-invariant inference (query and context minus the context mean)
-    grad_clip: float | None = 10.0
-    pooling: str = "mean"  # how the MetaVAE summarises D: mean (the paper's) or attention (a Set Transformer)
-
-    CHOICES: typing.ClassVar[dict] = {"pooling": POOLINGS}
+    pooling: str = setting("mean", choices=POOLINGS, help="how the MetaVAE summarises D: mean (the paper's) or "
+                                                          "attention (a Set Transformer)")
 
 
 EVALUATION_ONLY = ("epochs", "test_mixtures", "test_points")  # a resume may change these

@@ -29,8 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import typing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ from ..io import atomic_write_text
 from ..models import MODEL_NAMES
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
+from ..settings import config, flat, setting
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
                          fmt_seeds, gather_tables, invariance_distances, run_label, snapshot_model, table2_models,
                          train_on_seen, untrained_distances)
@@ -67,7 +67,7 @@ CORRESPONDENCE = ("a test image of group v is paired with the base group's test 
                   "instance), camera and the two other factors")
 
 
-@dataclass(frozen=True)
+@config
 class NorbConfig(InvarianceConfig):
     """`InvarianceConfig` plus the conv models' sizes. ``train_images``/``test_images`` are per
     group (None: the whole group); ``table1_images`` per group for Table 1 (None: test_images)."""
@@ -77,9 +77,7 @@ class NorbConfig(InvarianceConfig):
     c_dim: int = 300  # NS / VHE context latent
     n_components: int = 500  # VampPrior components (paper; the reference conv code used 10)
     table1_images: int | None = None
-    cameras: str = "all"
-
-    CHOICES: typing.ClassVar[dict] = dict(InvarianceConfig.CHOICES, cameras=("all", "left", "right"))
+    cameras: str = setting("all", choices=("all", "left", "right"), help="the cameras whose images are kept")
 
 
 PRESETS = {
@@ -227,7 +225,7 @@ def make_run(axis: str):
             "seed": seed, "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE},
             "model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
             "n_parameters": sum(p.numel() for p in trained.parameters()),
-            "config": asdict(cfg), "history": history,
+            "config": flat(cfg), "history": history,
         })
         if split == "interleaved" and model == "metavae":  # Table 1 (the reference forces 'standard')
             test_by_axis, pairs, sizes = table1_groups(full, cfg)

@@ -18,7 +18,6 @@ matters. The single-simulator baseline, with no context, is standardised with fi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ from .data import physics as P
 from ..data.meta import MetaDataset
 from .models.compiled import build_compiled_inference
 from .models.standardize import FixedStandardize, StandardizeOnContext
-from ..training import resolve_device, seed_everything
+from ..settings import config, group, setting
+from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
 from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
 from ..plots import save_figure
@@ -40,23 +40,22 @@ REGION = (20, 70)  # the paper's claim: MSE < 0.001 for A in [20, 70] (and L in 
 PAPER_CLAIM = 0.001
 
 
-@dataclass(frozen=True)
+@config
 class PhysicsConfig:
     train_samples: int = 1000  # simulations per training simulator (the reference's count)
     val_samples: int = 1000
     test_samples: int = 1000  # queries per test simulator (the reference's count)
     context_pool: int = 1000  # separate observations per test simulator that contexts are drawn from
     eval_contexts: int = 20  # context sets per test simulator, each shared by test_samples / eval_contexts queries
-    context_size: int = 256  # |D|: observed times of the same simulator (no friction values)
-    batch_size: int = 64  # queries per simulator and step
-    epochs: int = 8
-    steps_per_epoch: int = 300
-    lr: float = 1e-3
+    # |D| 256 observed times of the same simulator (no friction values), 64 queries per simulator and step
+    train: TrainConfig = group(TrainConfig(context_size=256, batch_size=64, epochs=8, steps_per_epoch=300, lr=1e-3,
+                                           grad_clip=10.0),
+                               "context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip",
+                               nonzero=("context_size",))
     hidden: tuple = (64, 64)
     summary: tuple = (64, 64, 64)
-    query: tuple = ()  # optional MLP on the query features before the head
+    query: tuple = setting((), empty=True, help="optional MLP on the query features before the head")
     standardize: bool = True  # 1/t^2 standardised on the context's sliding boxes (see StandardizeOnContext)
-    grad_clip: float | None = 10.0
     baseline_epochs: int = 8  # the single-simulator baseline trains this long with the same steps
 
 
