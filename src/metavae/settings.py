@@ -18,12 +18,26 @@ def resolve_preset(presets: dict, name: str | None, overrides: dict | None = Non
     cfg = presets[name]
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg)}
-    for key, value in (overrides or {}).items():
+    for key, value in renamed(type(cfg), overrides or {}).items():
         if key not in fields:
             raise ValueError(f"unknown setting '{key}' for this experiment; settings: {', '.join(sorted(fields))}")
         cfg = dataclasses.replace(cfg, **{key: _coerce(value, hints[key], key)})
     check_settings(cfg)
     return cfg
+
+
+def renamed(cls, values: dict) -> dict:
+    """``values`` with a setting's earlier names (the class's ``ALIASES``, old name -> new) read as
+    the new ones, so old ``--set`` keys and old metrics.json configs keep working."""
+    aliases = getattr(cls, "ALIASES", {})
+    return {aliases.get(k, k): v for k, v in values.items()}
+
+
+def config_from_dict(cls, values: dict):
+    """The config ``cls`` from a metrics.json ``config`` (lists back to tuples, earlier names renamed,
+    keys the class no longer has dropped): how a report rebuilds its settings from results."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in renamed(cls, values).items() if k in fields})
 
 
 def _parts(hint) -> tuple[type, bool]:

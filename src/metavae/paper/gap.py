@@ -21,17 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .data import exponential_families as E
+from .data import exponential_families as expfam_data
 from .data import mog as mog_data
-from .data import physics as P
+from .data import physics as physics_data
 from ..data.meta import MetaDataset
 from ..distributions import CategoricalLatent, gaussian_kl, gaussian_log_prob
 from ..objectives import elbo_of
 from ..refine import GaussHermiteLatent, GradientEncoder, iterate, iterate_learned, refine, train_gradient_encoder
 from ..training import resolve_device, seed_everything
-from . import expfam as X
-from . import mog as M
-from . import physics as PH
+from . import expfam, mog, physics
 from .base import Experiment
 from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
 from ..plots import save_figure
@@ -73,7 +71,7 @@ class GapConfig:
 
     def check(self) -> None:
         _names(self.parts, PARTS, "parts")
-        _names(self.expfam_families, E.TRAIN_FAMILIES, "expfam_families")
+        _names(self.expfam_families, expfam_data.TRAIN_FAMILIES, "expfam_families")
         if self.grid_points < 2:
             raise ValueError(f"setting 'grid_points' must be >= 2, got {self.grid_points}")
 
@@ -140,7 +138,7 @@ def forward_kl_gap(mean: torch.Tensor, var: torch.Tensor, params: torch.Tensor) 
 
 def family_log_lik(family: str, x: torch.Tensor):
     """log p(x | z) of one coordinate's draws x (P, V) under a family, for z (P, S, 1) -> (P, S)."""
-    fam = E.FAMILIES[family]
+    fam = expfam_data.FAMILIES[family]
     return lambda z: fam.log_prob(x.unsqueeze(-2), z).sum(-1)
 
 
@@ -245,7 +243,7 @@ def _encode(model, x, context):
 
 
 def _mog(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> dict:
-    mcfg = dataclasses.replace(M.PRESETS["quick"], train_mixtures=cfg.mog_train_mixtures, epochs=cfg.mog_epochs,
+    mcfg = dataclasses.replace(mog.PRESETS["quick"], train_mixtures=cfg.mog_train_mixtures, epochs=cfg.mog_epochs,
                                steps_per_epoch=cfg.mog_steps_per_epoch)
     t0 = time.time()
     # Training data and models exactly as `metavae run mog` draws and trains them.
@@ -257,13 +255,14 @@ def _mog(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> d
     for i, k in enumerate(sizes):
         seed_everything(seed + 1 + i)
         data = MetaDataset(list(x[:k]), labels=list(y[:k]), seed=seed)
-        model = M.build_model(data.part("train").data, mcfg, True)
+        model = mog.build_mog_model(data.part("train").data, mcfg, True)
         models[f"metavae_{k}"] = (k, train_shared("mog", f"metavae_{k}", model, data, mcfg, out, device, seed, progress,
-                                                  evaluation_only=M.EVALUATION_ONLY))
+                                                  evaluation_only=mog.EVALUATION_ONLY))
     seed_everything(seed)
     data = MetaDataset([x[0]], labels=[y[0]], seed=seed)
-    models["vae"] = (1, train_shared("mog", "vae", M.build_model(data.part("train").data, mcfg, False), data, mcfg,
-                                     out, device, seed, progress, evaluation_only=M.EVALUATION_ONLY))
+    vae = mog.build_mog_model(data.part("train").data, mcfg, False)
+    models["vae"] = (1, train_shared("mog", "vae", vae, data, mcfg, out, device, seed, progress,
+                                     evaluation_only=mog.EVALUATION_ONLY))
     train_s = time.time() - t0
     # Evaluation points from their own stream: fresh points of the training mixtures, and new mixtures.
     egen = torch.Generator().manual_seed(seed + 30_000)
@@ -322,7 +321,7 @@ def expfam_gaps(params, q, family: str, cfg: GapConfig, lrs: dict, encoder: Grad
 def _training_problems(model, family: str, params, n: int, context_size: int, cfg: GapConfig, gen) -> tuple:
     """(latent, amortized params, likelihood) of ``n`` fresh random vectors per training distribution
     ``params`` of ``model`` (for tuning only: none of them is evaluated)."""
-    q, ctx = X.draw_queries(family, params, n, context_size, gen)
+    q, ctx = expfam.draw_queries(family, params, n, context_size, gen)
     p0, x = _coordinates(_encode(model, q, ctx), q)
     return GaussHermiteLatent(1, cfg.hermite_points), p0, family_log_lik(family, x)
 
@@ -336,23 +335,25 @@ def _learned_update(problems: tuple, cfg: GapConfig) -> tuple:
 
 
 def _expfam(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> dict:
-    ecfg = dataclasses.replace(X.PRESETS["quick"], distributions_per_family=cfg.expfam_distributions_per_family,
+    ecfg = dataclasses.replace(expfam.PRESETS["quick"], distributions_per_family=cfg.expfam_distributions_per_family,
                                epochs=cfg.expfam_epochs, steps_per_epoch=cfg.expfam_steps_per_epoch)
-    families, d = _names(cfg.expfam_families, E.TRAIN_FAMILIES, "expfam_families"), ecfg.distributions_per_family
+    families = _names(cfg.expfam_families, expfam_data.TRAIN_FAMILIES, "expfam_families")
+    d = ecfg.distributions_per_family
     t0 = time.time()
     # Models as expfam-many (the model over every family) and expfam-single (one family; a VAE) train them.
-    sets = X.build_training_sets(ecfg, seed)
+    sets = expfam.build_training_sets(ecfg, seed)
     seed_everything(seed)
-    many = X.train_metavae("metavae_many", list(E.TRAIN_FAMILIES), sets, ecfg, out, device, seed, progress)
+    many = expfam.train_metavae("metavae_many", list(expfam_data.TRAIN_FAMILIES), sets, ecfg, out, device, seed,
+                                progress)
     models = {}
-    for i, f in enumerate(E.TRAIN_FAMILIES):
+    for i, f in enumerate(expfam_data.TRAIN_FAMILIES):
         if f in families:
             seed_everything(seed + 1 + i)
-            single = X.train_metavae(f"metavae_{f}", [f], sets, ecfg, out, device, seed, progress)
+            single = expfam.train_metavae(f"metavae_{f}", [f], sets, ecfg, out, device, seed, progress)
             seed_everything(seed + 11 + i)
-            vae = X.train_vae(f"vae_{f}", f, sets, ecfg, out, device, seed, progress)
+            vae = expfam.train_vae(f"vae_{f}", f, sets, ecfg, out, device, seed, progress)
             models[f] = {f"vae_{f}": (1, vae, sets[f]["vae_params"]), f"metavae_{f}": (d, single, sets[f]["params"]),
-                         "metavae_many": (len(E.TRAIN_FAMILIES) * d, many, sets[f]["params"])}
+                         "metavae_many": (len(expfam_data.TRAIN_FAMILIES) * d, many, sets[f]["params"])}
     train_s = time.time() - t0
     result, learned = {}, {}
     for i, f in enumerate(families):
@@ -360,12 +361,12 @@ def _expfam(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -
         n_seen = cfg.expfam_queries * d  # vectors per split, the same for every model
         encoder, learned[f] = _learned_update(_training_problems(many, f, sets[f]["params"], cfg.expfam_queries,
                                                                  ecfg.context_size, cfg, egen), cfg)
-        unseen = E.FAMILIES[f].prior_sample(cfg.expfam_unseen_distributions, egen)
-        splits = {"unseen": X.draw_queries(f, unseen, cfg.expfam_queries, ecfg.context_size, egen)}
+        unseen = expfam_data.FAMILIES[f].prior_sample(cfg.expfam_unseen_distributions, egen)
+        splits = {"unseen": expfam.draw_queries(f, unseen, cfg.expfam_queries, ecfg.context_size, egen)}
         for name, (k, model, params) in models[f].items():
             lrs = _step_sizes(cfg, *_training_problems(model, f, params, n_seen // len(params), ecfg.context_size,
                                                        cfg, egen))
-            seen = X.draw_queries(f, params, n_seen // len(params), ecfg.context_size, egen)
+            seen = expfam.draw_queries(f, params, n_seen // len(params), ecfg.context_size, egen)
             entry = result.setdefault(name, {"distributions": k, "families": {}, "refine_lr": {}})
             entry["refine_lr"][f] = lrs
             entry["families"][f] = {split: expfam_gaps(_encode(model, q, ctx), q, f, cfg, lrs, encoder)
@@ -376,31 +377,32 @@ def _expfam(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -
 
 # ----------------------------------------------------------------------------- physics
 def _physics(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> dict:
-    pcfg = dataclasses.replace(PH.PRESETS["quick"], epochs=cfg.physics_epochs, baseline_epochs=cfg.physics_epochs,
+    pcfg = dataclasses.replace(physics.PRESETS["quick"], epochs=cfg.physics_epochs, baseline_epochs=cfg.physics_epochs,
                                steps_per_epoch=cfg.physics_steps_per_epoch)
     t0 = time.time()
     # Data and models exactly as `metavae run physics` makes them.
     gen = torch.Generator().manual_seed(seed)
-    meta_data = PH.simulator_dataset(P.TRAIN_SIMULATORS, pcfg, gen)
-    base_data = PH.simulator_dataset([P.BASELINE_SIMULATOR], pcfg, gen)
+    meta_data = physics.simulator_dataset(physics_data.TRAIN_SIMULATORS, pcfg, gen)
+    base_data = physics.simulator_dataset([physics_data.BASELINE_SIMULATOR], pcfg, gen)
     seed_everything(seed + 1)
-    meta = train_shared("physics", "metavae", PH.build_model(pcfg), meta_data, pcfg, out, device, seed, progress,
-                        evaluation_only=PH.EVALUATION_ONLY)
+    meta = train_shared("physics", "metavae", physics.build_physics_model(pcfg), meta_data, pcfg, out, device, seed,
+                        progress, evaluation_only=physics.EVALUATION_ONLY)
     seed_everything(seed + 2)
-    vae = train_shared("physics", "vae", PH.build_model(pcfg, base_data), base_data, pcfg, out, device, seed, progress,
-                       epochs=pcfg.baseline_epochs, evaluation_only=PH.EVALUATION_ONLY)
+    vae = train_shared("physics", "vae", physics.build_physics_model(pcfg, base_data), base_data, pcfg, out, device,
+                       seed, progress, epochs=pcfg.baseline_epochs, evaluation_only=physics.EVALUATION_ONLY)
     train_s = time.time() - t0
-    sims = P.TEST_SIMULATORS
+    sims = physics_data.TEST_SIMULATORS
     tgen = torch.Generator().manual_seed(seed + 40_000)
-    x, _, _ = P.simulate_many(sims, cfg.physics_queries, tgen)
-    pool, _, _ = P.simulate_many(sims, pcfg.context_size, tgen)  # one context set per simulator
-    moments = [P.posterior_moments(x[k].double(), L, A) for k, (L, A) in enumerate(sims)]
+    x, _, _ = physics_data.simulate_many(sims, cfg.physics_queries, tgen)
+    pool, _, _ = physics_data.simulate_many(sims, pcfg.context_size, tgen)  # one context set per simulator
+    moments = [physics_data.posterior_moments(x[k].double(), L, A) for k, (L, A) in enumerate(sims)]
     mean, var = torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
-    fx, ctx = PH.features(x), PH.features(pool).unsqueeze(1)
-    prior = torch.tensor([(P.MU_LOW + P.MU_HIGH) / 2, math.log((P.MU_HIGH - P.MU_LOW) ** 2 / 12)])
-    qs = {"vae": (1, [P.BASELINE_SIMULATOR], _encode(vae, fx, None)),
-          "metavae": (len(P.TRAIN_SIMULATORS), P.TRAIN_SIMULATORS, _encode(meta, fx, ctx)),
-          "prior": (0, P.TRAIN_SIMULATORS, prior.expand(*x.shape, 2))}  # a control: split as the MetaVAE
+    fx, ctx = physics.features(x), physics.features(pool).unsqueeze(1)
+    low, high = physics_data.MU_LOW, physics_data.MU_HIGH
+    prior = torch.tensor([(low + high) / 2, math.log((high - low) ** 2 / 12)])
+    qs = {"vae": (1, [physics_data.BASELINE_SIMULATOR], _encode(vae, fx, None)),
+          "metavae": (len(physics_data.TRAIN_SIMULATORS), physics_data.TRAIN_SIMULATORS, _encode(meta, fx, ctx)),
+          "prior": (0, physics_data.TRAIN_SIMULATORS, prior.expand(*x.shape, 2))}  # a control: split as the MetaVAE
     result = {}
     for name, (k, trained, params) in qs.items():
         gap = forward_kl_gap(mean, var, params.double())
@@ -636,7 +638,7 @@ Seconds for the unseen split's {ks[-1]} steps:
 The amortization gap in KL(p || q), p the exact posterior of the friction: KL(p || q) minus its minimum over
 Gaussians, which is KL(N(mean_p, var_p) || q) (docs/gap.md §1). KL(q || p), hence the ELBO gap, is infinite for every
 Gaussian q (p lives on a bounded set), and compiled inference is fitted to KL(p || q). "prior" is the control
-q = N(prior mean, prior variance), which ignores x. One context set of {PH.PRESETS['quick'].context_size} observations
+q = N(prior mean, prior variance), which ignores x. One context set of {physics.PRESETS['quick'].context_size} observations
 per simulator; seen = the training simulators; unseen_inside / unseen_outside: unseen simulators inside / outside the
 range of the training simulators' lengths and angles (interpolation / extrapolation). The prior's rows use the
 MetaVAE's splits.

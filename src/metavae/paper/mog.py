@@ -55,7 +55,7 @@ PRESETS = {
 }
 
 
-def build_model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
+def build_mog_model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
     """A model with one decoder per training mixture, decoders initialised from their data."""
     model = build_mlp_metavae(
         (2,), len(train_points), z_dim=2, latent="categorical", likelihood=Gaussian(mog.VARIANCE),
@@ -126,11 +126,11 @@ def run(cfg: MogConfig, out: Path, device: str = "cpu", seed: int = 0, progress:
     for i, k in enumerate(sorted(cfg.train_mixtures)):
         seed_everything(seed + 1 + i)
         data = MetaDataset(list(x[:k]), labels=list(y[:k]), seed=seed)
-        model = build_model(data.part("train").data, cfg, True)
+        model = build_mog_model(data.part("train").data, cfg, True)
         models[f"metavae_{k}"] = train_shared("mog", f"metavae_{k}", model, data, cfg, out, device, seed, progress, evaluation_only=EVALUATION_ONLY)
     seed_everything(seed)
     data = MetaDataset([x[0]], labels=[y[0]], seed=seed)
-    models["vae"] = train_shared("mog", "vae", build_model(data.part("train").data, cfg, False), data, cfg, out, device, seed,
+    models["vae"] = train_shared("mog", "vae", build_mog_model(data.part("train").data, cfg, False), data, cfg, out, device, seed,
                                   progress, evaluation_only=EVALUATION_ONLY)
 
     errors, preds = {}, {}

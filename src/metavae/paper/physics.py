@@ -18,6 +18,7 @@ matters. The single-simulator baseline, with no context, is standardised with fi
 from __future__ import annotations
 
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class PhysicsConfig:
     train_samples: int = 1000  # simulations per training simulator (the reference's count)
     val_samples: int = 1000
     test_samples: int = 1000  # queries per test simulator (the reference's count)
-    context_pool: int = 1000  # separate observations per test simulator that contexts are drawn from
+    eval_pool: int = 1000  # separate observations per test simulator that evaluation contexts are drawn from
     eval_contexts: int = 20  # context sets per test simulator, each shared by test_samples / eval_contexts queries
     context_size: int = 256  # |D|: observed times of the same simulator (no friction values)
     batch_size: int = 64  # queries per simulator and step
@@ -58,6 +59,8 @@ class PhysicsConfig:
     standardize: bool = True  # 1/t^2 standardised on the context's sliding boxes (see StandardizeOnContext)
     grad_clip: float | None = 10.0
     baseline_epochs: int = 8  # the single-simulator baseline trains this long with the same steps
+    # earlier names, still read from --set and from metrics.json (TrainConfig.context_pool is a training pool)
+    ALIASES: typing.ClassVar[dict] = {"context_pool": "eval_pool"}
 
 
 EVALUATION_ONLY = ("epochs", "baseline_epochs", "test_samples", "eval_contexts")  # a resume may change these
@@ -79,7 +82,7 @@ def features(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([inv_sq, censored.to(inv_sq.dtype)], dim=-1).float()
 
 
-def build_model(cfg: PhysicsConfig, data: MetaDataset | None = None):
+def build_physics_model(cfg: PhysicsConfig, data: MetaDataset | None = None):
     """The MetaVAE (``data=None``) or the no-context baseline standardised on ``data``."""
     if data is None:
         pre = StandardizeOnContext() if cfg.standardize else None
@@ -142,14 +145,14 @@ def run(cfg: PhysicsConfig, out: Path, device: str = "cpu", seed: int = 0, progr
     tgen = torch.Generator().manual_seed(seed + 10_000)
     sims = P.TEST_SIMULATORS
     tx, tmu, _ = P.simulate_many(sims, cfg.test_samples, tgen)
-    pool, _, _ = P.simulate_many(sims, cfg.context_pool, tgen)
+    pool, _, _ = P.simulate_many(sims, cfg.eval_pool, tgen)
 
     seed_everything(seed + 1)
-    meta = train_shared("physics", "metavae", build_model(cfg), meta_data, cfg, out, device, seed, progress,
+    meta = train_shared("physics", "metavae", build_physics_model(cfg), meta_data, cfg, out, device, seed, progress,
                         evaluation_only=EVALUATION_ONLY)
     seed_everything(seed + 2)
-    vae = train_shared("physics", "vae", build_model(cfg, base_data), base_data, cfg, out, device, seed, progress,
-                       epochs=cfg.baseline_epochs, evaluation_only=EVALUATION_ONLY)
+    vae = train_shared("physics", "vae", build_physics_model(cfg, base_data), base_data, cfg, out, device, seed,
+                       progress, epochs=cfg.baseline_epochs, evaluation_only=EVALUATION_ONLY)
     train_seconds = time.time() - t0
 
     egen = torch.Generator().manual_seed(seed + 20_000)
@@ -344,7 +347,7 @@ Per angle (mean over L = 1..19):
   [query features, summary] -> (m, log s^2); Adam lr {cfg.lr}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps,
   {cfg.batch_size} queries per simulator per step, one context set per simulator and step.
 - Evaluation: per test simulator, {cfg.eval_contexts} context sets of {cfg.context_size} observations drawn from
-  {cfg.context_pool} separate simulations of that simulator, each shared by {cfg.test_samples // cfg.eval_contexts} queries.
+  {cfg.eval_pool} separate simulations of that simulator, each shared by {cfg.test_samples // cfg.eval_contexts} queries.
 
 ## Design notes (from trial runs, seed 0, 5 epochs each; not recomputed by this command)
 - Inputs matter most. With log(t) centred on the mean log(t) of D (instead of 1/t^2 standardised on D), the
