@@ -149,4 +149,5 @@ def test_cli_run_writes_metrics_in_the_issue_layout(tmp_path, capsys):
         assert (tmp_path / name).exists(), name
     report = (tmp_path / "report.md").read_text()
     assert "Differences from the paper/reference" in report and "observations only" in report
+    assert report == X._report(m).rstrip() + "\n"  # rebuilt from metrics.json alone (templates/physics.md)
     assert (tmp_path / "checkpoints" / "metavae" / "best.pt").exists()
