@@ -31,7 +31,7 @@ from ..refine import GaussHermiteLatent, GradientEncoder, iterate, iterate_learn
 from ..training import resolve_device, seed_everything
 from . import expfam, mog, physics
 from .base import Experiment
-from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import check_settings
 
@@ -563,95 +563,60 @@ def _steps_note(cfg: GapConfig) -> str:
 
 
 def _report(m: dict, cfg: GapConfig) -> str:
+    """report.md: templates/gap.md, one section per part measured (templates/gap-PART.md), the checks."""
     ks = sorted(set(cfg.refine_steps))
-    parts = [f"""# The inference gap on seen and unseen distributions (docs/gap.md)
-
-Mean nats per point; 0 is exact inference. "k=K" columns: the amortization gap left after K gradient steps
-started from the amortized q (semi-amortized inference, docs/gap.md §3).
-
-## Answer: the amortization gap by the number of training distributions
-
-{_answer_text(m)}
-"""]
-    if "mog" in m:
-        g = m["mog"]
-        rows, cost = [], []
-        for name, r in g["models"].items():
-            for s in ("seen", "unseen"):
-                x = r[s]
-                rows.append([name, r["distributions"], s, x["points"], x["kl"], x["elbo_gap"],
-                             *[x["refined"][k] for k in ks], _fmt_lrs(r["refine_lr"])])
-                cost.append([name, s, x["encode_seconds"], *[x["refine_seconds"][k] for k in ks]])
-        parts.append(f"""## Mixtures of Gaussians
-
-q(z | D, x) against the exact posterior under the true mixture, |D| = {g['context_size']}. The categorical family
-holds the exact posterior, so the approximation gap is 0 and the whole gap is amortization. KL(q || p) and
-log p(x) - ELBO are the same quantity: here they differ by at most {m['checks']['mog_kl_minus_elbo_gap_max_abs']:.2e},
-and q = the exact posterior scores {m['checks']['mog_exact_q_gap_max_abs']:.2e} (the exact floor). Refinement: Adam on
-the logits under the true likelihood, its step size for each k {_steps_note(cfg)}.
-
-{markdown_table(["model", "distributions", "split", "points", "KL(q || p)", "log p(x) - ELBO",
-                 *[f"k={k}" for k in ks], "Adam lr per k"], rows)}
-
-Seconds for all points of a row: one encoder pass, then k refinement steps.
-
-{markdown_table(["model", "split", "encode", *[f"k={k}" for k in ks]], cost)}
-""")
-    if "expfam" in m:
-        g = m["expfam"]
-        rows, cost = [], []
-        for name, r in g["models"].items():
-            for f, splits in r["families"].items():
-                for s, x in splits.items():
-                    rows.append([name, r["distributions"], f, s, x["log_px"], x["approximation_gap"],
-                                 x["amortization_gap"], *[x["refined"][k] for k in ks],
-                                 *[x["learned"][k] for k in ks], _fmt_lrs(r["refine_lr"][f])])
-                    if s == "unseen":
-                        cost.append([name, f, x["refine_seconds"][ks[-1]], x["learned_seconds"][ks[-1]]])
-        fits = "; ".join(f"{f}: loss {t['loss_first']:.4g} -> {t['loss_last']:.4g} in {t['seconds']} s"
-                         for f, t in g["learned_update"].items())
-        parts.append(f"""## Exponential families
-
-Random vectors of 20 draws, the known likelihood, z in R^2 with prior N(0, I). log p(x) by the trapezoid rule
-({cfg.grid_points} points per coordinate), E_q by Gauss-Hermite ({cfg.hermite_points} points per coordinate), the best
-Gaussian q per vector by {cfg.best_steps} Adam steps. Approximation gap = log p(x) - best ELBO; amortization gap =
-best ELBO - amortized ELBO. "Adam k" / "learned k": the amortization gap left after k steps of Adam or of the
-learned update (gradient encoding, docs/gap.md §4), one ELBO gradient per step for both. Adam's step size for each
-k {_steps_note(cfg)}. One learned update per family, fitted on fresh vectors of the training distributions of the
-model over every family and used for every model (minus the mean ELBO over {cfg.learned_unroll} updates, first ->
-last of {cfg.learned_iters} iterations: {fits}). Unseen: {cfg.expfam_unseen_distributions} new parameters per family
-from the meta-train prior.
-
-{markdown_table(["model", "distributions", "family", "split", "log p(x)", "approximation gap", "amortization gap",
-                 *[f"Adam k={k}" for k in ks], *[f"learned k={k}" for k in ks], "Adam lr per k"], rows)}
-
-Seconds for the unseen split's {ks[-1]} steps:
-
-{markdown_table(["model", "family", "Adam", "learned"], cost)}
-""")
-    if "physics" in m:
-        rows = [[name, r["simulators"], s, r[s]["points"], r[s]["non_finite"], r[s]["mean"], r[s]["median"],
-                 r[s]["p90"]] for name, r in m["physics"]["models"].items()
-                for s in ("seen", "unseen", "unseen_inside", "unseen_outside") if r[s]]
-        parts.append(f"""## Inclined plane (friction)
-
-The amortization gap in KL(p || q), p the exact posterior of the friction: KL(p || q) minus its minimum over
-Gaussians, which is KL(N(mean_p, var_p) || q) (docs/gap.md §1). KL(q || p), hence the ELBO gap, is infinite for every
-Gaussian q (p lives on a bounded set), and compiled inference is fitted to KL(p || q). "prior" is the control
-q = N(prior mean, prior variance), which ignores x. One context set of {physics.PRESETS['quick'].context_size} observations
-per simulator; seen = the training simulators; unseen_inside / unseen_outside: unseen simulators inside / outside the
-range of the training simulators' lengths and angles (interpolation / extrapolation). The prior's rows use the
-MetaVAE's splits.
-
-{markdown_table(["model", "training simulators", "split", "points", "non-finite", "mean gap", "median gap",
-                 "90th percentile"], rows)}
-""")
+    parts = [render("gap", answer=_answer_text(m))]
+    sections = {"mog": _mog_section, "expfam": _expfam_section, "physics": _physics_section}
+    parts += [sections[p](m, cfg, ks) for p in PARTS if p in m]
+    timing = ", ".join(f"{p}: training {m[p]['train_seconds']} s, evaluation {m[p]['eval_seconds']} s"
+                       for p in PARTS if p in m)
     checks = markdown_table(["check", "value"], [[k, v] for k, v in m["checks"].items()])
-    parts.append(f"## Checks (docs/gap.md §5)\n\n{checks}")
-    parts.append(f"\nTotal {m['seconds']} s; " + ", ".join(
-        f"{p}: training {m[p]['train_seconds']} s, evaluation {m[p]['eval_seconds']} s" for p in PARTS if p in m) + ".")
-    parts.append("\n![gap](gap.png)")
-    return "\n".join(parts)
+    parts.append(render("gap-end", checks=checks, seconds=m["seconds"], timing=timing))
+    return "\n".join(parts).rstrip()
+
+
+def _mog_section(m: dict, cfg: GapConfig, ks: list) -> str:
+    g = m["mog"]
+    rows, cost = [], []
+    for name, r in g["models"].items():
+        for s in ("seen", "unseen"):
+            x = r[s]
+            rows.append([name, r["distributions"], s, x["points"], x["kl"], x["elbo_gap"],
+                         *[x["refined"][k] for k in ks], _fmt_lrs(r["refine_lr"])])
+            cost.append([name, s, x["encode_seconds"], *[x["refine_seconds"][k] for k in ks]])
+    table = markdown_table(["model", "distributions", "split", "points", "KL(q || p)", "log p(x) - ELBO",
+                            *[f"k={k}" for k in ks], "Adam lr per k"], rows)
+    return render("gap-mog", g=g, checks=m["checks"], steps_note=_steps_note(cfg), table=table,
+                  cost=markdown_table(["model", "split", "encode", *[f"k={k}" for k in ks]], cost))
+
+
+def _expfam_section(m: dict, cfg: GapConfig, ks: list) -> str:
+    g = m["expfam"]
+    rows, cost = [], []
+    for name, r in g["models"].items():
+        for f, splits in r["families"].items():
+            for s, x in splits.items():
+                rows.append([name, r["distributions"], f, s, x["log_px"], x["approximation_gap"],
+                             x["amortization_gap"], *[x["refined"][k] for k in ks],
+                             *[x["learned"][k] for k in ks], _fmt_lrs(r["refine_lr"][f])])
+                if s == "unseen":
+                    cost.append([name, f, x["refine_seconds"][ks[-1]], x["learned_seconds"][ks[-1]]])
+    fits = "; ".join(f"{f}: loss {t['loss_first']:.4g} -> {t['loss_last']:.4g} in {t['seconds']} s"
+                     for f, t in g["learned_update"].items())
+    table = markdown_table(["model", "distributions", "family", "split", "log p(x)", "approximation gap",
+                            "amortization gap", *[f"Adam k={k}" for k in ks], *[f"learned k={k}" for k in ks],
+                            "Adam lr per k"], rows)
+    return render("gap-expfam", cfg=cfg, draws=expfam_data.VECTOR_SIZE, steps_note=_steps_note(cfg), fits=fits,
+                  table=table, last_k=ks[-1], cost=markdown_table(["model", "family", "Adam", "learned"], cost))
+
+
+def _physics_section(m: dict, cfg: GapConfig, ks: list) -> str:
+    rows = [[name, r["simulators"], s, r[s]["points"], r[s]["non_finite"], r[s]["mean"], r[s]["median"],
+             r[s]["p90"]] for name, r in m["physics"]["models"].items()
+            for s in ("seen", "unseen", "unseen_inside", "unseen_outside") if r[s]]
+    table = markdown_table(["model", "training simulators", "split", "points", "non-finite", "mean gap", "median gap",
+                            "90th percentile"], rows)
+    return render("gap-physics", context_size=physics.PRESETS["quick"].context_size, table=table)
 
 
 EXPERIMENT = Experiment(name="gap", description=DESCRIPTION, presets=PRESETS, run=run, options=OPTIONS)
