@@ -70,7 +70,7 @@ def write_report(out: Path, text: str) -> Path:
     return path
 
 
-def render(template: str, **values) -> str:
+def render_report(template: str, **values) -> str:
     """The report template ``templates/<template>.md`` (shipped as package data) filled with ``values``
     by ``str.format``: the prose lives in the template, every number in it comes from ``values``."""
     return resources.files(__package__).joinpath("templates", f"{template}.md").read_text().format(**values)

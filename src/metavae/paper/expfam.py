@@ -34,7 +34,7 @@ from ..data.meta import MetaDataset
 from .models.expfam_metavae import FISHER_PER_DRAW, build_expfam_metavae
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
 
 OPTIONS: set[str] = set()
@@ -411,12 +411,12 @@ def _common_setup(cfg: ExpfamConfig) -> str:
     """The Setup section both reports share (templates/expfam-setup.md and its encoder's template)."""
     layout = dict(net="-".join(map(str, cfg.draw_features)), summary="-".join(map(str, cfg.meta_summary)),
                   hidden="-".join(map(str, cfg.hidden)), draws=E.VECTOR_SIZE)
-    encoder = render("expfam-encoder-shared" if cfg.per_coordinate else "expfam-encoder-joint", **layout)
+    encoder = render_report("expfam-encoder-shared" if cfg.per_coordinate else "expfam-encoder-joint", **layout)
     weight = {f: 1 / w for f, w in FISHER_PER_DRAW.items()}
-    balance = render("expfam-balance", weight=weight, n_many=_n_many(cfg)) if cfg.balance else ""
-    return render("expfam-setup", cfg=cfg, n_vec=cfg.draws_per_distribution // E.VECTOR_SIZE, draws=E.VECTOR_SIZE,
-                  train_pct=round(100 * TRAIN_SHARE), val_pct=round(100 * (1 - TRAIN_SHARE)), variance=E.VARIANCE,
-                  f=E.FAMILIES, balance=balance.rstrip("\n"), encoder=encoder.rstrip("\n")).rstrip("\n")
+    balance = render_report("expfam-balance", weight=weight, n_many=_n_many(cfg)) if cfg.balance else ""
+    return render_report("expfam-setup", cfg=cfg, n_vec=cfg.draws_per_distribution // E.VECTOR_SIZE, draws=E.VECTOR_SIZE,
+                         train_pct=round(100 * TRAIN_SHARE), val_pct=round(100 * (1 - TRAIN_SHARE)), variance=E.VARIANCE,
+                         f=E.FAMILIES, balance=balance.rstrip("\n"), encoder=encoder.rstrip("\n")).rstrip("\n")
 
 
 def _n_many(cfg: ExpfamConfig) -> int:
@@ -426,8 +426,8 @@ def _n_many(cfg: ExpfamConfig) -> int:
 
 def _common_differences(cfg: ExpfamConfig) -> str:
     lr = f"{cfg.lr:.0e}".replace("e-0", "e-")  # 3e-3, as the reference's lr is written
-    return render("expfam-differences", cfg=cfg, lr=lr, variance=E.VARIANCE, draws=E.VECTOR_SIZE,
-                  f=E.FAMILIES).rstrip("\n")
+    return render_report("expfam-differences", cfg=cfg, lr=lr, variance=E.VARIANCE, draws=E.VECTOR_SIZE,
+                         f=E.FAMILIES).rstrip("\n")
 
 
 def _report_single(m: dict, cfg: ExpfamConfig) -> str:
@@ -441,9 +441,9 @@ def _report_single(m: dict, cfg: ExpfamConfig) -> str:
     better = {side: ", ".join(f"{f} {'yes' if m['mse']['metavae'][f][side] < m['mse']['vae'][f][side] else 'no'}"
                               for f in E.TRAIN_FAMILIES) for side in ("inside", "outside")}
     # the relative spread of one vector's sample mean of exponential draws: 1 / sqrt(draws)
-    return render("expfam-single", table=markdown_table(headers, rows), better=better, draws=E.VECTOR_SIZE,
-                  spread=E.VECTOR_SIZE ** -0.5, vae=VAE_PARAMS, setup=_common_setup(cfg),
-                  differences=_common_differences(cfg))
+    return render_report("expfam-single", table=markdown_table(headers, rows), better=better, draws=E.VECTOR_SIZE,
+                         spread=E.VECTOR_SIZE ** -0.5, vae=VAE_PARAMS, setup=_common_setup(cfg),
+                         differences=_common_differences(cfg))
 
 
 READOUT_TEXT = {
@@ -489,14 +489,14 @@ def _report_many(m: dict, cfg: ExpfamConfig, models, families) -> str:
             alt.append([kind + (" (used above)" if kind == cfg.readout else ""), mdl]
                        + [table[mdl].get(f) for f in families])
     sweep = E.FAMILIES[E.UNSEEN_FAMILIES[0]].sweep
-    return render("expfam-many", cfg=cfg, table=markdown_table(headers, rows), unseen_sweep=sweep,
-                  outside=markdown_table(["model"] + list(E.TRAIN_FAMILIES), out_rows),
-                  verdict=", ".join(f"{f}: {'yes' if b else 'NO'}" for f, b in beats.items()),
-                  ranking=_ranking(m, models, families), n_many=_n_many(cfg), d=cfg.distributions_per_family,
-                  readout_text=READOUT_TEXT[cfg.readout], guess_mse=(sweep[1] - sweep[0]) ** 2 / 12,
-                  by_readout=markdown_table(["statistic", "model"] + families, alt),
-                  readout_note=_readout_note(m["mse_inside_by_readout"], models, families),
-                  setup=_common_setup(cfg), differences=_common_differences(cfg))
+    return render_report("expfam-many", cfg=cfg, table=markdown_table(headers, rows), unseen_sweep=sweep,
+                         outside=markdown_table(["model"] + list(E.TRAIN_FAMILIES), out_rows),
+                         verdict=", ".join(f"{f}: {'yes' if b else 'NO'}" for f, b in beats.items()),
+                         ranking=_ranking(m, models, families), n_many=_n_many(cfg), d=cfg.distributions_per_family,
+                         readout_text=READOUT_TEXT[cfg.readout], guess_mse=(sweep[1] - sweep[0]) ** 2 / 12,
+                         by_readout=markdown_table(["statistic", "model"] + families, alt),
+                         readout_note=_readout_note(m["mse_inside_by_readout"], models, families),
+                         setup=_common_setup(cfg), differences=_common_differences(cfg))
 
 
 def _ranking(m: dict, models, families) -> str:

@@ -31,7 +31,7 @@ from ..refine import GaussHermiteLatent, GradientEncoder, iterate, iterate_learn
 from ..training import resolve_device, seed_everything
 from . import expfam, mog, physics
 from .base import Experiment
-from .common import config_dict, markdown_table, render, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import check_settings
 
@@ -565,13 +565,13 @@ def _steps_note(cfg: GapConfig) -> str:
 def _report(m: dict, cfg: GapConfig) -> str:
     """report.md: templates/gap.md, one section per part measured (templates/gap-PART.md), the checks."""
     ks = sorted(set(cfg.refine_steps))
-    parts = [render("gap", answer=_answer_text(m))]
+    parts = [render_report("gap", answer=_answer_text(m))]
     sections = {"mog": _mog_section, "expfam": _expfam_section, "physics": _physics_section}
     parts += [sections[p](m, cfg, ks) for p in PARTS if p in m]
     timing = ", ".join(f"{p}: training {m[p]['train_seconds']} s, evaluation {m[p]['eval_seconds']} s"
                        for p in PARTS if p in m)
     checks = markdown_table(["check", "value"], [[k, v] for k, v in m["checks"].items()])
-    parts.append(render("gap-end", checks=checks, seconds=m["seconds"], timing=timing))
+    parts.append(render_report("gap-end", checks=checks, seconds=m["seconds"], timing=timing))
     return "\n".join(parts).rstrip()
 
 
@@ -586,8 +586,8 @@ def _mog_section(m: dict, cfg: GapConfig, ks: list) -> str:
             cost.append([name, s, x["encode_seconds"], *[x["refine_seconds"][k] for k in ks]])
     table = markdown_table(["model", "distributions", "split", "points", "KL(q || p)", "log p(x) - ELBO",
                             *[f"k={k}" for k in ks], "Adam lr per k"], rows)
-    return render("gap-mog", g=g, checks=m["checks"], steps_note=_steps_note(cfg), table=table,
-                  cost=markdown_table(["model", "split", "encode", *[f"k={k}" for k in ks]], cost))
+    return render_report("gap-mog", g=g, checks=m["checks"], steps_note=_steps_note(cfg), table=table,
+                         cost=markdown_table(["model", "split", "encode", *[f"k={k}" for k in ks]], cost))
 
 
 def _expfam_section(m: dict, cfg: GapConfig, ks: list) -> str:
@@ -606,8 +606,8 @@ def _expfam_section(m: dict, cfg: GapConfig, ks: list) -> str:
     table = markdown_table(["model", "distributions", "family", "split", "log p(x)", "approximation gap",
                             "amortization gap", *[f"Adam k={k}" for k in ks], *[f"learned k={k}" for k in ks],
                             "Adam lr per k"], rows)
-    return render("gap-expfam", cfg=cfg, draws=expfam_data.VECTOR_SIZE, steps_note=_steps_note(cfg), fits=fits,
-                  table=table, last_k=ks[-1], cost=markdown_table(["model", "family", "Adam", "learned"], cost))
+    return render_report("gap-expfam", cfg=cfg, draws=expfam_data.VECTOR_SIZE, steps_note=_steps_note(cfg), fits=fits,
+                         table=table, last_k=ks[-1], cost=markdown_table(["model", "family", "Adam", "learned"], cost))
 
 
 def _physics_section(m: dict, cfg: GapConfig, ks: list) -> str:
@@ -616,7 +616,7 @@ def _physics_section(m: dict, cfg: GapConfig, ks: list) -> str:
             for s in ("seen", "unseen", "unseen_inside", "unseen_outside") if r[s]]
     table = markdown_table(["model", "training simulators", "split", "points", "non-finite", "mean gap", "median gap",
                             "90th percentile"], rows)
-    return render("gap-physics", context_size=physics.PRESETS["quick"].context_size, table=table)
+    return render_report("gap-physics", context_size=physics.PRESETS["quick"].context_size, table=table)
 
 
 EXPERIMENT = Experiment(name="gap", description=DESCRIPTION, presets=PRESETS, run=run, options=OPTIONS)

@@ -30,7 +30,7 @@ from .data.mnist import load_mnist, mnist_cache_dir
 from ..models import build_vae, load
 from ..training import Trainer, TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import markdown_table, render, write_metrics, write_report
+from .common import markdown_table, render_report, write_metrics, write_report
 from ..plots import save_figure
 
 TRAINED = ("ns", "vhe", "metavae")  # run folders looked for under `runs`
@@ -185,7 +185,7 @@ def report(m: dict) -> str:
     """report.md (templates/generation.md) from metrics.json."""
     missing = f"\n\nNot found (not scored): {', '.join(m['missing'])}." if m["missing"] else ""
     models = ", ".join(f"`{k}`: {v}" for k, v in m["models"].items() if v != "None")
-    return render("generation", m=m, missing=missing, table=likelihood_table(m), models=models)
+    return render_report("generation", m=m, missing=missing, table=likelihood_table(m), models=models)
 
 
 def samples_figure(path: Path, figure: dict, cfg: GenerationConfig) -> None:

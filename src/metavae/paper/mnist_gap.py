@@ -37,7 +37,7 @@ from ..objectives import decoder_log_lik, elbo_of, iw_of
 from ..refine import refine
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import markdown_table, render, write_metrics, write_report
+from .common import markdown_table, render_report, write_metrics, write_report
 from ..plots import save_figure
 from .gap import best_gaussian, pick_lr
 from .generation import adapted_copy, find_model
@@ -231,8 +231,8 @@ def answer(m: dict) -> str:
 
 def report(m: dict) -> str:
     """report.md (templates/mnist-gap.md) from metrics.json."""
-    return render("mnist-gap", m=m, table=gap_table(m), answer=answer(m),
-                  ms_per_image=m["best_seconds_per_image"] * 1000).rstrip("\n")
+    return render_report("mnist-gap", m=m, table=gap_table(m), answer=answer(m),
+                         ms_per_image=m["best_seconds_per_image"] * 1000).rstrip("\n")
 
 
 def figure(path: Path, m: dict) -> None:

@@ -20,7 +20,7 @@ from ..models import build_mlp_metavae
 from ..models.metavae import POOLINGS
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
@@ -200,9 +200,9 @@ def _report(metrics, cfg) -> str:
     rows = [[n, f"{p[n] * 100:.1f}%" if n in p else "-", f"{e[n] * 100:.2f}%"] for n in e]
     rows.append(["Bayes-optimal (true means known)", "-", f"{metrics['bayes_floor'] * 100:.2f}%"])
     split = "/".join(f"{round(100 * f)}" for f in (1 - VAL_FRACTION - TEST_FRACTION, VAL_FRACTION, TEST_FRACTION))
-    return render("mog", cfg=cfg, table=markdown_table(["model", "paper", "ours"], rows), variance=mog.VARIANCE,
-                  half=mog.MEAN_RANGE, split=split, nesting=_nesting(sorted(cfg.train_mixtures)),
-                  summary=list(cfg.summary), hidden=list(cfg.hidden))
+    return render_report("mog", cfg=cfg, table=markdown_table(["model", "paper", "ours"], rows), variance=mog.VARIANCE,
+                         half=mog.MEAN_RANGE, split=split, nesting=_nesting(sorted(cfg.train_mixtures)),
+                         summary=list(cfg.summary), hidden=list(cfg.hidden))
 
 
 def _nesting(sizes: list) -> str:

@@ -33,7 +33,7 @@ from .models.compiled import build_compiled_inference
 from .models.standardize import FixedStandardize, StandardizeOnContext
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import config_from_dict
 
@@ -302,14 +302,14 @@ def _report(m: dict) -> str:
     """report.md from metrics.json alone (templates/physics.md), so a committed result rebuilds it."""
     cfg = config_from_dict(PhysicsConfig, m["config"])
     sims, per_sim = _grid(m)
-    return render("physics", m=m, cfg=cfg, table=_results_table(m), by_angle=_angle_table(sims, per_sim),
-                  plane=_plane(sims), train=_plane(P.TRAIN_SIMULATORS), base=P.BASELINE_SIMULATOR,
-                  counts=_claim_counts(sims, per_sim), accept=ACCEPT_RATIO, region=REGION, claim=PAPER_CLAIM,
-                  lengths=PAPER_LENGTHS, verdict="holds" if m["region"]["pass"] else "does NOT hold",
-                  floors=[(A, P.censored_mse_floor(A)) for A in FLOOR_EXAMPLES], mu=(P.MU_LOW, P.MU_HIGH),
-                  dt=P.DT, noise=P.NOISE_STD, censored=f"{P.CENSORED_TIME:.0e}".replace("e+0", "e"),
-                  summary=list(cfg.summary), hidden=list(cfg.hidden),
-                  queries_per_set=cfg.test_samples // cfg.eval_contexts)
+    return render_report("physics", m=m, cfg=cfg, table=_results_table(m), by_angle=_angle_table(sims, per_sim),
+                         plane=_plane(sims), train=_plane(P.TRAIN_SIMULATORS), base=P.BASELINE_SIMULATOR,
+                         counts=_claim_counts(sims, per_sim), accept=ACCEPT_RATIO, region=REGION, claim=PAPER_CLAIM,
+                         lengths=PAPER_LENGTHS, verdict="holds" if m["region"]["pass"] else "does NOT hold",
+                         floors=[(A, P.censored_mse_floor(A)) for A in FLOOR_EXAMPLES], mu=(P.MU_LOW, P.MU_HIGH),
+                         dt=P.DT, noise=P.NOISE_STD, censored=f"{P.CENSORED_TIME:.0e}".replace("e+0", "e"),
+                         summary=list(cfg.summary), hidden=list(cfg.hidden),
+                         queries_per_set=cfg.test_samples // cfg.eval_contexts)
 
 
 def _grid(m: dict):
