@@ -204,11 +204,7 @@ def make_run(axis: str):
         if cfg.context_pool is not None and cfg.context_pool > smallest:  # a pool cannot exceed a group
             cfg = replace(cfg, context_pool=smallest)
         kw = model_kwargs(model, cfg)
-        info = {"experiment": f"norb-{axis}", "split": split,
-                "data": {"name": full.name, "source": str(full.source), "train_images": int(len(full.train.images)),
-                         "test_images": int(len(full.test.images)),
-                         "train_sha256": data_fingerprint(full.train.images),
-                         "test_sha256": data_fingerprint(full.test.images)}}
+        info = {"experiment": f"norb-{axis}", "split": split, "data": _data_record(full)}
         trained, history, seconds, trainer = train_on_seen(
             model, "conv", [x for x, _ in train], [x for x, _ in val], [names[g] for g in seen], cfg, out, seed,
             device, progress, model_kwargs=kw, run_info=info)
@@ -230,15 +226,7 @@ def make_run(axis: str):
             "config": asdict(cfg), "history": history,
         })
         if split == "interleaved" and model == "metavae":  # Table 1 (the reference forces 'standard')
-            test_by_axis, pairs, sizes = table1_groups(full, cfg)
-            metrics["invariance_distance"] = invariance_distances(trained, test_by_axis, BASE_GROUP, cfg, seed,
-                                                                  device, pairs=pairs)
-            untrained = snapshot_model(trained, trainer, 0)  # the control: same seed and init, step 0
-            if untrained is not None and "untrained" in metrics:
-                metrics["untrained"]["invariance_distance"] = invariance_distances(
-                    untrained, test_by_axis, BASE_GROUP, cfg, seed, device, pairs=pairs)
-            metrics["table1"] = {"base_group": {a: group_names(a)[BASE_GROUP[a]] for a in AXES},
-                                 "correspondence": CORRESPONDENCE, "groups": sizes}
+            _add_table1(metrics, trained, trainer, full, cfg, seed, device)
         write_metrics(out, metrics)
         accuracy_figure(out / "accuracy.png", [{
             "title": f"{axis}, {split}", "values": values, "seen": metrics["seen"],
@@ -251,6 +239,27 @@ def make_run(axis: str):
     return run
 
 
+def _data_record(full: NorbData) -> dict:
+    """What data a run used (name, source, sizes, fingerprints): part of its identity and metrics."""
+    return {"name": full.name, "source": str(full.source), "train_images": int(len(full.train.images)),
+            "test_images": int(len(full.test.images)), "train_sha256": data_fingerprint(full.train.images),
+            "test_sha256": data_fingerprint(full.test.images)}
+
+
+def _add_table1(metrics: dict, trained, trainer, full: NorbData, cfg: NorbConfig, seed: int, device) -> None:
+    """Table 1's row: the mean distance of each axis's embeddings to the base group's, for the
+    trained model and its untrained control (same seed and init, step 0)."""
+    test_by_axis, pairs, sizes = table1_groups(full, cfg)
+    metrics["invariance_distance"] = invariance_distances(trained, test_by_axis, BASE_GROUP, cfg, seed,
+                                                          device, pairs=pairs)
+    untrained = snapshot_model(trained, trainer, 0)
+    if untrained is not None and "untrained" in metrics:
+        metrics["untrained"]["invariance_distance"] = invariance_distances(
+            untrained, test_by_axis, BASE_GROUP, cfg, seed, device, pairs=pairs)
+    metrics["table1"] = {"base_group": {a: group_names(a)[BASE_GROUP[a]] for a in AXES},
+                         "correspondence": CORRESPONDENCE, "groups": sizes}
+
+
 def _example_grid(path: Path, data: NorbData) -> bool:
     """The data along each axis (one figure per axis), from the data this run used. A figure that
     cannot be drawn (a partial copy of the data) is logged, never fatal: the numbers are written."""
@@ -261,7 +270,6 @@ def _example_grid(path: Path, data: NorbData) -> bool:
     except (ValueError, RuntimeError, IndexError) as exc:
         logger.warning("no example grid for %s: %s", data.name, exc)
         return False
-    path.chmod(0o644)  # written through mkstemp (0600); the run's other files are world-readable
     return True
 
 
