@@ -76,6 +76,12 @@ def render_report(template: str, **values) -> str:
     return resources.files(__package__).joinpath("templates", f"{template}.md").read_text().format(**values)
 
 
+def sci(x: float) -> str:
+    """A number as papers write a step size or a sentinel: 2e-4, 1e5."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
         if isinstance(v, float):

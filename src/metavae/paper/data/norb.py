@@ -88,6 +88,8 @@ INFO_COLUMNS = ("category", "instance", "elevation", "azimuth", "lighting", "cam
 _COL = {name: i for i, name in enumerate(INFO_COLUMNS)}
 _RADIX = (5, 10, 9, 18, 6, 2)  # number of values per info column
 N_GROUPS = {"elevation": 9, "azimuth": 18, "lighting": 6}
+N_CAMERAS = 2  # a stereo pair
+RAW_SIZE, IMAGE_SIZE = 96, 32  # pixels per side: the files' images, and what the experiments read
 
 # docs/reproduction.md §5.2: (seen, unseen) group indices per axis and meta-split (paper names).
 SPLITS: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
@@ -429,7 +431,7 @@ def _read_split(folder: Path, split: str, download: bool, from_cache: bool, came
 
 def load_smallnorb(data_dir: str | os.PathLike | None = None, download: bool = True,
                    cache_dir: str | os.PathLike | None = None, cameras: str = "all",
-                   image_size: int = 32) -> NorbData:
+                   image_size: int = IMAGE_SIZE) -> NorbData:
     """The real smallNORB, both splits, resized to ``image_size`` (PIL BILINEAR, exact).
 
     With ``data_dir``, read the six files found there (gzip or plain, never written to); without,
