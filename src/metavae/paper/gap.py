@@ -563,7 +563,9 @@ def _steps_note(cfg: GapConfig) -> str:
 
 
 def _report(m: dict, cfg: GapConfig) -> str:
-    """report.md: templates/gap.md, one section per part measured (templates/gap-PART.md), the checks."""
+    """report.md: templates/gap.md, one section per part measured (templates/gap-PART.md), the checks.
+    ``m`` as the run holds it or as metrics.json reads back (step counts as string keys)."""
+    m = _int_keys(m)
     ks = sorted(set(cfg.refine_steps))
     parts = [render_report("gap", answer=_answer_text(m))]
     sections = {"mog": _mog_section, "expfam": _expfam_section, "physics": _physics_section}
@@ -573,6 +575,13 @@ def _report(m: dict, cfg: GapConfig) -> str:
     checks = markdown_table(["check", "value"], [[k, v] for k, v in m["checks"].items()])
     parts.append(render_report("gap-end", checks=checks, seconds=m["seconds"], timing=timing))
     return "\n".join(parts).rstrip()
+
+
+def _int_keys(d):
+    """``d`` with keys that are whole numbers written as strings (JSON's) read back as ints."""
+    if not isinstance(d, dict):
+        return d
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in d.items()}
 
 
 def _mog_section(m: dict, cfg: GapConfig, ks: list) -> str:
