@@ -34,7 +34,7 @@ from ..data.meta import MetaDataset
 from .models.expfam_metavae import FISHER_PER_DRAW, build_expfam_metavae
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, sci, train_shared, write_metrics, write_report
 from ..plots import save_figure
 
 OPTIONS: set[str] = set()
@@ -414,9 +414,10 @@ def _common_setup(cfg: ExpfamConfig) -> str:
     encoder = render_report("expfam-encoder-shared" if cfg.per_coordinate else "expfam-encoder-joint", **layout)
     weight = {f: 1 / w for f, w in FISHER_PER_DRAW.items()}
     balance = render_report("expfam-balance", weight=weight, n_many=_n_many(cfg)) if cfg.balance else ""
-    return render_report("expfam-setup", cfg=cfg, n_vec=cfg.draws_per_distribution // E.VECTOR_SIZE, draws=E.VECTOR_SIZE,
-                         train_pct=round(100 * TRAIN_SHARE), val_pct=round(100 * (1 - TRAIN_SHARE)), variance=E.VARIANCE,
-                         f=E.FAMILIES, balance=balance.rstrip("\n"), encoder=encoder.rstrip("\n")).rstrip("\n")
+    return render_report("expfam-setup", cfg=cfg, n_vec=cfg.draws_per_distribution // E.VECTOR_SIZE,
+                         draws=E.VECTOR_SIZE, train_pct=round(100 * TRAIN_SHARE),
+                         val_pct=round(100 * (1 - TRAIN_SHARE)), variance=E.VARIANCE, f=E.FAMILIES,
+                         balance=balance.rstrip("\n"), encoder=encoder.rstrip("\n")).rstrip("\n")
 
 
 def _n_many(cfg: ExpfamConfig) -> int:
@@ -425,8 +426,7 @@ def _n_many(cfg: ExpfamConfig) -> int:
 
 
 def _common_differences(cfg: ExpfamConfig) -> str:
-    lr = f"{cfg.lr:.0e}".replace("e-0", "e-")  # 3e-3, as the reference's lr is written
-    return render_report("expfam-differences", cfg=cfg, lr=lr, variance=E.VARIANCE, draws=E.VECTOR_SIZE,
+    return render_report("expfam-differences", cfg=cfg, lr=sci(cfg.lr), variance=E.VARIANCE, draws=E.VECTOR_SIZE,
                          f=E.FAMILIES).rstrip("\n")
 
 

@@ -33,7 +33,7 @@ from .models.compiled import build_compiled_inference
 from .models.standardize import FixedStandardize, StandardizeOnContext
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, sci, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import config_from_dict
 
@@ -42,7 +42,7 @@ OPTIONS: set[str] = set()
 REGION = (20, 70)  # the paper's claim: MSE < 0.001 for A in [20, 70] (and L in [2, 20])
 PAPER_CLAIM = 0.001
 PAPER_LENGTHS = (2, 20)
-ACCEPT_RATIO = 1.5  # the acceptance check: the MetaVAE's MSE over REGION at most this times Bayes' (and below the VAE's)
+ACCEPT_RATIO = 1.5  # acceptance: the MetaVAE's MSE over REGION at most this times Bayes' (and below the VAE's)
 FLOOR_EXAMPLES = (20, 30)  # angles whose censoring floor the report quotes
 
 
@@ -307,7 +307,7 @@ def _report(m: dict) -> str:
                          counts=_claim_counts(sims, per_sim), accept=ACCEPT_RATIO, region=REGION, claim=PAPER_CLAIM,
                          lengths=PAPER_LENGTHS, verdict="holds" if m["region"]["pass"] else "does NOT hold",
                          floors=[(A, P.censored_mse_floor(A)) for A in FLOOR_EXAMPLES], mu=(P.MU_LOW, P.MU_HIGH),
-                         dt=P.DT, noise=P.NOISE_STD, censored=f"{P.CENSORED_TIME:.0e}".replace("e+0", "e"),
+                         dt=P.DT, noise=P.NOISE_STD, censored=sci(P.CENSORED_TIME),
                          summary=list(cfg.summary), hidden=list(cfg.hidden),
                          queries_per_set=cfg.test_samples // cfg.eval_contexts)
 
