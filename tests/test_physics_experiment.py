@@ -96,7 +96,7 @@ def test_short_training_on_two_simulators_beats_the_prior_mean():
     sims = [(4, 30), (8, 50)]
     data = X.simulator_dataset(sims, cfg, gen(0))
     seed_everything(0)
-    model = X.build_model(cfg)
+    model = X.build_physics_model(cfg)
     tc = TrainConfig(epochs=1, batch_size=32, context_size=64, lr=3e-3, steps_per_epoch=150, shared_context=True,
                      grad_clip=10.0, seed=0)
     Trainer(model, data, tc, progress=False).fit()
@@ -111,9 +111,20 @@ def test_short_training_on_two_simulators_beats_the_prior_mean():
 
 
 # ----------------------------------------------------------------------------- the experiment
-TINY = ["train_samples=40", "val_samples=20", "test_samples=20", "context_pool=30", "eval_contexts=2",
+TINY = ["train_samples=40", "val_samples=20", "test_samples=20", "eval_pool=30", "eval_contexts=2",
         "context_size=8", "batch_size=8", "epochs=1", "baseline_epochs=1", "steps_per_epoch=3",
         "hidden=[8]", "summary=[8]"]
+
+
+def test_the_evaluation_pool_keeps_its_earlier_name():
+    """`eval_pool` was `context_pool` (a training pool elsewhere, TrainConfig.context_pool): the old
+    --set key and an old metrics.json config still read."""
+    from metavae.settings import config_from_dict, resolve_preset
+
+    assert resolve_preset(X.PRESETS, None, {"context_pool": "30"}).eval_pool == 30
+    old = {**X.config_dict(X.PRESETS["quick"]), "context_pool": 7}
+    del old["eval_pool"]
+    assert config_from_dict(X.PhysicsConfig, old) == X.PhysicsConfig(eval_pool=7)
 
 
 def test_cli_run_writes_metrics_in_the_issue_layout(tmp_path, capsys):
@@ -138,4 +149,5 @@ def test_cli_run_writes_metrics_in_the_issue_layout(tmp_path, capsys):
         assert (tmp_path / name).exists(), name
     report = (tmp_path / "report.md").read_text()
     assert "Differences from the paper/reference" in report and "observations only" in report
+    assert report == X._report(m).rstrip() + "\n"  # rebuilt from metrics.json alone (templates/physics.md)
     assert (tmp_path / "checkpoints" / "metavae" / "best.pt").exists()

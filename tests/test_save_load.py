@@ -11,14 +11,14 @@ from metavae.paper.models.expfam_metavae import build_expfam_metavae
 
 
 def _mog_model():
-    from metavae.paper.mog import MogConfig, build_model as _model
+    from metavae.paper.mog import MogConfig, build_mog_model as _model
 
     return _model(torch.randn(3, 40, 2), MogConfig(), True)
 
 
 def _physics_models():
     from metavae.data.meta import MetaDataset
-    from metavae.paper.physics import PhysicsConfig, build_model as _model
+    from metavae.paper.physics import PhysicsConfig, build_physics_model as _model
 
     cfg = PhysicsConfig()
     data = MetaDataset.from_parts(train=[torch.stack([torch.rand(30), torch.zeros(30)], -1)])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .io import DownloadError, RunFolder, RunLocked, cache_clear, cache_info, cache_root
@@ -39,6 +38,9 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+FMT = dict(formatter_class=_Defaults)  # the own-data commands show their defaults in --help
+
+
 def load_commands(sub) -> dict:
     """Each ``metavae.commands`` entry point's ``add_commands(sub)``: {command: handler(args) -> int}."""
     from importlib.metadata import entry_points
@@ -52,8 +54,17 @@ def load_commands(sub) -> dict:
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
     p = argparse.ArgumentParser(prog="metavae", description="Meta-amortized variational inference (MetaVAE).")
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = dict(formatter_class=_Defaults)
-    t = sub.add_parser("train", help="train a model on your own family of data sets", **fmt)
+    for add in (_add_train, _add_embed, _add_sample, _add_adapt, _add_evaluate, _add_cache):
+        add(sub)
+    handlers = dict.fromkeys(("train", "embed", "sample", "adapt", "evaluate"), own_data_command)
+    handlers["cache"] = cache_command
+    handlers.update(load_commands(sub))
+    return p, handlers
+
+
+def _add_train(sub) -> None:
+    """`metavae train`: a model on a family read from files."""
+    t = sub.add_parser("train", help="train a model on your own family of data sets", **FMT)
     t.add_argument("--data", type=Path, required=True,
                    help=".npz (one array per distribution), a folder of .npy files, or a .csv/.parquet table")
     t.add_argument("--out", type=Path, required=True, help="output folder (model.pt, metrics.json, loss.png)")
@@ -72,7 +83,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting (repeatable); settings and defaults: " + _settings_help())
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    e = sub.add_parser("embed", help="posterior means of points, each given a context set of its distribution", **fmt)
+
+
+def _add_embed(sub) -> None:
+    """`metavae embed`: posterior means of points given context sets."""
+    e = sub.add_parser("embed", help="posterior means of points, each given a context set of its distribution", **FMT)
     e.add_argument("--model", type=Path, required=True, help="a model.pt (or a checkpoint)")
     e.add_argument("--data", type=Path, default=None,
                    help="embed every point of every distribution in this file (what train reads), each with a "
@@ -89,8 +104,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
                    help="MetaVAE, with --query: refine each query's q by this many ELBO gradient steps under decoder --dist")
     e.add_argument("--dist", default=None, help="with --refine-steps: the decoder (distribution name or index)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_sample(sub) -> None:
+    """`metavae sample`: points from a distribution the model knows or a context set."""
     sm = sub.add_parser("sample", help="draw points for a context set's distribution (NS, VHE) "
-                                       "or a training distribution (MetaVAE)", **fmt)
+                                       "or a training distribution (MetaVAE)", **FMT)
     sm.add_argument("--model", type=Path, required=True, help="a model.pt (or a checkpoint)")
     sm.add_argument("--context", type=Path, default=None, help="points of the distribution to generate (NS, VHE)")
     sm.add_argument("--dist", default=None, help="MetaVAE: the training (or adapted) distribution, name or index")
@@ -101,8 +120,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     sm.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _table_args(sm)
     sm.add_argument("--out", type=Path, required=True, help=".npy, .csv or .parquet to write the (n, ...) points to")
+
+
+def _add_adapt(sub) -> None:
+    """`metavae adapt`: decoders for unseen distributions, the encoder frozen."""
     a = sub.add_parser("adapt", help="MetaVAE: fit a decoder for each unseen distribution (encoder frozen), "
-                                     "so that `sample --dist NAME` generates it", **fmt)
+                                     "so that `sample --dist NAME` generates it", **FMT)
     a.add_argument("--model", type=Path, required=True, help="a MetaVAE model.pt (or a checkpoint)")
     a.add_argument("--data", type=Path, required=True, help="the new distributions' points: .npy (one) or what train reads")
     a.add_argument("--name", default=None, help="the new distribution's name (default: its name; a .npy's stem)")
@@ -112,8 +135,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     _table_args(a)
     a.add_argument("--out", type=Path, required=True, help="where to save the model with its new decoders")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
+    """`metavae evaluate`: the embedding beside the controls."""
     ev = sub.add_parser("evaluate", help="is the embedding any good? the model beside raw, PCA, random-projection "
-                                         "and untrained controls", **fmt)
+                                         "and untrained controls", **FMT)
     ev.add_argument("--model", type=Path, required=True, help="a model.pt (or a checkpoint)")
     ev.add_argument("--data", type=Path, required=True, help="distributions to evaluate on (what train reads)")
     _table_args(ev)
@@ -121,13 +148,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     ev.add_argument("--seed", type=int, default=0, help="splits, contexts, projections")
     ev.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_cache(sub) -> None:
+    """`metavae cache`: what the data cache holds."""
     c = sub.add_parser("cache", help="show or clear what metavae keeps under $METAVAE_DATA")
     c.add_argument("action", choices=("info", "clear"))
     c.add_argument("--downloads", action="store_true", help="with clear: delete the downloaded data sets too")
-    handlers = dict.fromkeys(("train", "embed", "sample", "adapt", "evaluate"), own_data_command)
-    handlers["cache"] = cache_command
-    handlers.update(load_commands(sub))
-    return p, handlers
 
 
 def _table_args(p) -> None:

@@ -21,6 +21,7 @@ from .io import atomic_write, atomic_write_text, write_json
 
 CONTROLS = ("raw", "pca", "random_projection", "untrained")
 PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # ascending: GridSearchCV keeps the first best, the smaller C
+ACTIVE_KL = 0.01  # nats: a latent dimension whose mean KL exceeds this is in use
 
 
 def probe_accuracy(z: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int = 0) -> float | None:
@@ -106,11 +107,7 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
     """Score the model's embeddings of every distribution in ``data_path`` beside the controls;
     writes ``out/metrics.json`` (``model``, ``controls``), ``out/report.md`` and, for images, PNG
     grids. Returns the metrics with a ``verdict``: which controls the embedding beats, in words."""
-    from sklearn.decomposition import PCA
-    from sklearn.random_projection import GaussianRandomProjection
-    from tqdm.auto import tqdm
-
-    from .workflows import draw_context, embed_points, load_fitted, read_points, untrained_copy
+    from .workflows import draw_context, load_fitted, read_points, untrained_copy
 
     out = Path(out)
     model, scaler = load_fitted(model_path, device)
@@ -123,41 +120,15 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
     uses = getattr(model, "uses_context", True)
     xs = [scaler.to_model(p) for p in family.points]
     ctxs = [draw_context(x, size, seed + k).to(device) if uses else None for k, x in enumerate(xs)]
-    reps = {"model": [], "untrained": []}
-    for x, ctx in tqdm(list(zip(xs, ctxs)), desc="embed", disable=not progress, leave=False):
-        reps["model"].append(embed_points(model, x, ctx))
-        if untrained is not None:
-            reps["untrained"].append(embed_points(untrained, x, ctx))
-    d = reps["model"][0].shape[1]
+    reps = _embeddings(model, untrained, xs, ctxs, progress)
     raw = [x.reshape(len(x), -1).numpy() for x in xs]
     labels = family.labels
     splits = [split(np.asarray(y), seed) for y in labels] if labels is not None else \
         [split(np.zeros(len(r)), seed) for r in raw]
-    fit_rows = np.concatenate([r[tr] for r, (tr, _) in zip(raw, splits)])
-    n_comp = min(d, fit_rows.shape[1], len(fit_rows))
-    pca = PCA(n_comp, random_state=seed).fit(fit_rows)
-    with warnings.catch_warnings():  # d may exceed the number of features: then nothing is reduced, as said
-        warnings.simplefilter("ignore")
-        rp = GaussianRandomProjection(d, random_state=seed).fit(fit_rows)
-    reps["raw"] = raw
-    reps["pca"] = [pca.transform(r) for r in raw]
-    reps["random_projection"] = [rp.transform(r) for r in raw]
+    reps.update(_controls(raw, splits, reps["model"][0].shape[1], seed))
     if untrained is None:
         del reps["untrained"]
-    scores = {}
-    for name, zs in tqdm(list(reps.items()), desc="probes", disable=not progress, leave=False):
-        per = {}
-        for k, dist in enumerate(family.names):
-            row = {}
-            if labels is not None:
-                y = np.asarray(labels[k])
-                tr, te = splits[k]
-                row["probe_accuracy"] = probe_accuracy(zs[k], y, tr, te, seed)
-                row["kmeans_ari"] = kmeans_ari(zs[k], y, seed)
-            per[dist] = row
-        scores[name] = {"dim": int(zs[0].shape[1]), "per_distribution": per,
-                        "probe_accuracy": _mean(r.get("probe_accuracy") for r in per.values()),
-                        "kmeans_ari": _mean(r.get("kmeans_ari") for r in per.values())}
+    scores = _scores(reps, family, splits, seed, progress)
     for name, m in (("model", model), ("untrained", untrained)):
         if m is None:
             continue
@@ -173,7 +144,7 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
                "points": [len(x) for x in xs], "labels": label_column if labels is not None else None,
                "arch": extra.get("arch"), "likelihood": likelihood, "scale": scaler.kind,
                "model": scores["model"], "controls": {c: scores.get(c) for c in CONTROLS},
-               "kl_per_dim": kl, "active_dims": None if kl is None else int(sum(v > 0.01 for v in kl))}
+               "kl_per_dim": kl, "active_dims": None if kl is None else int(sum(v > ACTIVE_KL for v in kl))}
     metrics["verdict"] = verdict(metrics)
     out.mkdir(parents=True, exist_ok=True)
     if len(model.event_shape) >= 2:
@@ -183,27 +154,84 @@ def evaluate_files(model_path, data_path, out, dist_column: str = "distribution"
     return metrics
 
 
+def _embeddings(model, untrained, xs, ctxs, progress: bool) -> dict:
+    """Posterior means of every distribution's points under the model and its untrained copy."""
+    from tqdm.auto import tqdm
+
+    from .workflows import embed_points
+
+    reps = {"model": [], "untrained": []}
+    for x, ctx in tqdm(list(zip(xs, ctxs)), desc="embed", disable=not progress, leave=False):
+        reps["model"].append(embed_points(model, x, ctx))
+        if untrained is not None:
+            reps["untrained"].append(embed_points(untrained, x, ctx))
+    return reps
+
+
+def _controls(raw: list, splits: list, d: int, seed: int) -> dict:
+    """The controls that need no training: the raw features, their PCA and a random projection to
+    the embedding's dimension d, both fitted on the train rows of every distribution."""
+    from sklearn.decomposition import PCA
+    from sklearn.random_projection import GaussianRandomProjection
+
+    fit_rows = np.concatenate([r[tr] for r, (tr, _) in zip(raw, splits)])
+    n_comp = min(d, fit_rows.shape[1], len(fit_rows))
+    pca = PCA(n_comp, random_state=seed).fit(fit_rows)
+    with warnings.catch_warnings():  # d may exceed the number of features: then nothing is reduced, as said
+        warnings.simplefilter("ignore")
+        rp = GaussianRandomProjection(d, random_state=seed).fit(fit_rows)
+    return {"raw": raw, "pca": [pca.transform(r) for r in raw], "random_projection": [rp.transform(r) for r in raw]}
+
+
+def _scores(reps: dict, family, splits: list, seed: int, progress: bool) -> dict:
+    """Per embedding: the probe accuracy and k-means ARI of each distribution (with labels), and their means."""
+    from tqdm.auto import tqdm
+
+    scores = {}
+    for name, zs in tqdm(list(reps.items()), desc="probes", disable=not progress, leave=False):
+        per = {}
+        for k, dist in enumerate(family.names):
+            row = {}
+            if family.labels is not None:
+                y = np.asarray(family.labels[k])
+                tr, te = splits[k]
+                row["probe_accuracy"] = probe_accuracy(zs[k], y, tr, te, seed)
+                row["kmeans_ari"] = kmeans_ari(zs[k], y, seed)
+            per[dist] = row
+        scores[name] = {"dim": int(zs[0].shape[1]), "per_distribution": per,
+                        "probe_accuracy": _mean(r.get("probe_accuracy") for r in per.values()),
+                        "kmeans_ari": _mean(r.get("kmeans_ari") for r in per.values())}
+    return scores
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+# report.md's prose (str.format templates), filled from metrics.json by `report`
+ROW = "| {name} | {dim} | {probe} | {ari} | {ll} |"
+TABLE_HEAD = "| embedding | dim | probe accuracy | k-means ARI | log-likelihood / point |\n|---|---|---|---|---|"
+NO_LIKELIHOOD = ("\nLog-likelihood: '-' where the model has no decoder for these distributions (a MetaVAE on unseen "
+                 "ones: `metavae adapt` first; the NS and VHE score any context's distribution).\n")
+KL_LINE = "\nMean KL per latent dimension (nats): {kl} ({active} above {threshold}: in use)\n"
 
 
 def report(metrics: dict) -> str:
     """The model and every control in one markdown table, then the KL per latent dimension."""
     rows = [("model", metrics["model"])] + [(c, metrics["controls"][c]) for c in CONTROLS]
-    lines = ["| embedding | dim | probe accuracy | k-means ARI | log-likelihood / point |", "|---|---|---|---|---|"]
+    lines = [TABLE_HEAD]
     for name, m in rows:
         if m is None:
-            lines.append(f"| {name} | - | not available | - | - |")
+            lines.append(ROW.format(name=name, dim="-", probe="not available", ari="-", ll="-"))
             continue
-        lines.append(f"| {name} | {m['dim']} | {_fmt(m.get('probe_accuracy'))} | {_fmt(m.get('kmeans_ari'))} | "
-                     f"{_fmt(m.get('log_likelihood'))} |")
+        lines.append(ROW.format(name=name, dim=m["dim"], probe=_fmt(m.get("probe_accuracy")),
+                                ari=_fmt(m.get("kmeans_ari")), ll=_fmt(m.get("log_likelihood"))))
     text = "\n".join(lines) + "\n"
     if metrics["model"].get("log_likelihood") is None:
-        text += ("\nLog-likelihood: '-' where the model has no decoder for these distributions (a MetaVAE on unseen "
-                 "ones: `metavae adapt` first; the NS and VHE score any context's distribution).\n")
+        text += NO_LIKELIHOOD
     if metrics.get("kl_per_dim") is not None:
         kl = ", ".join(f"{v:.2f}" for v in metrics["kl_per_dim"])
-        text += f"\nMean KL per latent dimension (nats): {kl} ({metrics['active_dims']} above 0.01: in use)\n"
+        text += KL_LINE.format(kl=kl, active=metrics["active_dims"], threshold=ACTIVE_KL)
     return text + "\n" + metrics["verdict"] + "\n"
 
 

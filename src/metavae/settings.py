@@ -142,7 +142,7 @@ def resolve_preset(presets: dict, name: str | None, overrides: dict | None = Non
     if name not in presets:
         raise ValueError(f"unknown preset '{name}'; choose from {', '.join(presets)}")
     cfg = presets[name]
-    for key, value in (overrides or {}).items():
+    for key, value in renamed(type(cfg), overrides or {}).items():
         path = _path(type(cfg), key)
         value = _coerce(value, _field(type(cfg), path)[0], key)
         if len(path) == 1:
@@ -151,6 +151,20 @@ def resolve_preset(presets: dict, name: str | None, overrides: dict | None = Non
             cfg = dataclasses.replace(cfg, **{path[0]: dataclasses.replace(getattr(cfg, path[0]), **{path[1]: value})})
     check_settings(cfg)
     return cfg
+
+
+def renamed(cls, values: dict) -> dict:
+    """``values`` with a setting's earlier names (the class's ``ALIASES``, old name -> new) read as
+    the new ones, so old ``--set`` keys and old metrics.json configs keep working."""
+    aliases = getattr(cls, "ALIASES", {})
+    return {aliases.get(k, k): v for k, v in values.items()}
+
+
+def config_from_dict(cls, values: dict):
+    """The config ``cls`` from a metrics.json ``config`` (lists back to tuples, earlier names renamed,
+    keys the class no longer has dropped): how a report rebuilds its settings from results."""
+    known = {key for key, _ in _settings(cls)} | {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in renamed(cls, values).items() if k in known})
 
 
 def _parts(hint) -> tuple[type, bool]:

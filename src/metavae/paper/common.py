@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
 
 from ..io import atomic_write_text, write_json
@@ -65,6 +66,18 @@ def write_report(out: Path, text: str) -> Path:
     if is_main_process():
         atomic_write_text(text.rstrip() + "\n", path)
     return path
+
+
+def render_report(template: str, **values) -> str:
+    """The report template ``templates/<template>.md`` (shipped as package data) filled with ``values``
+    by ``str.format``: the prose lives in the template, every number in it comes from ``values``."""
+    return resources.files(__package__).joinpath("templates", f"{template}.md").read_text().format(**values)
+
+
+def sci(x: float) -> str:
+    """A number as papers write a step size or a sentinel: 2e-4, 1e5."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

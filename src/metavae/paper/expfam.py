@@ -28,17 +28,18 @@ import torch
 
 from .data import exponential_families as E
 from ..data.meta import MetaDataset
-from .models.expfam_metavae import build_expfam_metavae
+from .models.expfam_metavae import FISHER_PER_DRAW, build_expfam_metavae
 from ..settings import config, group, setting
 from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, sci, train_shared, write_metrics, write_report
 from ..plots import save_figure
 
 OPTIONS: set[str] = set()
 # The single distributions of the paper's VAEs (Fig. 3), one parameter per coordinate.
 VAE_PARAMS = {"gaussian": (-1.2, 1.1), "lognormal": (-0.5, 1.8), "exponential": (1.4, 2.8)}
 READOUTS = ("posterior", "hidden", "summary")
+TRAIN_SHARE = 0.8  # of each distribution's random vectors; the rest is its validation part
 
 
 @config
@@ -77,7 +78,7 @@ PRESETS = {
 def _family_data(name: str, params: torch.Tensor, cfg: ExpfamConfig, gen: torch.Generator):
     """Random vectors (M, n_vectors, 20, 2) of each distribution: train and validation parts."""
     x = E.make_random_vectors(E.FAMILIES[name].sample(params, cfg.draws_per_distribution, gen))
-    cut = int(round(0.8 * x.shape[1]))
+    cut = int(round(TRAIN_SHARE * x.shape[1]))
     return x[:, :cut], x[:, cut:]
 
 
@@ -403,57 +404,26 @@ def _fmt(v):
 
 
 def _common_setup(cfg: ExpfamConfig) -> str:
-    n_vec = cfg.draws_per_distribution // E.VECTOR_SIZE
-    net = "-".join(map(str, cfg.draw_features))
-    if cfg.per_coordinate:
-        encoder = f"""- Encoder, per coordinate with weights shared by the two coordinates: per-draw MLP 1-{net} (LeakyReLU 0.2)
-  on the coordinate's value, averaged over the 20 draws (the query's statistic; the same net summarises each
-  context vector); MLP {'-'.join(map(str, cfg.meta_summary))} on each context vector's statistic, mean-pooled over D; head MLP
-  {'-'.join(map(str, cfg.hidden))} on [query statistic, context summary] -> (mean, log-variance) of q(z_c | D, x)."""
-    else:
-        encoder = f"""- Encoder (the reference's joint layout): per-draw MLP 2-{net} (LeakyReLU 0.2) averaged over the 20 draws;
-  MLP {'-'.join(map(str, cfg.meta_summary))} mean-pooled over D; head MLP {'-'.join(map(str, cfg.hidden))} -> (mean, log-variance) of q(z | D, x)."""
-    balance = (" Each distribution's ELBO is weighted by 1 / (Fisher information of one draw about z) of its family\n"
-               "  (0.1 for Gaussian and log-normal, 1 for exponential), normalised over the batch: the best q is unchanged, but\n"
-               "  the sharp Gaussian likelihood no longer drowns the exponential's gradient (without it the 90-distribution\n"
-               "  model barely learns the exponential family)." if cfg.balance else "")
-    return f"""- Each distribution draws {cfg.draws_per_distribution} 2-D samples (independent coordinates, one parameter each),
-  grouped into {n_vec} random vectors of {E.VECTOR_SIZE} draws; 80% train, 20% validation (best epoch by the validation
-  loss). Context D = {cfg.context_size} other random vectors of the same distribution.
-- Families (docs/reproduction.md §8): Gaussian N(mu, 0.1) with mu ~ U(-5, 5); log-normal exp(N(mu, 0.1)) with
-  mu ~ U(-2, 2); exponential with rate ~ U(0.5, 3); unseen: Weibull(shape, scale 1), Laplace(0, scale),
-  Beta(alpha, alpha), each swept over [0.5, 5].
-- Decoders: the known likelihood of the family (no parameters) with the correct scale; latent z in R^2 with
-  prior N(0, I) is the Gaussian mean, the log-normal log-space mean, the exponential log-rate. Loss: the
-  negative MetaELBO (log-likelihood summed over the 20 draws and 2 coordinates, minus KL), averaged over
-  the distributions.{balance}
-{encoder}
-- Adam lr {cfg.lr}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, {cfg.batch_size} query vectors per distribution and step,
-  one context set per distribution and step, gradient norm clipped at {cfg.grad_clip}.
-- Evaluation: per family, {cfg.sweep_points} parameter values evenly over the sweep, both coordinates set to the
-  value; {cfg.sweep_vectors} fresh random vectors per value, each with its own fresh context set of {cfg.context_size}
-  vectors; MSE over vectors and coordinates. Inside/outside = sweep values inside/outside the meta-train range."""
+    """The Setup section both reports share (templates/expfam-setup.md and its encoder's template)."""
+    layout = dict(net="-".join(map(str, cfg.draw_features)), summary="-".join(map(str, cfg.meta_summary)),
+                  hidden="-".join(map(str, cfg.hidden)), draws=E.VECTOR_SIZE)
+    encoder = render_report("expfam-encoder-shared" if cfg.per_coordinate else "expfam-encoder-joint", **layout)
+    weight = {f: 1 / w for f, w in FISHER_PER_DRAW.items()}
+    balance = render_report("expfam-balance", weight=weight, n_many=_n_many(cfg)) if cfg.balance else ""
+    return render_report("expfam-setup", cfg=cfg, n_vec=cfg.draws_per_distribution // E.VECTOR_SIZE,
+                         draws=E.VECTOR_SIZE, train_pct=round(100 * TRAIN_SHARE),
+                         val_pct=round(100 * (1 - TRAIN_SHARE)), variance=E.VARIANCE, f=E.FAMILIES,
+                         balance=balance.rstrip("\n"), encoder=encoder.rstrip("\n")).rstrip("\n")
 
 
-def _common_differences() -> str:
-    return """- Decoder scale: the reference's Gaussian/log-normal densities use scale 0.5 * variance (0.005 instead of
-  sqrt(0.1)); we use the correct scale.
-- Likelihood term: the log-likelihood is summed over the 20 draws for every family (the ELBO); the reference
-  averaged over draws for Gaussian/log-normal, summed for the exponential, and multiplied the exponential
-  loss by 1000 in train_many. We weight whole ELBOs by family (see Setup), which keeps each ELBO intact.
-- The two coordinates are inferred separately by shared networks (each is a 20-draw random vector with one
-  free parameter, as the paper describes the task); the reference's networks take the 2-D draw jointly.
-  With joint networks and 30 distributions per family the models generalise poorly to held-out parameter pairs
-  (set `per_coordinate=false` to run that layout).
-- Log-normal prior U(-2, 2) in every model (the paper); the reference's train_many used U(-5, 5).
-  Exponential rates U(0.5, 3) (the reference; the paper writes U(0, 3), whose rates near 0 give unbounded draws).
-- Mean pooling over draws and over D divides by the set size (the reference divided sums by the batch size, 1).
-  The per-draw MLP is one layer with an activation (the reference: 2-2-64-64, no final activation).
-- Training: 16 query vectors per distribution per step, lr 3e-3, a few thousand steps, best epoch by the
-  validation loss (reference: batch 1, lr 2e-4, 10000 iterations, selection by a 10-sample IWAE on the test split).
-- The paper gives no read-out of the parameter and no script for the MSE, the sweep or the unseen families:
-  the posterior-mean read-out and the sweep grid are ours. The paper's Fig. 3a text mentions U(-20, 20); we
-  sweep [-10, 10] as its figure does."""
+def _n_many(cfg: ExpfamConfig) -> int:
+    """How many distributions the model over every trained family is amortized over."""
+    return len(E.TRAIN_FAMILIES) * cfg.distributions_per_family
+
+
+def _common_differences(cfg: ExpfamConfig) -> str:
+    return render_report("expfam-differences", cfg=cfg, lr=sci(cfg.lr), variance=E.VARIANCE, draws=E.VECTOR_SIZE,
+                         f=E.FAMILIES).rstrip("\n")
 
 
 def _report_single(m: dict, cfg: ExpfamConfig) -> str:
@@ -466,34 +436,10 @@ def _report_single(m: dict, cfg: ExpfamConfig) -> str:
                "exact posterior inside", "exact posterior outside"]
     better = {side: ", ".join(f"{f} {'yes' if m['mse']['metavae'][f][side] < m['mse']['vae'][f][side] else 'no'}"
                               for f in E.TRAIN_FAMILIES) for side in ("inside", "outside")}
-    return f"""# Learning distribution statistics: single families (Fig. 3)
-
-MSE between the true and inferred parameter, mean over the sweep values inside and outside the
-meta-training range. "Exact posterior" is the posterior the encoder is trained to match (N(0, I) prior,
-known likelihood, one random vector of 20 draws), read out the same way: the level a perfect encoder reaches.
-
-{markdown_table(headers, rows)}
-
-MetaVAE below the VAE inside the meta-train range: {better['inside']}; outside: {better['outside']}.
-
-Paper (Fig. 3, no numbers): the MetaVAE infers the parameter well over the meta-distribution and decays only
-near and beyond its boundary; the VAE trained on one distribution is good only near that distribution.
-Because both coordinates share the encoder, a VAE trained on one distribution has seen two parameter values
-(one per coordinate): its error dips near both. For the exponential, a VAE can be as good as the MetaVAE: the
-sample mean of 20 draws of one distribution varies by about 22%, so one distribution already spans a
-useful range of the statistic.
-
-![sweep](sweep.png)
-
-## Setup
-{_common_setup(cfg)}
-- VAE: the same network with no context, trained on the one distribution the paper names per family
-  (Gaussian [-1.2, 1.1], log-normal [-0.5, 1.8], exponential [1.4, 2.8]).
-
-## Differences from the paper/reference
-{_common_differences()}
-- The single-distribution VAE has no script in the reference; it is the same model with one distribution.
-"""
+    # the relative spread of one vector's sample mean of exponential draws: 1 / sqrt(draws)
+    return render_report("expfam-single", table=markdown_table(headers, rows), better=better, draws=E.VECTOR_SIZE,
+                         spread=E.VECTOR_SIZE ** -0.5, vae=VAE_PARAMS, setup=_common_setup(cfg),
+                         differences=_common_differences(cfg))
 
 
 READOUT_TEXT = {
@@ -501,7 +447,7 @@ READOUT_TEXT = {
               "linear layer maps to the posterior mean and log-variance); fitting the map amounts to refitting g's "
               "final layer for the new family (a linear probe)",
     "posterior": "the output of g(D, x) for that coordinate, the mean and log-variance of q(z_c | D, x)",
-    "summary": "the per-draw statistic (1/20) sum_v phi(x_vc) of the query coordinate alone (no context)",
+    "summary": f"the per-draw statistic (1/{E.VECTOR_SIZE}) sum_v phi(x_vc) of the query coordinate alone (no context)",
 }
 
 
@@ -533,66 +479,28 @@ def _report_many(m: dict, cfg: ExpfamConfig, models, families) -> str:
     rows = [[mdl] + [m["mse"][mdl][f]["inside"] for f in families] for mdl in models]
     out_rows = [[mdl] + [m["mse"][mdl][f]["outside"] for f in E.TRAIN_FAMILIES] for mdl in models]
     beats = m["many_beats_every_single_on_unseen"]
-    verdict = ", ".join(f"{f}: {'yes' if b else 'NO'}" for f, b in beats.items())
-    ranking = "\n".join(
-        f"- {f}: " + " < ".join(f"{mdl} ({m['mse'][mdl][f]['inside']:.3g})"
-                               for mdl in sorted(models, key=lambda k: m["mse"][k][f]["inside"]))
-        for f in families)
     alt = []
     for kind, table in m["mse_inside_by_readout"].items():
         for mdl in models:
             alt.append([kind + (" (used above)" if kind == cfg.readout else ""), mdl]
                        + [table[mdl].get(f) for f in families])
-    readout_note = _readout_note(m["mse_inside_by_readout"], models, families)
-    return f"""# Learning distribution statistics: many families (Fig. 4)
+    sweep = E.FAMILIES[E.UNSEEN_FAMILIES[0]].sweep
+    return render_report("expfam-many", cfg=cfg, table=markdown_table(headers, rows), unseen_sweep=sweep,
+                         outside=markdown_table(["model"] + list(E.TRAIN_FAMILIES), out_rows),
+                         verdict=", ".join(f"{f}: {'yes' if b else 'NO'}" for f, b in beats.items()),
+                         ranking=_ranking(m, models, families), n_many=_n_many(cfg), d=cfg.distributions_per_family,
+                         readout_text=READOUT_TEXT[cfg.readout], guess_mse=(sweep[1] - sweep[0]) ** 2 / 12,
+                         by_readout=markdown_table(["statistic", "model"] + families, alt),
+                         readout_note=_readout_note(m["mse_inside_by_readout"], models, families),
+                         setup=_common_setup(cfg), differences=_common_differences(cfg))
 
-MSE of the inferred parameter, mean over the sweep values inside each trained family's meta-train range
-(for the unseen families: over the whole sweep [0.5, 5]). `many` is one MetaVAE over 90 distributions
-(30 Gaussian, 30 log-normal, 30 exponential); `single_<family>` a MetaVAE over that family's 30.
 
-{markdown_table(headers, rows)}
-
-Outside the meta-train range (trained families):
-
-{markdown_table(["model"] + list(E.TRAIN_FAMILIES), out_rows)}
-
-Does the 90-distribution MetaVAE beat every single-family MetaVAE on the unseen families? {verdict}.
-
-Ranking by MSE inside (best first):
-{ranking}
-
-Paper (Fig. 4, no numbers): on each trained family the MetaVAE amortized over that family alone is best and
-the 90-amortized one is slightly worse, both far better than the other two single-family models; on the
-unseen Weibull, Laplace and Beta the 90-amortized MetaVAE beats every baseline.
-
-**Read-out.** A model with a decoder for the family reads the parameter from its posterior mean (the Gaussian
-mean, the log-normal log-space mean, exp of the exponential log-rate). Otherwise (all models on the unseen
-families; a single-family model on another family) its posterior mean is the parameter of a family it was not
-trained on, so the parameter is read out of the model's learned statistic with a linear map: for each
-coordinate, {READOUT_TEXT[cfg.readout]}. The map (shared by the two coordinates; ridge least squares on
-standardised features, ridge {cfg.ridge}) is fitted on {cfg.readout_distributions} labelled distributions of that family
-({cfg.readout_vectors} random vectors each, each with its own context set; parameters uniform over the family's meta-train
-range, or over the sweep for unseen families), then applied to the sweep. The labelled distributions and the
-procedure are the same for every model; only the statistic differs. For reference, the sweep variance of an
-unseen family's parameter (the MSE of always guessing the middle) is {(4.5 ** 2) / 12:.3f}.
-
-The same comparison with each read-out statistic (MSE inside; only where a linear map is needed):
-
-{markdown_table(["statistic", "model"] + families, alt)}
-
-{readout_note}
-
-![many vs single](many_vs_single.png)
-
-## Setup
-{_common_setup(cfg)}
-
-## Differences from the paper/reference
-{_common_differences()}
-- The reference has Weibull/Laplace/Beta generators but never uses them, and does not say how their
-  parameters are read out of z (no decoders exist for them); the linear read-out above is ours.
-- The single-family models here are trained exactly as in `expfam-single` (same data, same seeds).
-"""
+def _ranking(m: dict, models, families) -> str:
+    """Per family, the models from the lowest MSE inside to the highest."""
+    return "\n".join(
+        f"- {f}: " + " < ".join(f"{mdl} ({m['mse'][mdl][f]['inside']:.3g})"
+                               for mdl in sorted(models, key=lambda k: m["mse"][k][f]["inside"]))
+        for f in families)
 
 
 single = Experiment(

@@ -21,19 +21,17 @@ from pathlib import Path
 
 import torch
 
-from .data import exponential_families as E
+from .data import exponential_families as expfam_data
 from .data import mog as mog_data
-from .data import physics as P
+from .data import physics as physics_data
 from ..data.meta import MetaDataset
 from ..distributions import CategoricalLatent, gaussian_kl, gaussian_log_prob
 from ..objectives import elbo_of
 from ..refine import GaussHermiteLatent, GradientEncoder, iterate, iterate_learned, refine, train_gradient_encoder
 from ..training import resolve_device, seed_everything
-from . import expfam as X
-from . import mog as M
-from . import physics as PH
+from . import expfam, mog, physics
 from .base import Experiment
-from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import check_settings
 
@@ -73,7 +71,7 @@ class GapConfig:
 
     def check(self) -> None:
         _names(self.parts, PARTS, "parts")
-        _names(self.expfam_families, E.TRAIN_FAMILIES, "expfam_families")
+        _names(self.expfam_families, expfam_data.TRAIN_FAMILIES, "expfam_families")
         if self.grid_points < 2:
             raise ValueError(f"setting 'grid_points' must be >= 2, got {self.grid_points}")
 
@@ -140,7 +138,7 @@ def forward_kl_gap(mean: torch.Tensor, var: torch.Tensor, params: torch.Tensor) 
 
 def family_log_lik(family: str, x: torch.Tensor):
     """log p(x | z) of one coordinate's draws x (P, V) under a family, for z (P, S, 1) -> (P, S)."""
-    fam = E.FAMILIES[family]
+    fam = expfam_data.FAMILIES[family]
     return lambda z: fam.log_prob(x.unsqueeze(-2), z).sum(-1)
 
 
@@ -245,7 +243,7 @@ def _encode(model, x, context):
 
 
 def _mog(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> dict:
-    mcfg = dataclasses.replace(M.PRESETS["quick"], train_mixtures=cfg.mog_train_mixtures, epochs=cfg.mog_epochs,
+    mcfg = dataclasses.replace(mog.PRESETS["quick"], train_mixtures=cfg.mog_train_mixtures, epochs=cfg.mog_epochs,
                                steps_per_epoch=cfg.mog_steps_per_epoch)
     t0 = time.time()
     # Training data and models exactly as `metavae run mog` draws and trains them.
@@ -257,13 +255,14 @@ def _mog(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> d
     for i, k in enumerate(sizes):
         seed_everything(seed + 1 + i)
         data = MetaDataset(list(x[:k]), labels=list(y[:k]), seed=seed)
-        model = M.build_model(data.part("train").data, mcfg, True)
+        model = mog.build_mog_model(data.part("train").data, mcfg, True)
         models[f"metavae_{k}"] = (k, train_shared("mog", f"metavae_{k}", model, data, mcfg, out, device, seed, progress,
-                                                  evaluation_only=M.EVALUATION_ONLY))
+                                                  evaluation_only=mog.EVALUATION_ONLY))
     seed_everything(seed)
     data = MetaDataset([x[0]], labels=[y[0]], seed=seed)
-    models["vae"] = (1, train_shared("mog", "vae", M.build_model(data.part("train").data, mcfg, False), data, mcfg,
-                                     out, device, seed, progress, evaluation_only=M.EVALUATION_ONLY))
+    vae = mog.build_mog_model(data.part("train").data, mcfg, False)
+    models["vae"] = (1, train_shared("mog", "vae", vae, data, mcfg, out, device, seed, progress,
+                                     evaluation_only=mog.EVALUATION_ONLY))
     train_s = time.time() - t0
     # Evaluation points from their own stream: fresh points of the training mixtures, and new mixtures.
     egen = torch.Generator().manual_seed(seed + 30_000)
@@ -322,7 +321,7 @@ def expfam_gaps(params, q, family: str, cfg: GapConfig, lrs: dict, encoder: Grad
 def _training_problems(model, family: str, params, n: int, context_size: int, cfg: GapConfig, gen) -> tuple:
     """(latent, amortized params, likelihood) of ``n`` fresh random vectors per training distribution
     ``params`` of ``model`` (for tuning only: none of them is evaluated)."""
-    q, ctx = X.draw_queries(family, params, n, context_size, gen)
+    q, ctx = expfam.draw_queries(family, params, n, context_size, gen)
     p0, x = _coordinates(_encode(model, q, ctx), q)
     return GaussHermiteLatent(1, cfg.hermite_points), p0, family_log_lik(family, x)
 
@@ -336,23 +335,25 @@ def _learned_update(problems: tuple, cfg: GapConfig) -> tuple:
 
 
 def _expfam(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> dict:
-    ecfg = dataclasses.replace(X.PRESETS["quick"], distributions_per_family=cfg.expfam_distributions_per_family,
+    ecfg = dataclasses.replace(expfam.PRESETS["quick"], distributions_per_family=cfg.expfam_distributions_per_family,
                                epochs=cfg.expfam_epochs, steps_per_epoch=cfg.expfam_steps_per_epoch)
-    families, d = _names(cfg.expfam_families, E.TRAIN_FAMILIES, "expfam_families"), ecfg.distributions_per_family
+    families = _names(cfg.expfam_families, expfam_data.TRAIN_FAMILIES, "expfam_families")
+    d = ecfg.distributions_per_family
     t0 = time.time()
     # Models as expfam-many (the model over every family) and expfam-single (one family; a VAE) train them.
-    sets = X.build_training_sets(ecfg, seed)
+    sets = expfam.build_training_sets(ecfg, seed)
     seed_everything(seed)
-    many = X.train_metavae("metavae_many", list(E.TRAIN_FAMILIES), sets, ecfg, out, device, seed, progress)
+    many = expfam.train_metavae("metavae_many", list(expfam_data.TRAIN_FAMILIES), sets, ecfg, out, device, seed,
+                                progress)
     models = {}
-    for i, f in enumerate(E.TRAIN_FAMILIES):
+    for i, f in enumerate(expfam_data.TRAIN_FAMILIES):
         if f in families:
             seed_everything(seed + 1 + i)
-            single = X.train_metavae(f"metavae_{f}", [f], sets, ecfg, out, device, seed, progress)
+            single = expfam.train_metavae(f"metavae_{f}", [f], sets, ecfg, out, device, seed, progress)
             seed_everything(seed + 11 + i)
-            vae = X.train_vae(f"vae_{f}", f, sets, ecfg, out, device, seed, progress)
+            vae = expfam.train_vae(f"vae_{f}", f, sets, ecfg, out, device, seed, progress)
             models[f] = {f"vae_{f}": (1, vae, sets[f]["vae_params"]), f"metavae_{f}": (d, single, sets[f]["params"]),
-                         "metavae_many": (len(E.TRAIN_FAMILIES) * d, many, sets[f]["params"])}
+                         "metavae_many": (len(expfam_data.TRAIN_FAMILIES) * d, many, sets[f]["params"])}
     train_s = time.time() - t0
     result, learned = {}, {}
     for i, f in enumerate(families):
@@ -360,12 +361,12 @@ def _expfam(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -
         n_seen = cfg.expfam_queries * d  # vectors per split, the same for every model
         encoder, learned[f] = _learned_update(_training_problems(many, f, sets[f]["params"], cfg.expfam_queries,
                                                                  ecfg.context_size, cfg, egen), cfg)
-        unseen = E.FAMILIES[f].prior_sample(cfg.expfam_unseen_distributions, egen)
-        splits = {"unseen": X.draw_queries(f, unseen, cfg.expfam_queries, ecfg.context_size, egen)}
+        unseen = expfam_data.FAMILIES[f].prior_sample(cfg.expfam_unseen_distributions, egen)
+        splits = {"unseen": expfam.draw_queries(f, unseen, cfg.expfam_queries, ecfg.context_size, egen)}
         for name, (k, model, params) in models[f].items():
             lrs = _step_sizes(cfg, *_training_problems(model, f, params, n_seen // len(params), ecfg.context_size,
                                                        cfg, egen))
-            seen = X.draw_queries(f, params, n_seen // len(params), ecfg.context_size, egen)
+            seen = expfam.draw_queries(f, params, n_seen // len(params), ecfg.context_size, egen)
             entry = result.setdefault(name, {"distributions": k, "families": {}, "refine_lr": {}})
             entry["refine_lr"][f] = lrs
             entry["families"][f] = {split: expfam_gaps(_encode(model, q, ctx), q, f, cfg, lrs, encoder)
@@ -376,31 +377,32 @@ def _expfam(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -
 
 # ----------------------------------------------------------------------------- physics
 def _physics(cfg: GapConfig, out: Path, device: str, seed: int, progress: bool) -> dict:
-    pcfg = dataclasses.replace(PH.PRESETS["quick"], epochs=cfg.physics_epochs, baseline_epochs=cfg.physics_epochs,
+    pcfg = dataclasses.replace(physics.PRESETS["quick"], epochs=cfg.physics_epochs, baseline_epochs=cfg.physics_epochs,
                                steps_per_epoch=cfg.physics_steps_per_epoch)
     t0 = time.time()
     # Data and models exactly as `metavae run physics` makes them.
     gen = torch.Generator().manual_seed(seed)
-    meta_data = PH.simulator_dataset(P.TRAIN_SIMULATORS, pcfg, gen)
-    base_data = PH.simulator_dataset([P.BASELINE_SIMULATOR], pcfg, gen)
+    meta_data = physics.simulator_dataset(physics_data.TRAIN_SIMULATORS, pcfg, gen)
+    base_data = physics.simulator_dataset([physics_data.BASELINE_SIMULATOR], pcfg, gen)
     seed_everything(seed + 1)
-    meta = train_shared("physics", "metavae", PH.build_model(pcfg), meta_data, pcfg, out, device, seed, progress,
-                        evaluation_only=PH.EVALUATION_ONLY)
+    meta = train_shared("physics", "metavae", physics.build_physics_model(pcfg), meta_data, pcfg, out, device, seed,
+                        progress, evaluation_only=physics.EVALUATION_ONLY)
     seed_everything(seed + 2)
-    vae = train_shared("physics", "vae", PH.build_model(pcfg, base_data), base_data, pcfg, out, device, seed, progress,
-                       epochs=pcfg.baseline_epochs, evaluation_only=PH.EVALUATION_ONLY)
+    vae = train_shared("physics", "vae", physics.build_physics_model(pcfg, base_data), base_data, pcfg, out, device,
+                       seed, progress, epochs=pcfg.baseline_epochs, evaluation_only=physics.EVALUATION_ONLY)
     train_s = time.time() - t0
-    sims = P.TEST_SIMULATORS
+    sims = physics_data.TEST_SIMULATORS
     tgen = torch.Generator().manual_seed(seed + 40_000)
-    x, _, _ = P.simulate_many(sims, cfg.physics_queries, tgen)
-    pool, _, _ = P.simulate_many(sims, pcfg.context_size, tgen)  # one context set per simulator
-    moments = [P.posterior_moments(x[k].double(), L, A) for k, (L, A) in enumerate(sims)]
+    x, _, _ = physics_data.simulate_many(sims, cfg.physics_queries, tgen)
+    pool, _, _ = physics_data.simulate_many(sims, pcfg.context_size, tgen)  # one context set per simulator
+    moments = [physics_data.posterior_moments(x[k].double(), L, A) for k, (L, A) in enumerate(sims)]
     mean, var = torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
-    fx, ctx = PH.features(x), PH.features(pool).unsqueeze(1)
-    prior = torch.tensor([(P.MU_LOW + P.MU_HIGH) / 2, math.log((P.MU_HIGH - P.MU_LOW) ** 2 / 12)])
-    qs = {"vae": (1, [P.BASELINE_SIMULATOR], _encode(vae, fx, None)),
-          "metavae": (len(P.TRAIN_SIMULATORS), P.TRAIN_SIMULATORS, _encode(meta, fx, ctx)),
-          "prior": (0, P.TRAIN_SIMULATORS, prior.expand(*x.shape, 2))}  # a control: split as the MetaVAE
+    fx, ctx = physics.features(x), physics.features(pool).unsqueeze(1)
+    low, high = physics_data.MU_LOW, physics_data.MU_HIGH
+    prior = torch.tensor([(low + high) / 2, math.log((high - low) ** 2 / 12)])
+    qs = {"vae": (1, [physics_data.BASELINE_SIMULATOR], _encode(vae, fx, None)),
+          "metavae": (len(physics_data.TRAIN_SIMULATORS), physics_data.TRAIN_SIMULATORS, _encode(meta, fx, ctx)),
+          "prior": (0, physics_data.TRAIN_SIMULATORS, prior.expand(*x.shape, 2))}  # a control: split as the MetaVAE
     result = {}
     for name, (k, trained, params) in qs.items():
         gap = forward_kl_gap(mean, var, params.double())
@@ -561,95 +563,69 @@ def _steps_note(cfg: GapConfig) -> str:
 
 
 def _report(m: dict, cfg: GapConfig) -> str:
+    """report.md: templates/gap.md, one section per part measured (templates/gap-PART.md), the checks.
+    ``m`` as the run holds it or as metrics.json reads back (step counts as string keys)."""
+    m = _int_keys(m)
     ks = sorted(set(cfg.refine_steps))
-    parts = [f"""# The inference gap on seen and unseen distributions (docs/gap.md)
-
-Mean nats per point; 0 is exact inference. "k=K" columns: the amortization gap left after K gradient steps
-started from the amortized q (semi-amortized inference, docs/gap.md §3).
-
-## Answer: the amortization gap by the number of training distributions
-
-{_answer_text(m)}
-"""]
-    if "mog" in m:
-        g = m["mog"]
-        rows, cost = [], []
-        for name, r in g["models"].items():
-            for s in ("seen", "unseen"):
-                x = r[s]
-                rows.append([name, r["distributions"], s, x["points"], x["kl"], x["elbo_gap"],
-                             *[x["refined"][k] for k in ks], _fmt_lrs(r["refine_lr"])])
-                cost.append([name, s, x["encode_seconds"], *[x["refine_seconds"][k] for k in ks]])
-        parts.append(f"""## Mixtures of Gaussians
-
-q(z | D, x) against the exact posterior under the true mixture, |D| = {g['context_size']}. The categorical family
-holds the exact posterior, so the approximation gap is 0 and the whole gap is amortization. KL(q || p) and
-log p(x) - ELBO are the same quantity: here they differ by at most {m['checks']['mog_kl_minus_elbo_gap_max_abs']:.2e},
-and q = the exact posterior scores {m['checks']['mog_exact_q_gap_max_abs']:.2e} (the exact floor). Refinement: Adam on
-the logits under the true likelihood, its step size for each k {_steps_note(cfg)}.
-
-{markdown_table(["model", "distributions", "split", "points", "KL(q || p)", "log p(x) - ELBO",
-                 *[f"k={k}" for k in ks], "Adam lr per k"], rows)}
-
-Seconds for all points of a row: one encoder pass, then k refinement steps.
-
-{markdown_table(["model", "split", "encode", *[f"k={k}" for k in ks]], cost)}
-""")
-    if "expfam" in m:
-        g = m["expfam"]
-        rows, cost = [], []
-        for name, r in g["models"].items():
-            for f, splits in r["families"].items():
-                for s, x in splits.items():
-                    rows.append([name, r["distributions"], f, s, x["log_px"], x["approximation_gap"],
-                                 x["amortization_gap"], *[x["refined"][k] for k in ks],
-                                 *[x["learned"][k] for k in ks], _fmt_lrs(r["refine_lr"][f])])
-                    if s == "unseen":
-                        cost.append([name, f, x["refine_seconds"][ks[-1]], x["learned_seconds"][ks[-1]]])
-        fits = "; ".join(f"{f}: loss {t['loss_first']:.4g} -> {t['loss_last']:.4g} in {t['seconds']} s"
-                         for f, t in g["learned_update"].items())
-        parts.append(f"""## Exponential families
-
-Random vectors of 20 draws, the known likelihood, z in R^2 with prior N(0, I). log p(x) by the trapezoid rule
-({cfg.grid_points} points per coordinate), E_q by Gauss-Hermite ({cfg.hermite_points} points per coordinate), the best
-Gaussian q per vector by {cfg.best_steps} Adam steps. Approximation gap = log p(x) - best ELBO; amortization gap =
-best ELBO - amortized ELBO. "Adam k" / "learned k": the amortization gap left after k steps of Adam or of the
-learned update (gradient encoding, docs/gap.md §4), one ELBO gradient per step for both. Adam's step size for each
-k {_steps_note(cfg)}. One learned update per family, fitted on fresh vectors of the training distributions of the
-model over every family and used for every model (minus the mean ELBO over {cfg.learned_unroll} updates, first ->
-last of {cfg.learned_iters} iterations: {fits}). Unseen: {cfg.expfam_unseen_distributions} new parameters per family
-from the meta-train prior.
-
-{markdown_table(["model", "distributions", "family", "split", "log p(x)", "approximation gap", "amortization gap",
-                 *[f"Adam k={k}" for k in ks], *[f"learned k={k}" for k in ks], "Adam lr per k"], rows)}
-
-Seconds for the unseen split's {ks[-1]} steps:
-
-{markdown_table(["model", "family", "Adam", "learned"], cost)}
-""")
-    if "physics" in m:
-        rows = [[name, r["simulators"], s, r[s]["points"], r[s]["non_finite"], r[s]["mean"], r[s]["median"],
-                 r[s]["p90"]] for name, r in m["physics"]["models"].items()
-                for s in ("seen", "unseen", "unseen_inside", "unseen_outside") if r[s]]
-        parts.append(f"""## Inclined plane (friction)
-
-The amortization gap in KL(p || q), p the exact posterior of the friction: KL(p || q) minus its minimum over
-Gaussians, which is KL(N(mean_p, var_p) || q) (docs/gap.md §1). KL(q || p), hence the ELBO gap, is infinite for every
-Gaussian q (p lives on a bounded set), and compiled inference is fitted to KL(p || q). "prior" is the control
-q = N(prior mean, prior variance), which ignores x. One context set of {PH.PRESETS['quick'].context_size} observations
-per simulator; seen = the training simulators; unseen_inside / unseen_outside: unseen simulators inside / outside the
-range of the training simulators' lengths and angles (interpolation / extrapolation). The prior's rows use the
-MetaVAE's splits.
-
-{markdown_table(["model", "training simulators", "split", "points", "non-finite", "mean gap", "median gap",
-                 "90th percentile"], rows)}
-""")
+    parts = [render_report("gap", answer=_answer_text(m))]
+    sections = {"mog": _mog_section, "expfam": _expfam_section, "physics": _physics_section}
+    parts += [sections[p](m, cfg, ks) for p in PARTS if p in m]
+    timing = ", ".join(f"{p}: training {m[p]['train_seconds']} s, evaluation {m[p]['eval_seconds']} s"
+                       for p in PARTS if p in m)
     checks = markdown_table(["check", "value"], [[k, v] for k, v in m["checks"].items()])
-    parts.append(f"## Checks (docs/gap.md §5)\n\n{checks}")
-    parts.append(f"\nTotal {m['seconds']} s; " + ", ".join(
-        f"{p}: training {m[p]['train_seconds']} s, evaluation {m[p]['eval_seconds']} s" for p in PARTS if p in m) + ".")
-    parts.append("\n![gap](gap.png)")
-    return "\n".join(parts)
+    parts.append(render_report("gap-end", checks=checks, seconds=m["seconds"], timing=timing))
+    return "\n".join(parts).rstrip()
+
+
+def _int_keys(d):
+    """``d`` with keys that are whole numbers written as strings (JSON's) read back as ints."""
+    if not isinstance(d, dict):
+        return d
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in d.items()}
+
+
+def _mog_section(m: dict, cfg: GapConfig, ks: list) -> str:
+    g = m["mog"]
+    rows, cost = [], []
+    for name, r in g["models"].items():
+        for s in ("seen", "unseen"):
+            x = r[s]
+            rows.append([name, r["distributions"], s, x["points"], x["kl"], x["elbo_gap"],
+                         *[x["refined"][k] for k in ks], _fmt_lrs(r["refine_lr"])])
+            cost.append([name, s, x["encode_seconds"], *[x["refine_seconds"][k] for k in ks]])
+    table = markdown_table(["model", "distributions", "split", "points", "KL(q || p)", "log p(x) - ELBO",
+                            *[f"k={k}" for k in ks], "Adam lr per k"], rows)
+    return render_report("gap-mog", g=g, checks=m["checks"], steps_note=_steps_note(cfg), table=table,
+                         cost=markdown_table(["model", "split", "encode", *[f"k={k}" for k in ks]], cost))
+
+
+def _expfam_section(m: dict, cfg: GapConfig, ks: list) -> str:
+    g = m["expfam"]
+    rows, cost = [], []
+    for name, r in g["models"].items():
+        for f, splits in r["families"].items():
+            for s, x in splits.items():
+                rows.append([name, r["distributions"], f, s, x["log_px"], x["approximation_gap"],
+                             x["amortization_gap"], *[x["refined"][k] for k in ks],
+                             *[x["learned"][k] for k in ks], _fmt_lrs(r["refine_lr"][f])])
+                if s == "unseen":
+                    cost.append([name, f, x["refine_seconds"][ks[-1]], x["learned_seconds"][ks[-1]]])
+    fits = "; ".join(f"{f}: loss {t['loss_first']:.4g} -> {t['loss_last']:.4g} in {t['seconds']} s"
+                     for f, t in g["learned_update"].items())
+    table = markdown_table(["model", "distributions", "family", "split", "log p(x)", "approximation gap",
+                            "amortization gap", *[f"Adam k={k}" for k in ks], *[f"learned k={k}" for k in ks],
+                            "Adam lr per k"], rows)
+    return render_report("gap-expfam", cfg=cfg, draws=expfam_data.VECTOR_SIZE, steps_note=_steps_note(cfg), fits=fits,
+                         table=table, last_k=ks[-1], cost=markdown_table(["model", "family", "Adam", "learned"], cost))
+
+
+def _physics_section(m: dict, cfg: GapConfig, ks: list) -> str:
+    rows = [[name, r["simulators"], s, r[s]["points"], r[s]["non_finite"], r[s]["mean"], r[s]["median"],
+             r[s]["p90"]] for name, r in m["physics"]["models"].items()
+            for s in ("seen", "unseen", "unseen_inside", "unseen_outside") if r[s]]
+    table = markdown_table(["model", "training simulators", "split", "points", "non-finite", "mean gap", "median gap",
+                            "90th percentile"], rows)
+    return render_report("gap-physics", context_size=physics.PRESETS["quick"].context_size, table=table)
 
 
 EXPERIMENT = Experiment(name="gap", description=DESCRIPTION, presets=PRESETS, run=run, options=OPTIONS)

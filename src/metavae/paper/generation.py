@@ -30,7 +30,7 @@ from .data.mnist import load_mnist, mnist_cache_dir
 from ..models import build_vae, load
 from ..training import Trainer, TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, write_metrics, write_report
 from ..settings import config, group
 from ..plots import save_figure
 
@@ -183,21 +183,10 @@ def likelihood_table(m: dict) -> str:
 
 
 def report(m: dict) -> str:
+    """report.md (templates/generation.md) from metrics.json."""
     missing = f"\n\nNot found (not scored): {', '.join(m['missing'])}." if m["missing"] else ""
-    return "\n".join([
-        "# Generation and likelihood for unseen rotations (MNIST)", "",
-        f"Importance-weighted log-likelihood (k = {m['config']['k']}, nats per image, higher is better) of "
-        f"{m['test_images_per_value']} held-out test images per unseen rotation {m['values']}, given a context of "
-        "N training images of that rotation; mean ± std over all scored images." + missing, "",
-        likelihood_table(m), "",
-        "Rows: `ns`, `vhe`: the shared decoder conditioned on q(c | D). `metavae-adapt`: a decoder fitted to the N "
-        f"images (up to {m['config']['adapt_steps']} Adam steps, the best on a held-out fifth kept) with the encoder "
-        "frozen. `metavae-nearest`: the training "
-        "decoder with the highest ELBO on the N images, unchanged. `vae-scratch`: a VAE trained on the N images alone "
-        f"({m['config']['scratch_steps']} steps), the no-transfer control.", "",
-        "Models: " + ", ".join(f"`{k}`: {v}" for k, v in m["models"].items() if v != "None"), "",
-        "![samples](samples.png)", "",
-    ])
+    models = ", ".join(f"`{k}`: {v}" for k, v in m["models"].items() if v != "None")
+    return render_report("generation", m=m, missing=missing, table=likelihood_table(m), models=models)
 
 
 def samples_figure(path: Path, figure: dict, cfg: GenerationConfig) -> None:

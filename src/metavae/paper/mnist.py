@@ -17,7 +17,7 @@ from ..models import MODEL_NAMES
 from ..io import atomic_write_text
 from . import regimes
 from .base import Experiment
-from .common import config_dict, markdown_table, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, write_metrics, write_report
 from .invariance import (CONTROLS, PROBE, PROBES, STANDARDISED_PROBE, VARIANT_SETTINGS, InvarianceConfig, accuracy_figure,
                          evaluate_run, find_runs, fmt_seeds, gather_tables, invariance_distances, learning_curve_figure,
                          make_control, probe_unseen, run_label, snapshot_model, summarise_probes, table2_models,
@@ -210,6 +210,7 @@ def _title(label: str) -> str:
 
 
 def _report(m: dict) -> str:
+    """A run's report.md (templates/mnist-run.md and its sections) from its metrics."""
     acc, mean = m["accuracy"], m["mean_unseen_accuracy"]
     untrained = m.get("untrained")
     headers = ["unseen value"] + [f"{p} probe" for p in PROBES] + ([f"untrained, {p}" for p in PROBES] if untrained else [])
@@ -219,44 +220,29 @@ def _report(m: dict) -> str:
                 + ([f"{untrained['mean_unseen_accuracy'][p]:.3f}" for p in PROBES] if untrained else []))
     paper = PAPER_TABLE2[m["axis"]].get(m["model"]) if m["split"] == "contiguous" and m.get("data", "mnist") == "mnist" else None
     trained = m["model"] not in CONTROLS
-    lines = [
-        f"# Transformed {_title(m.get('data', 'mnist'))} ({m['axis']}, {m['split']} split): {m['model']}"
-        + ("" if trained else " (control)"),
-        "",
-        f"Mean linear-probe accuracy on the {len(m['unseen'])} unseen values: reference probe **{mean['reference']:.3f}**, "
-        f"standardised probe **{mean['standardised']:.3f}**" + (f" (paper Table 2: {paper})" if paper is not None else ""),
-        "",
-    ]
-    if trained:
-        lines += [f"Trained on {len(m['seen'])} seen values, {m['train_images_per_value']} images each, "
-                  f"{m['epochs_trained']} epochs trained (best epoch {m['best_epoch']}; {m['train_seconds_total'] / 60:.1f} min "
-                  f"of training over all launches); probed with {m['test_images_per_value']} test images per value. Seed {m['seed']}.", ""]
-    lines += [markdown_table(headers, rows), "", "![accuracy](accuracy.png)"]
+    trained_text = render_report("mnist-run-trained", m=m, n_seen=len(m["seen"]),
+                                 minutes=m["train_seconds_total"] / 60) + "\n" if trained else ""
+    return render_report("mnist-run", m=m, title=_title(m.get("data", "mnist")), control="" if trained else " (control)",
+                         n_unseen=len(m["unseen"]), paper=f" (paper Table 2: {paper})" if paper is not None else "",
+                         trained=trained_text, table=markdown_table(headers, rows), sections=_run_sections(m),
+                         probe=PROBE, standardised=STANDARDISED_PROBE).rstrip("\n")
+
+
+def _run_sections(m: dict) -> str:
+    """The run report's optional sections: learning curve, the reference's selection, Table 1's row."""
+    sections = []
     if m.get("learning_curve"):
-        lines += ["", "## Learning curve (probes on a few unseen values; validation loss on the seen values)", "",
-                  markdown_table(["step", "fraction", "val loss"] + [f"{p} probe" for p in PROBES],
-                                 [[c["step"], f"{c['fraction']:.3f}", f"{c['val_loss']:.2f}"]
-                                  + [f"{c['mean_accuracy'][p]:.3f}" for p in PROBES] for c in m["learning_curve"]]),
-                  "", "![learning curve](probe_vs_steps.png)"]
+        sections.append(render_report("mnist-run-curve", table=markdown_table(
+            ["step", "fraction", "val loss"] + [f"{p} probe" for p in PROBES],
+            [[c["step"], f"{c['fraction']:.3f}", f"{c['val_loss']:.2f}"]
+             + [f"{c['mean_accuracy'][p]:.3f}" for p in PROBES] for c in m["learning_curve"]])))
     if m.get("reference_selection"):
-        r = m["reference_selection"]
-        lines += ["", f"## The reference's selection (highest val loss, epoch {r['epoch']}; sampled c)", "",
-                  f"Mean accuracy: reference probe {r['mean_unseen_accuracy']['reference']:.3f}, standardised "
-                  f"{r['mean_unseen_accuracy']['standardised']:.3f}."]
+        sections.append(render_report("mnist-run-selection", r=m["reference_selection"]))
     if "invariance_distance" in m:
         d = m["invariance_distance"]
-        lines += ["", "## Table 1 row: mean L2 distance to the untransformed embedding", "",
-                  markdown_table(["embedded axis", "ours", "paper"],
-                                 [[a, f"{d[a]:.3f}", PAPER_TABLE1[m["axis"]][a]] for a in AXES])]
-    lines += ["", "## Differences from the reference", "",
-              f"- Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}. Embeddings are unscaled posterior means.",
-              "- Set pooling divides by the set size (the reference divides by the batch size).",
-              "- The best checkpoint is the one with the *lowest* validation loss (negative ELBO on the seen values' "
-              "test parts); the reference's baselines picked the highest (see the reference's selection above).",
-              "- NS/VHE embeddings use the mean of q(c|D), not a sample, so they are deterministic.",
-              "- Scale is PIL's crop-and-resize, shear the old torchvision formula (docs/reproduction.md §5.1), both "
-              "reproduced exactly with tensor ops."]
-    return "\n".join(lines)
+        sections.append(render_report("mnist-run-table1", table=markdown_table(
+            ["embedded axis", "ours", "paper"], [[a, f"{d[a]:.3f}", PAPER_TABLE1[m["axis"]][a]] for a in AXES])))
+    return "".join("\n\n" + s.rstrip("\n") for s in sections)
 
 
 # --- `metavae report mnist` ----------------------------------------------------------------
@@ -320,23 +306,14 @@ def _write_summary(out, table1, table2, found, missing, models):
     t1 = markdown_table(["trained on"] + list(AXES), rows1)
     for name, table in (("table2.md", t2), ("table1.md", t1)):  # the README embeds these verbatim
         atomic_write_text(table + "\n", out / name)
-    text = "\n".join([
-        "# Transformed MNIST: the paper's tables from finished runs", "",
-        "## Table 2: mean linear-probe accuracy on unseen values, contiguous split", "",
-        "Mean ± std over seeds (number of seeds); one seed has no spread. *untrained*: the same model, seed and "
-        "init at step 0. *reference's selection*: the reference's checkpoint pick (highest validation loss) with "
-        "sampled c, for the models that have a c. Controls: `pixels` (raw pixels) and `random-projection` (a fixed "
-        "40-dim Gaussian projection of the pixels), read by the same probes on the same images.", "",
-        t2, "",
-        f"Probes: reference = {PROBE}; standardised = {STANDARDISED_PROBE}.", "",
-        "## Table 1: mean L2 distance to the untransformed embedding (ours / untrained (paper)); rows = trained on",
-        "", "*untrained*: the same run's step-0 weights (same seed and init), measured the same way.", "",
-        t1, "",
-        "![figure 7](figure7.png)" if (out / "figure7.png").exists() else "", "",
-        "![learning curves](probe_vs_steps.png)" if (out / "probe_vs_steps.png").exists() else "", "",
-        "## Missing runs", "",
-        "\n".join(f"- `{c}`" for c in missing) if missing else "None.",
-    ])
+    projection_dims = sorted({m["config"]["z_dim"] for (_, _, model), ms in found.items() if model == "random-projection"
+                              for m in ms}) or [next(iter(PRESETS.values())).z_dim]
+    text = render_report(
+        "mnist-report", projection_dim="/".join(map(str, projection_dims)), table2=t2, table1=t1, probe=PROBE,
+        standardised=STANDARDISED_PROBE,
+        figure7="![figure 7](figure7.png)" if (out / "figure7.png").exists() else "",
+        curves="![learning curves](probe_vs_steps.png)" if (out / "probe_vs_steps.png").exists() else "",
+        missing="\n".join(f"- `{c}`" for c in missing) if missing else "None.")
     write_report(out, text)
 
 

@@ -37,7 +37,7 @@ from ..objectives import decoder_log_lik, elbo_of, iw_of
 from ..refine import refine
 from ..training import resolve_device, seed_everything
 from .base import Experiment
-from .common import markdown_table, write_metrics, write_report
+from .common import markdown_table, render_report, write_metrics, write_report
 from ..plots import save_figure
 from .gap import best_gaussian, pick_lr
 from .generation import adapted_copy, find_model
@@ -230,21 +230,9 @@ def answer(m: dict) -> str:
 
 
 def report(m: dict) -> str:
-    return "\n".join([
-        f"# The inference gap on transformed MNIST ({m['axis']}, {m['split']} split)", "",
-        f"Model: `{m['model']}` (seed {m['run_seed']}, {m['run_epochs']} epochs). Values: seen {m['values']['seen']}, "
-        f"unseen {m['values']['unseen']}; {m['config']['test_images']} test images each, contexts of "
-        f"{m['config']['context_size']} training images of the same value. Nats per image, mean ± std over images.", "",
-        gap_table(m), "",
-        answer(m), "",
-        f"Refinement step sizes (Adam; per group, the best of a grid on training images of its first value): "
-        f"{m['refine_lr']}. The best q: "
-        f"{m['config']['best_steps']} Adam steps, {m['best_seconds_per_image'] * 1000:.1f} ms per image. "
-        f"{m['seconds']:.0f} s in all.", "",
-        "![gap per value](gap.png)", "",
-        "log p(x) is an importance-weighted estimate (a stochastic lower bound), so the approximation gap is, in "
-        "expectation, an underestimate; the adapted decoders were fitted to the frozen encoder (docs/gap.md §7).",
-    ])
+    """report.md (templates/mnist-gap.md) from metrics.json."""
+    return render_report("mnist-gap", m=m, table=gap_table(m), answer=answer(m),
+                         ms_per_image=m["best_seconds_per_image"] * 1000).rstrip("\n")
 
 
 def figure(path: Path, m: dict) -> None:

@@ -18,13 +18,14 @@ from ..models import build_mlp_metavae
 from ..models.metavae import POOLINGS
 from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, train_shared, write_metrics, write_report
+from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import config, group, setting
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
 PAPER = {"vae": 0.279, "metavae_10": 0.212, "metavae_20": 0.158, "metavae_50": 0.099}
 OPTIONS: set[str] = set()
+VAL_FRACTION = TEST_FRACTION = 0.1  # of each training mixture's points
 
 
 @config
@@ -52,7 +53,7 @@ PRESETS = {
 }
 
 
-def build_model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
+def build_mog_model(train_points: torch.Tensor, cfg: MogConfig, use_context: bool):
     """A model with one decoder per training mixture, decoders initialised from their data."""
     model = build_mlp_metavae(
         (2,), len(train_points), z_dim=2, latent="categorical", likelihood=Gaussian(mog.VARIANCE),
@@ -122,13 +123,16 @@ def run(cfg: MogConfig, out: Path, device: str = "cpu", seed: int = 0, progress:
     models = {}
     for i, k in enumerate(sorted(cfg.train_mixtures)):
         seed_everything(seed + 1 + i)
-        data = MetaDataset(list(x[:k]), labels=list(y[:k]), seed=seed)
-        model = build_model(data.part("train").data, cfg, True)
-        models[f"metavae_{k}"] = train_shared("mog", f"metavae_{k}", model, data, cfg, out, device, seed, progress, evaluation_only=EVALUATION_ONLY)
+        data = MetaDataset(list(x[:k]), labels=list(y[:k]), val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION,
+                           seed=seed)
+        model = build_mog_model(data.part("train").data, cfg, True)
+        models[f"metavae_{k}"] = train_shared("mog", f"metavae_{k}", model, data, cfg, out, device, seed, progress,
+                                              evaluation_only=EVALUATION_ONLY)
     seed_everything(seed)
-    data = MetaDataset([x[0]], labels=[y[0]], seed=seed)
-    models["vae"] = train_shared("mog", "vae", build_model(data.part("train").data, cfg, False), data, cfg, out, device, seed,
-                                  progress, evaluation_only=EVALUATION_ONLY)
+    data = MetaDataset([x[0]], labels=[y[0]], val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, seed=seed)
+    vae = build_mog_model(data.part("train").data, cfg, False)
+    models["vae"] = train_shared("mog", "vae", vae, data, cfg, out, device, seed, progress,
+                                 evaluation_only=EVALUATION_ONLY)
 
     errors, preds = {}, {}
     for name, m in models.items():
@@ -188,46 +192,20 @@ def _figures(out, tx, test_means, preds, errors, bayes, cfg):
 
 
 def _report(metrics, cfg) -> str:
+    """report.md (templates/mog.md) from the errors and the config."""
     e, p = metrics["error"], metrics["paper"]
     rows = [[n, f"{p[n] * 100:.1f}%" if n in p else "-", f"{e[n] * 100:.2f}%"] for n in e]
     rows.append(["Bayes-optimal (true means known)", "-", f"{metrics['bayes_floor'] * 100:.2f}%"])
-    return f"""# Clustering mixtures of Gaussians
+    split = "/".join(f"{round(100 * f)}" for f in (1 - VAL_FRACTION - TEST_FRACTION, VAL_FRACTION, TEST_FRACTION))
+    return render_report("mog", cfg=cfg, table=markdown_table(["model", "paper", "ours"], rows), variance=mog.VARIANCE,
+                         half=mog.MEAN_RANGE, split=split, nesting=_nesting(sorted(cfg.train_mixtures)),
+                         summary=list(cfg.summary), hidden=list(cfg.hidden))
 
-Clustering error (up to label permutation) of argmax q(z | D, x) on {cfg.test_mixtures} unseen mixtures,
-{cfg.test_points} points each, every mixture clustered with a context set D of {cfg.context_size} of its own points.
 
-{markdown_table(["model", "paper", "ours"], rows)}
-
-![error](error.png)
-
-![clusters](clusters.png)
-
-The VAE is trained on one mixture and has no context: its q(z|x) is one fixed partition of the
-plane, applied to every unseen mixture. The MetaVAEs see D and adapt.
-
-## Setup
-- Each mixture: equal mix of two 2-D Gaussians, isotropic variance {mog.VARIANCE}, means U(-5, 5)^2;
-  {cfg.points_per_mixture} points per training mixture (80/10/10 train/val/test); the MetaVAE training sets are
-  nested (the 10 mixtures are among the 20, which are among the 50).
-- z in {{0, 1}} summed out exactly (no relaxation); one decoder per training mixture, a Gaussian with
-  the known variance {mog.VARIANCE} whose mean is a learned table over z.
-- Summary network: mean pooling of an MLP {list(cfg.summary)}; inference MLP {list(cfg.hidden)};
-  Adam lr {cfg.lr}, {cfg.epochs} epochs of {cfg.steps_per_epoch} steps, {cfg.batch_size} queries per mixture per step.
-- The Bayes floor assigns each point to the nearer true mean (the exact posterior argmax).
-
-## Differences from the paper
-- The paper gives no architecture, context size or training length for this demo; ours are above.
-- Inference is translation-invariant by construction (`center={cfg.center}`): the query and D are taken
-  relative to the mean of D. Without it the encoder fits the few training mixtures and generalizes
-  worse (measured in the project's notes; `--set center=false` reproduces it).
-- Decoder means are parametrized in units of 5 (the prior's half-width), which speeds up the decoders
-  relative to the encoder (same effect as a 5x learning rate for the decoder tables).
-- Each decoder's two means start from the method of moments on its own training points (mean -/+ the
-  principal axis, oriented along a fixed direction u) rather than at random: with equal means q(z|x)
-  gets no gradient, and the shared orientation gives the encoder one consistent labelling rule.
-- One context set per mixture and step is shared by that step's queries (`shared_context`), which
-  makes a step K*N rather than K*B*N summary evaluations; D is still a fresh random draw every step.
-"""
+def _nesting(sizes: list) -> str:
+    """How the MetaVAEs' training sets nest: "the 10 mixtures are among the 20, which are among the 50"."""
+    return f"the {sizes[0]} mixtures" + "".join(f"{' are' if i == 0 else ', which are'} among the {k}"
+                                                for i, k in enumerate(sizes[1:]))
 
 
 def pooling_table(folder) -> str:

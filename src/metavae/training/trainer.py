@@ -293,6 +293,24 @@ class Trainer:
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> list[dict]:
+        self._start(resume)
+        writer = self._tensorboard()
+        total = self.cfg.epochs * self.steps_per_epoch
+        bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
+                   dynamic_ncols=True, leave=False, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+        self.model.train()
+        while self.state.epoch < self.cfg.epochs and not self.stopped_early:
+            t0 = time.time()
+            epoch_loss = self._train_epoch(bar)
+            self._end_epoch(epoch_loss, t0, writer)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        self.load_best()
+        return self.state.history
+
+    def _start(self, resume: bool) -> None:
+        """Continue the saved run when ``resume`` finds one; else seed a fresh run (once)."""
         if resume:
             self.resume()
         if self._fresh:
@@ -300,69 +318,61 @@ class Trainer:
             self.gen.manual_seed(self.cfg.seed)
             self._fresh = False
             self._snapshot()
-        writer = self._tensorboard()
-        total = self.cfg.epochs * self.steps_per_epoch
-        bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
-                   dynamic_ncols=True, leave=False, mininterval=0.2 if sys.stderr.isatty() else 30.0)
-        running = None
-        self.model.train()
-        while self.state.epoch < self.cfg.epochs and not self.stopped_early:
-            t0 = time.time()
-            loss_sum = torch.zeros((), device=self.device)
-            for i, batch in enumerate(self._train_batches()):
-                with self._autocast():
-                    loss = self._step_module(batch.shard(self.rank, self.world))["loss"]
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
-                    clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
-                if self.subset is not None:  # torchrun or compile: dense row gradients, name the step's rows
-                    self.optimizer.rows = batch.dist
-                self.optimizer.step()
-                loss_sum += loss.detach().float()
-                self.state.step += 1
-                self._snapshot()
-                bar.update(1)
-                if i % 25 == 24 or i == self.steps_per_epoch - 1:  # host syncs only every few steps
-                    value = float(loss_sum) / (i + 1)
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"loss became {value} by step {self.state.step}; lower the lr")
-                    running = value
-                    bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{running:.4g}", refresh=False)
-            if self.world > 1:  # log the global batch's loss, as a single process would
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= self.world
-            epoch_loss = float(loss_sum)
-            val = self.validate()
-            record = {"epoch": self.state.epoch + 1, "step": self.state.step,
-                      "train_loss": epoch_loss / self.steps_per_epoch, "val_loss": val,
-                      "seconds": round(time.time() - t0, 3)}
-            self.state.epoch += 1
-            score = val if val is not None else record["train_loss"]
-            if score < self.state.best_val:
-                self.state.best_val, self.state.best_epoch = score, self.state.epoch
-                self._best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-                if self.best_path is not None and self.rank == 0:
-                    self._save_weights(self.best_path, epoch=self.state.epoch, val_loss=val)
-            if self.cfg.keep_worst and val is not None and val > self.state.worst_val:
-                self.state.worst_val, self.state.worst_epoch = val, self.state.epoch
-                if self.out is not None and self.rank == 0:
-                    self._save_weights(self.out / "worst.pt", epoch=self.state.epoch, val_loss=val)
-            record["best"] = self.state.best_epoch == self.state.epoch
-            self.state.history.append(record)
-            self.save()
-            if writer is not None:
-                for key in ("train_loss", "val_loss"):
-                    if record[key] is not None:
-                        writer.add_scalar(key, record[key], self.state.step)
-                writer.flush()
-            if self.world > 1:
-                torch.distributed.barrier()  # every rank sees the new checkpoint before going on
-        bar.close()
+
+    def _train_epoch(self, bar) -> float:
+        """One epoch of optimizer steps; returns the summed loss (over every process under torchrun)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(self._train_batches()):
+            with self._autocast():
+                loss = self._step_module(batch.shard(self.rank, self.world))["loss"]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
+                clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
+            if self.subset is not None:  # torchrun or compile: dense row gradients, name the step's rows
+                self.optimizer.rows = batch.dist
+            self.optimizer.step()
+            loss_sum += loss.detach().float()
+            self.state.step += 1
+            self._snapshot()
+            bar.update(1)
+            if i % 25 == 24 or i == self.steps_per_epoch - 1:  # host syncs only every few steps
+                value = float(loss_sum) / (i + 1)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss became {value} by step {self.state.step}; lower the lr")
+                bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{value:.4g}", refresh=False)
+        if self.world > 1:  # log the global batch's loss, as a single process would
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= self.world
+        return float(loss_sum)
+
+    def _end_epoch(self, epoch_loss: float, t0: float, writer) -> None:
+        """Validate, keep the best (and worst) weights, log the epoch (begun at ``t0``) and save ``last.pt``."""
+        val = self.validate()
+        record = {"epoch": self.state.epoch + 1, "step": self.state.step,
+                  "train_loss": epoch_loss / self.steps_per_epoch, "val_loss": val,
+                  "seconds": round(time.time() - t0, 3)}
+        self.state.epoch += 1
+        score = val if val is not None else record["train_loss"]
+        if score < self.state.best_val:
+            self.state.best_val, self.state.best_epoch = score, self.state.epoch
+            self._best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            if self.best_path is not None and self.rank == 0:
+                self._save_weights(self.best_path, epoch=self.state.epoch, val_loss=val)
+        if self.cfg.keep_worst and val is not None and val > self.state.worst_val:
+            self.state.worst_val, self.state.worst_epoch = val, self.state.epoch
+            if self.out is not None and self.rank == 0:
+                self._save_weights(self.out / "worst.pt", epoch=self.state.epoch, val_loss=val)
+        record["best"] = self.state.best_epoch == self.state.epoch
+        self.state.history.append(record)
+        self.save()
         if writer is not None:
-            writer.close()
-        self.load_best()
-        return self.state.history
+            for key in ("train_loss", "val_loss"):
+                if record[key] is not None:
+                    writer.add_scalar(key, record[key], self.state.step)
+            writer.flush()
+        if self.world > 1:
+            torch.distributed.barrier()  # every rank sees the new checkpoint before going on
 
     @property
     def stopped_early(self) -> bool:

@@ -88,6 +88,8 @@ INFO_COLUMNS = ("category", "instance", "elevation", "azimuth", "lighting", "cam
 _COL = {name: i for i, name in enumerate(INFO_COLUMNS)}
 _RADIX = (5, 10, 9, 18, 6, 2)  # number of values per info column
 N_GROUPS = {"elevation": 9, "azimuth": 18, "lighting": 6}
+N_CAMERAS = 2  # a stereo pair
+RAW_SIZE, IMAGE_SIZE = 96, 32  # pixels per side: the files' images, and what the experiments read
 
 # docs/reproduction.md §5.2: (seen, unseen) group indices per axis and meta-split (paper names).
 SPLITS: dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
@@ -182,56 +184,66 @@ def read_matrix(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"smallNORB file not found: {path}")
     try:
         with _open(path) as f:
-            head = _read_exact(f, 8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: truncated header ({len(head)} bytes; need at least 8 "
-                                 f"for magic and ndim)")
-            magic, ndim = struct.unpack("<ii", head)
-            magic &= 0xFFFFFFFF
-            if magic not in MAGIC:
-                what = " (packed matrices are not supported)" if magic == 0x1E3D4C52 else ""
-                known = ", ".join(f"0x{m:08X} ({d.name})" for m, d in MAGIC.items())
-                raise ValueError(f"{path}: unknown binary-matrix magic 0x{magic:08X}{what}; "
-                                 f"expected one of {known}. Is this a smallNORB .mat file?")
-            if not 1 <= ndim <= _MAX_NDIM:
-                raise ValueError(f"{path}: corrupt header: ndim = {ndim} (expected 1..{_MAX_NDIM})")
-            n_fields = max(3, ndim)
-            raw = _read_exact(f, 4 * n_fields)
-            if len(raw) < 4 * n_fields:
-                raise ValueError(f"{path}: truncated header: ndim = {ndim} needs {n_fields} "
-                                 f"dimension fields, only {len(raw) // 4} present")
-            fields = struct.unpack(f"<{n_fields}i", raw)
-            shape = fields[:ndim]
-            if any(d < 0 for d in shape):
-                raise ValueError(f"{path}: corrupt header: negative dimension in {shape}")
-            if any(d != 1 for d in fields[ndim:]):
-                logger.warning("%s: unused dimension fields %s are not 1 (ignored)", path, fields[ndim:])
-            dtype = MAGIC[magic]
-            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            # before allocating: deflate cannot expand data more than ~1032x, so a header that
-            # promises more than the file can hold is corrupt, whatever memory the machine has
-            limit = path.stat().st_size * (1032 if _is_gzip(path) else 1)
-            if need > limit:
-                raise ValueError(f"{path}: corrupt header: shape {tuple(shape)} of {dtype.name} needs {need:,} "
-                                 f"bytes but the file can hold at most {limit:,}")
-            out = np.empty(shape, dtype=dtype)
-            view = memoryview(out.reshape(-1).view(np.uint8))
-            got = 0
-            while got < out.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got < out.nbytes:
-                raise ValueError(f"{path}: truncated data: header promises shape {tuple(shape)} "
-                                 f"of {dtype.name} ({out.nbytes} bytes) but only {got} bytes follow")
-            extra = f.read(1)
-            if extra:
-                raise ValueError(f"{path}: unexpected trailing bytes after the {out.nbytes} bytes "
-                                 f"of shape {tuple(shape)}")
+            dtype, shape = _read_header(f, path)
+            out = _read_body(f, path, dtype, shape)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
     return out if dtype.isnative or dtype.itemsize == 1 else out.astype(dtype.newbyteorder("="))
+
+
+def _read_header(f, path: Path) -> tuple[np.dtype, tuple]:
+    """The element type and shape a matrix file's header declares, checked."""
+    head = _read_exact(f, 8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: truncated header ({len(head)} bytes; need at least 8 "
+                         f"for magic and ndim)")
+    magic, ndim = struct.unpack("<ii", head)
+    magic &= 0xFFFFFFFF
+    if magic not in MAGIC:
+        what = " (packed matrices are not supported)" if magic == 0x1E3D4C52 else ""
+        known = ", ".join(f"0x{m:08X} ({d.name})" for m, d in MAGIC.items())
+        raise ValueError(f"{path}: unknown binary-matrix magic 0x{magic:08X}{what}; "
+                         f"expected one of {known}. Is this a smallNORB .mat file?")
+    if not 1 <= ndim <= _MAX_NDIM:
+        raise ValueError(f"{path}: corrupt header: ndim = {ndim} (expected 1..{_MAX_NDIM})")
+    n_fields = max(3, ndim)
+    raw = _read_exact(f, 4 * n_fields)
+    if len(raw) < 4 * n_fields:
+        raise ValueError(f"{path}: truncated header: ndim = {ndim} needs {n_fields} "
+                         f"dimension fields, only {len(raw) // 4} present")
+    fields = struct.unpack(f"<{n_fields}i", raw)
+    shape = fields[:ndim]
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{path}: corrupt header: negative dimension in {shape}")
+    if any(d != 1 for d in fields[ndim:]):
+        logger.warning("%s: unused dimension fields %s are not 1 (ignored)", path, fields[ndim:])
+    return MAGIC[magic], shape
+
+
+def _read_body(f, path: Path, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """The matrix the header promised, streamed into one preallocated array; nothing may follow it."""
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    # before allocating: deflate cannot expand data more than ~1032x, so a header that
+    # promises more than the file can hold is corrupt, whatever memory the machine has
+    limit = path.stat().st_size * (1032 if _is_gzip(path) else 1)
+    if need > limit:
+        raise ValueError(f"{path}: corrupt header: shape {tuple(shape)} of {dtype.name} needs {need:,} "
+                         f"bytes but the file can hold at most {limit:,}")
+    out = np.empty(shape, dtype=dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < out.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    if got < out.nbytes:
+        raise ValueError(f"{path}: truncated data: header promises shape {tuple(shape)} "
+                         f"of {dtype.name} ({out.nbytes} bytes) but only {got} bytes follow")
+    if f.read(1):
+        raise ValueError(f"{path}: unexpected trailing bytes after the {out.nbytes} bytes "
+                         f"of shape {tuple(shape)}")
+    return out
 
 
 def write_matrix(path: str | os.PathLike, array: np.ndarray, compress: bool | None = None) -> Path:
@@ -419,7 +431,7 @@ def _read_split(folder: Path, split: str, download: bool, from_cache: bool, came
 
 def load_smallnorb(data_dir: str | os.PathLike | None = None, download: bool = True,
                    cache_dir: str | os.PathLike | None = None, cameras: str = "all",
-                   image_size: int = 32) -> NorbData:
+                   image_size: int = IMAGE_SIZE) -> NorbData:
     """The real smallNORB, both splits, resized to ``image_size`` (PIL BILINEAR, exact).
 
     With ``data_dir``, read the six files found there (gzip or plain, never written to); without,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
-from .norb import NorbData, load_smallnorb
+from .norb import IMAGE_SIZE, NorbData, load_smallnorb
 from .synthnorb import load_synthnorb
 
 
 def load_norb(data_dir: str | os.PathLike | None = None, *, source: str = "auto",
               download: bool = False, cache_dir: str | os.PathLike | None = None,
-              cameras: str = "all", image_size: int = 32, **synth_kwargs) -> NorbData:
+              cameras: str = "all", image_size: int = IMAGE_SIZE, **synth_kwargs) -> NorbData:
     """What the NORB experiments read: real smallNORB from ``data_dir`` when given, else synthnorb.
 
     ``source``: "auto" (as above), "smallnorb" (real; from data_dir, or the cache with an optional

@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,7 +51,7 @@ import torch
 
 from .norb import (CATEGORIES, INFO_COLUMNS, TEST_INSTANCES, TRAIN_INSTANCES, NorbData, NorbPart,
                    camera_select, group_names, norb_cache_dir, resize_images)
-from ...io import atomic_save
+from ...io import atomic_save, atomic_write_bytes
 
 __all__ = [
     "AZIMUTHS",
@@ -374,35 +373,20 @@ def _trace(A, c, box, cam, F, R, U, lights, size: int, shadows: bool = True):
     Returns hit (V, HW) (object, not ground), the winning primitive (V, HW), and per light the
     Lambert term times visibility (V, K, HW) (shadow rays against every primitive).
     """
-    u, v, uu, uv, vv = _pixel_grid(size)
-    V, P = c.shape[:2]
+    basis = _pixel_grid(size)
+    u, v = basis[:2]
     inf = torch.tensor(float("inf"))
     o = _mv(A, cam[:, None] - c)  # (V, P, 3)
     dF, dR, dU = (_mv(A, x[:, None]) for x in (F, R, U))
-    ell = [j for j in range(P) if not bool(box[j])]
-    bx = [j for j in range(P) if bool(box[j])]
-    best_t, best_j = None, None
+    ell = [j for j in range(c.shape[1]) if not bool(box[j])]
+    bx = [j for j in range(c.shape[1]) if bool(box[j])]
+    best_t, best_j, rays = None, None, {}
     if ell:
-        oe, Fe, Re, Ue = o[:, ell], dF[:, ell], dR[:, ell], dU[:, ell]
-        qa = _poly([_dot(Fe, Fe), 2 * _dot(Fe, Re), 2 * _dot(Fe, Ue), _dot(Re, Re), 2 * _dot(Re, Ue), _dot(Ue, Ue)],
-                   (u, v, uu, uv, vv))  # |d|^2
-        qb = _poly([_dot(oe, Fe), _dot(oe, Re), _dot(oe, Ue)], (u, v))  # o.d (half the linear coefficient)
-        qc = _dot(oe, oe) - 1  # (V, Pe)
-        disc = qb * qb - qa * qc[..., None]
-        te = (-qb - disc.sqrt()) / qa  # NaN where the ray misses
-        te = torch.where(te > 0, te, inf)
+        te, rays["ellipsoids"] = _ellipsoid_entry(o[:, ell], dF[:, ell], dR[:, ell], dU[:, ell], basis, inf)
         best_t, j = te.min(1)
         best_j = torch.tensor(ell)[j]
     if bx:
-        ob, dl_b = o[:, bx], [(dF[:, bx, i, None] + dR[:, bx, i, None] * u) + dU[:, bx, i, None] * v for i in range(3)]
-        tn, tf = None, None
-        for i in range(3):
-            inv = 1 / dl_b[i]
-            t1, t2 = (-1 - ob[..., i, None]) * inv, (1 - ob[..., i, None]) * inv
-            lo, hi = torch.minimum(t1, t2), torch.maximum(t1, t2)
-            tn = lo if tn is None else torch.maximum(tn, lo)
-            tf = hi if tf is None else torch.minimum(tf, hi)
-        tb = torch.where((tn <= tf) & (tn > 0), tn, inf)
+        tb, rays["boxes"] = _box_entry(o[:, bx], dF[:, bx], dR[:, bx], dU[:, bx], u, v, inf)
         tb_min, j = tb.min(1)
         jb = torch.tensor(bx)[j]
         if best_t is None:
@@ -417,14 +401,55 @@ def _trace(A, c, box, cam, F, R, U, lights, size: int, shadows: bool = True):
         return hit, None, None
     thit = torch.where(hit, best_t, tg)
     arg = torch.where(hit, best_j, 0)
-    # normals: gradient of the winning primitive's implicit function, mapped back by A^T
-    vi = torch.arange(V)[:, None]
+    n = _normals(A, c, box, (cam, F, R, U), u, v, hit, thit, arg, bool(bx))
+    return hit, arg, _shading(n, hit, thit, A, lights, rays, ell, bx, u, v)
+
+
+def _ellipsoid_entry(oe, Fe, Re, Ue, basis, inf):
+    """Where each ray enters each ellipsoid (V, Pe, HW; inf where it misses), and the ray-sphere
+    quadratic's pieces, which the shadow rays reuse."""
+    u, v, uu, uv, vv = basis
+    qa = _poly([_dot(Fe, Fe), 2 * _dot(Fe, Re), 2 * _dot(Fe, Ue), _dot(Re, Re), 2 * _dot(Re, Ue), _dot(Ue, Ue)],
+               (u, v, uu, uv, vv))  # |d|^2
+    qb = _poly([_dot(oe, Fe), _dot(oe, Re), _dot(oe, Ue)], (u, v))  # o.d (half the linear coefficient)
+    qc = _dot(oe, oe) - 1  # (V, Pe)
+    disc = qb * qb - qa * qc[..., None]
+    te = (-qb - disc.sqrt()) / qa  # NaN where the ray misses
+    return torch.where(te > 0, te, inf), dict(oe=oe, Fe=Fe, Re=Re, Ue=Ue, qa=qa, qb=qb, qc=qc)
+
+
+def _slabs(origin, direction):
+    """The ray parameters (near, far) between which rays origin[i] + s direction[i] (i = x, y, z)
+    are inside the cube [-1, 1]^3: the slab method, one axis at a time."""
+    near, far = None, None
+    for i in range(3):
+        inv = 1 / direction[i]
+        s1, s2 = (-1 - origin[i]) * inv, (1 - origin[i]) * inv
+        lo, hi = torch.minimum(s1, s2), torch.maximum(s1, s2)
+        near = lo if near is None else torch.maximum(near, lo)
+        far = hi if far is None else torch.minimum(far, hi)
+    return near, far
+
+
+def _box_entry(ob, Fb, Rb, Ub, u, v, inf):
+    """Where each ray enters each box (V, Pb, HW; inf where it misses), and the rays in the boxes'
+    frames, which the shadow rays reuse."""
+    dl_b = [(Fb[:, :, i, None] + Rb[:, :, i, None] * u) + Ub[:, :, i, None] * v for i in range(3)]
+    tn, tf = _slabs([ob[..., i, None] for i in range(3)], dl_b)
+    return torch.where((tn <= tf) & (tn > 0), tn, inf), dict(ob=ob, dl_b=dl_b)
+
+
+def _normals(A, c, box, camera, u, v, hit, thit, arg, has_boxes: bool):
+    """Unit normals (V, HW, 3) at the visible points: the gradient of the winning primitive's
+    implicit function, mapped back by A^T; straight up on the ground."""
+    cam, F, R, U = camera
+    vi = torch.arange(c.shape[0])[:, None]
     Aw = A[vi, arg]  # (V, HW, 3, 3)
     dw = [F[:, i, None] + R[:, i, None] * u + U[:, i, None] * v for i in range(3)]
     x = torch.stack([cam[:, i, None] + thit * dw[i] - c[vi, arg, i] for i in range(3)], -1)
     q = _mv(Aw, x)  # hit point in the winner's unit frame
     g = q
-    if bx:
+    if has_boxes:
         qa_ = q.abs()
         m = torch.where(qa_[..., 0] >= qa_[..., 1], 0, 1)
         m = torch.where(qa_.gather(-1, m[..., None]).squeeze(-1) >= qa_[..., 2], m, 2)
@@ -433,16 +458,22 @@ def _trace(A, c, box, cam, F, R, U, lights, size: int, shadows: bool = True):
     n = torch.stack([Aw[..., 0, i] * g[..., 0] + Aw[..., 1, i] * g[..., 1] + Aw[..., 2, i] * g[..., 2]
                      for i in range(3)], -1)
     n = n / _dot(n, n).sqrt()[..., None]
-    n = torch.where(hit[..., None], n, torch.tensor([0.0, 0.0, 1.0]))
-    # shadow rays from every visible point towards every light, against every primitive.
+    return torch.where(hit[..., None], n, torch.tensor([0.0, 0.0, 1.0]))
+
+
+def _shading(n, hit, thit, A, lights, rays: dict, ell, bx, u, v):
+    """Per light, the Lambert term times visibility (V, K, HW): shadow rays from every visible point
+    towards every light, against every primitive."""
     # Their origins o + t d lie on or outside every primitive, so a ray meets a primitive ahead
     # iff the quadratic has real roots whose sum is positive (> eps): no square root needed.
     t_ = thit[:, None]
     if ell:
-        ce = qc[..., None] + t_ * (2 * qb + t_ * qa)  # |o + t d|^2 - 1
+        e = rays["ellipsoids"]
+        ce = e["qc"][..., None] + t_ * (2 * e["qb"] + t_ * e["qa"])  # |o + t d|^2 - 1
         Le = _mv(A[:, ell, None], lights[:, None])  # (V, Pe, K, 3)
     if bx:
-        os_b = [ob[..., i, None] + t_ * dl_b[i] for i in range(3)]
+        b = rays["boxes"]
+        os_b = [b["ob"][..., i, None] + t_ * b["dl_b"][i] for i in range(3)]
         Lb = _mv(A[:, bx, None], lights[:, None])
     shade = []
     for k in range(lights.shape[1]):
@@ -450,22 +481,17 @@ def _trace(A, c, box, cam, F, R, U, lights, size: int, shadows: bool = True):
         if ell:
             Lk = Le[:, :, k]
             aL = _dot(Lk, Lk)
-            hb = _poly([_dot(Fe, Lk), _dot(Re, Lk), _dot(Ue, Lk)], (u, v)) * t_ + _dot(oe, Lk)[..., None]
+            hb = (_poly([_dot(e["Fe"], Lk), _dot(e["Re"], Lk), _dot(e["Ue"], Lk)], (u, v)) * t_
+                  + _dot(e["oe"], Lk)[..., None])
             disc = hb * hb - aL[..., None] * ce
             blocked |= ((disc > 0) & (hb < (-0.5 * _EPS) * aL[..., None])).any(1)
         if bx:
-            sn, sf = None, None
-            for i in range(3):
-                inv = 1 / Lb[:, :, k, i, None]
-                s1, s2 = (-1 - os_b[i]) * inv, (1 - os_b[i]) * inv
-                lo, hi = torch.minimum(s1, s2), torch.maximum(s1, s2)
-                sn = lo if sn is None else torch.maximum(sn, lo)
-                sf = hi if sf is None else torch.minimum(sf, hi)
+            sn, sf = _slabs(os_b, [Lb[:, :, k, i, None] for i in range(3)])
             blocked |= ((sn <= sf) & (sf > _EPS)).any(1)
         L = lights[:, k]
         ndl = (n[..., 0] * L[:, 0, None] + n[..., 1] * L[:, 1, None] + n[..., 2] * L[:, 2, None]).clamp_min(0)
         shade.append(torch.where(blocked, torch.zeros_like(ndl), ndl))
-    return hit, arg, torch.stack(shade, 1)
+    return torch.stack(shade, 1)
 
 
 def _views(objs: Sequence[_Object], elev: np.ndarray, azim: np.ndarray, camera: int):
@@ -555,13 +581,8 @@ def render_synthnorb(categories: Iterable[int] = range(5), instances: Iterable[i
                                     render_size, seed, chunk, progress, threads=None)
         finally:
             torch.set_num_threads(before)
-    cats, insts, elevs, azims, lights, cams = (list(map(int, x)) for x in
-                                                (categories, instances, elevations, azimuths, lightings, cameras))
-    for name, vals, hi in (("category", cats, 5), ("instance", insts, 10), ("elevation", elevs, 9),
-                           ("azimuth", azims, 18), ("lighting", lights, 6), ("camera", cams, 2)):
-        if any(not 0 <= x < hi for x in vals):
-            raise ValueError(f"{name} indices must be in 0..{hi - 1}, got {vals}")
-    Lc = len(lights)
+    cats, insts, elevs, azims, lights, cams = _check_indices(categories, instances, elevations, azimuths, lightings,
+                                                             cameras)
     render_size = _render_size(image_size, render_size)
     images, infos = [], []
     todo = [(cam, ci, ii) for cam in cams for ci in cats for ii in insts]
@@ -575,25 +596,43 @@ def render_synthnorb(categories: Iterable[int] = range(5), instances: Iterable[i
         obj = build_object(ci, ii, seed)
         for s in range(0, len(e_grid), chunk):
             e, a = e_grid[s:s + chunk], a_grid[s:s + chunk]
-            V = len(e)
-            # a global id per image (camera, category, instance, elevation, azimuth, lighting)
-            ids = ((((cam * 5 + ci) * 10 + ii) * 9 + e[:, None]) * 18 + a[:, None]) * 6 + np.array(lights)[None]
-            raw = _render_views([obj] * V, np.array(ELEVATIONS, float)[e], np.array(AZIMUTHS, float)[a],
-                                cam, lights, render_size)
-            small = resize_images(raw.reshape(V * Lc, render_size, render_size), image_size)
-            images.append(_add_noise(small, ids, seed))
-            info = np.zeros((V, Lc, 6), dtype=np.int64)
-            info[..., 0], info[..., 1], info[..., 5] = ci, ii, cam
-            info[..., 2], info[..., 3] = e[:, None], a[:, None]
-            info[..., 4] = np.array(lights)[None]
-            infos.append(torch.from_numpy(info.reshape(-1, 6)))
+            img, info = _render_chunk(obj, (cam, ci, ii), e, a, lights, render_size, image_size, seed)
+            images.append(img)
+            infos.append(info)
             if bar is not None:
-                bar.update(V)
+                bar.update(len(e))
     if bar is not None:
         bar.close()
     if not images:
         return torch.zeros((0, image_size, image_size), dtype=torch.uint8), torch.zeros((0, 6), dtype=torch.long)
     return torch.cat(images), torch.cat(infos)
+
+
+def _check_indices(*indices) -> tuple[list[int], ...]:
+    """categories, instances, elevations, azimuths, lightings, cameras as lists of ints, each in range."""
+    lists = tuple(list(map(int, x)) for x in indices)
+    for name, vals, hi in zip(("category", "instance", "elevation", "azimuth", "lighting", "camera"), lists,
+                              (5, 10, 9, 18, 6, 2)):
+        if any(not 0 <= x < hi for x in vals):
+            raise ValueError(f"{name} indices must be in 0..{hi - 1}, got {vals}")
+    return lists
+
+
+def _render_chunk(obj, who: tuple, e, a, lights: list, render_size: int, image_size: int, seed: int):
+    """The images (V * L, S, S) and info rows of one object (``who``: camera, category, instance)
+    at the V views (elevation e, azimuth a) under each of the L lightings."""
+    cam, ci, ii = who
+    V, Lc = len(e), len(lights)
+    # a global id per image (camera, category, instance, elevation, azimuth, lighting)
+    ids = ((((cam * 5 + ci) * 10 + ii) * 9 + e[:, None]) * 18 + a[:, None]) * 6 + np.array(lights)[None]
+    raw = _render_views([obj] * V, np.array(ELEVATIONS, float)[e], np.array(AZIMUTHS, float)[a],
+                        cam, lights, render_size)
+    small = resize_images(raw.reshape(V * Lc, render_size, render_size), image_size)
+    info = np.zeros((V, Lc, 6), dtype=np.int64)
+    info[..., 0], info[..., 1], info[..., 5] = ci, ii, cam
+    info[..., 2], info[..., 3] = e[:, None], a[:, None]
+    info[..., 4] = np.array(lights)[None]
+    return _add_noise(small, ids, seed), torch.from_numpy(info.reshape(-1, 6))
 
 
 # --------------------------------------------------------------------------- the cached data set
@@ -697,25 +736,7 @@ def save_example_grid(path: str | os.PathLike, data: NorbData | None = None, cat
                              gridspec_kw={"height_ratios": [1, 1, 1]})
     for ax, axis in zip(axes, ("elevation", "azimuth", "lighting")):
         n_vals = {"elevation": 9, "azimuth": 18, "lighting": 6}[axis]
-        fixed = dict(_DEFAULTS)
-        rows = []
-        for ci in cats:
-            sel = {k: [v] for k, v in fixed.items()}
-            sel[axis] = list(range(n_vals))
-            if data is None:
-                imgs, _ = render_synthnorb([ci], [inst], sel["elevation"], sel["azimuth"], sel["lighting"],
-                                           cameras=(camera,), seed=seed)
-            else:
-                part = data.part(split)
-                info = part.info
-                mask = (info[:, 0] == ci) & (info[:, 1] == inst) & (info[:, 5] == camera)
-                for k in ("elevation", "azimuth", "lighting"):
-                    if k != axis:
-                        mask &= info[:, INFO_COLUMNS.index(k)] == fixed[k]
-                idx = torch.nonzero(mask).flatten()
-                idx = idx[torch.argsort(info[idx, INFO_COLUMNS.index(axis)])]
-                imgs = part.images[idx]
-            rows.append(torch.cat(list(imgs), 1))
+        rows = [torch.cat(list(_axis_images(data, axis, n_vals, ci, inst, split, camera, seed)), 1) for ci in cats]
         mosaic = torch.cat(rows, 0).numpy()
         s = mosaic.shape[0] // len(cats)
         ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -723,20 +744,30 @@ def save_example_grid(path: str | os.PathLike, data: NorbData | None = None, cat
         ax.set_xticklabels([n.split(" ")[1] for n in group_names(axis)], fontsize=7)
         ax.set_yticks([s * (j + 0.5) for j in range(len(cats))])
         ax.set_yticklabels([CATEGORIES[c] for c in cats], fontsize=8)
-        others = ", ".join(f"{k} {group_names(k)[v].split(' ')[1]}" for k, v in fixed.items() if k != axis)
+        others = ", ".join(f"{k} {group_names(k)[v].split(' ')[1]}" for k, v in _DEFAULTS.items() if k != axis)
         ax.set_title(f"{name}: {axis} varies ({others}; {split} instance {inst}, camera {camera})", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(buf.getvalue(), Path(path))
+
+
+def _axis_images(data: NorbData | None, axis: str, n_vals: int, ci: int, inst: int, split: str, camera: int,
+                 seed: int) -> torch.Tensor:
+    """The images of one toy as ``axis`` takes each of its ``n_vals`` values, the other factors at
+    `_DEFAULTS`: from ``data``, or rendered (synthnorb, ``seed``) when it is None."""
+    if data is None:
+        sel = {k: [v] for k, v in _DEFAULTS.items()}
+        sel[axis] = list(range(n_vals))
+        return render_synthnorb([ci], [inst], sel["elevation"], sel["azimuth"], sel["lighting"],
+                                cameras=(camera,), seed=seed)[0]
+    part = data.part(split)
+    info = part.info
+    mask = (info[:, 0] == ci) & (info[:, 1] == inst) & (info[:, 5] == camera)
+    for k in ("elevation", "azimuth", "lighting"):
+        if k != axis:
+            mask &= info[:, INFO_COLUMNS.index(k)] == _DEFAULTS[k]
+    idx = torch.nonzero(mask).flatten()
+    idx = idx[torch.argsort(info[idx, INFO_COLUMNS.index(axis)])]
+    return part.images[idx]
