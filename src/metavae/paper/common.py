@@ -10,6 +10,20 @@ from ..settings import flat
 from ..training import is_main_process
 
 
+# The training settings the point-cloud experiments (mog, physics, expfam) expose to --set; the rest
+# of their TrainConfig is fixed by `train_shared`.
+POINT_CLOUD_SETTINGS = ("context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip")
+
+
+def point_cloud_train(**defaults):
+    """An experiment's ``train`` group: TrainConfig(**defaults) with `POINT_CLOUD_SETTINGS` exposed
+    and a context required (point-cloud queries are always inferred from a context set)."""
+    from ..settings import group
+    from ..training import TrainConfig
+
+    return group(TrainConfig(**defaults), *POINT_CLOUD_SETTINGS, nonzero=("context_size",))
+
+
 def train_shared(experiment: str, name: str, model, data, cfg, out: Path, device: str, seed: int, progress: bool,
                  epochs: int | None = None, evaluation_only: tuple = ()):
     """Train one model of a point-cloud experiment (mog, physics, expfam) through the one Trainer:

@@ -29,10 +29,10 @@ import torch
 from .data import exponential_families as E
 from ..data.meta import MetaDataset
 from .models.expfam_metavae import FISHER_PER_DRAW, build_expfam_metavae
-from ..settings import config, group, setting
+from ..settings import config, setting
 from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render_report, sci, train_shared, write_metrics, write_report
+from .common import config_dict, point_cloud_train, markdown_table, render_report, sci, train_shared, write_metrics, write_report
 from ..plots import save_figure
 
 OPTIONS: set[str] = set()
@@ -47,10 +47,8 @@ class ExpfamConfig:
     distributions_per_family: int = 30
     draws_per_distribution: int = 10_000  # the first 80% train, the rest validation (reference: 8000 / 2000)
     # |D| 10 random vectors of the same distribution, 16 query vectors per distribution and step
-    train: TrainConfig = group(TrainConfig(context_size=10, batch_size=16, epochs=10, steps_per_epoch=200, lr=3e-3,
-                                           grad_clip=10.0),
-                               "context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip",
-                               nonzero=("context_size",))
+    train: TrainConfig = point_cloud_train(context_size=10, batch_size=16, epochs=10,
+                                           steps_per_epoch=200, lr=3e-3, grad_clip=10.0)
     draw_features: tuple = (64,)  # per-draw MLP (activated output), averaged over the 20 draws
     meta_summary: tuple = (64, 64, 64)  # MLP on each context vector's statistic, mean pooled over D
     hidden: tuple = (128, 128)

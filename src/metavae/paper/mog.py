@@ -18,9 +18,9 @@ from ..models import build_mlp_metavae
 from ..models.metavae import POOLINGS
 from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render_report, train_shared, write_metrics, write_report
+from .common import config_dict, point_cloud_train, markdown_table, render_report, train_shared, write_metrics, write_report
 from ..plots import save_figure
-from ..settings import config, group, setting
+from ..settings import config, setting
 
 DESCRIPTION = "Mixture-of-Gaussians clustering: MetaVAE over 10/20/50 mixtures vs a VAE, on 1000 unseen mixtures"
 PAPER = {"vae": 0.279, "metavae_10": 0.212, "metavae_20": 0.158, "metavae_50": 0.099}
@@ -35,10 +35,8 @@ class MogConfig:
     test_mixtures: int = 1000
     test_points: int = 200  # points clustered per unseen mixture
     # |D| 64 points of the same mixture, 64 queries per mixture and step
-    train: TrainConfig = group(TrainConfig(context_size=64, batch_size=64, epochs=5, steps_per_epoch=300, lr=2e-3,
-                                           grad_clip=10.0),
-                               "context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip",
-                               nonzero=("context_size",))
+    train: TrainConfig = point_cloud_train(context_size=64, batch_size=64, epochs=5,
+                                           steps_per_epoch=300, lr=2e-3, grad_clip=10.0)
     hidden: tuple = (64, 64)
     summary: tuple = (64, 64, 64)
     center: bool = True  # translation-invariant inference (query and context minus the context mean)

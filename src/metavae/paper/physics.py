@@ -29,10 +29,10 @@ from .data import physics as P
 from ..data.meta import MetaDataset
 from .models.compiled import build_compiled_inference
 from .models.standardize import FixedStandardize, StandardizeOnContext
-from ..settings import config, group, setting
+from ..settings import config, setting
 from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
-from .common import config_dict, markdown_table, render_report, sci, train_shared, write_metrics, write_report
+from .common import config_dict, point_cloud_train, markdown_table, render_report, sci, train_shared, write_metrics, write_report
 from ..plots import save_figure
 from ..settings import config_from_dict
 
@@ -53,10 +53,8 @@ class PhysicsConfig:
     eval_pool: int = 1000  # separate observations per test simulator that evaluation contexts are drawn from
     eval_contexts: int = 20  # context sets per test simulator, each shared by test_samples / eval_contexts queries
     # |D| 256 observed times of the same simulator (no friction values), 64 queries per simulator and step
-    train: TrainConfig = group(TrainConfig(context_size=256, batch_size=64, epochs=8, steps_per_epoch=300, lr=1e-3,
-                                           grad_clip=10.0),
-                               "context_size", "batch_size", "epochs", "steps_per_epoch", "lr", "grad_clip",
-                               nonzero=("context_size",))
+    train: TrainConfig = point_cloud_train(context_size=256, batch_size=64, epochs=8,
+                                           steps_per_epoch=300, lr=1e-3, grad_clip=10.0)
     hidden: tuple = (64, 64)
     summary: tuple = (64, 64, 64)
     query: tuple = setting((), empty=True, help="optional MLP on the query features before the head")
