@@ -26,7 +26,8 @@ from torch import nn
 from ..distributions import Bernoulli, make_latent
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape
 from ..nets.mlp import BatchedLinear, check_bank_rows, mlp
-from .metavae import MetaVAE, apply_init, check_init, check_pooling, set_pool
+from .base import apply_init, check_init, check_pooling, set_pool
+from .metavae import MetaVAE
 
 
 class ConvHead(nn.Module):
@@ -128,3 +129,6 @@ def build_conv_metavae(
 def build_conv_vae(event_shape: Sequence[int], **kwargs) -> MetaVAE:
     """The conv VAE: no context, one shared conv decoder."""
     return build_conv_metavae(event_shape, n_decoders=1, use_context=False, **kwargs)
+
+
+build_conv_vae.forwards_to = build_conv_metavae  # its **kwargs' defaults, for `registry.builder_params`

@@ -17,7 +17,7 @@ from .data import mog
 from ..data.meta import MetaDataset
 from ..distributions import Gaussian
 from ..models import build_mlp_metavae
-from ..models.metavae import POOLINGS
+from ..models.base import POOLINGS
 from ..training import resolve_device, seed_everything
 from .base import Experiment
 from .common import config_dict, markdown_table, train_shared, write_metrics, write_report

@@ -41,7 +41,7 @@ from .data.norb import (AXES, BASE_GROUP, INFO_COLUMNS, N_GROUPS, NorbData, Norb
 from .data.norb_loader import load_norb
 from .data.transforms import data_fingerprint
 from ..io import atomic_write_text
-from ..models import MODEL_NAMES
+from ..models.registry import kind, model_names
 from .base import Experiment
 from .common import markdown_table, write_metrics, write_report
 from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
@@ -109,7 +109,7 @@ OPTIONS = {"model", "split", "data_dir"}
 def model_kwargs(model: str, cfg: NorbConfig) -> dict:
     """The `make_model` arguments of one conv model under ``cfg``."""
     kw = {"channels": tuple(cfg.channels), "hidden": cfg.hidden}
-    if model in ("ns", "vhe", "vhe-vampprior"):
+    if kind(model).takes("c_dim"):  # a context latent c (the NS, the VHE)
         kw["c_dim"] = cfg.c_dim
     if model == "vhe-vampprior":
         kw["n_components"] = cfg.n_components
@@ -189,8 +189,8 @@ def table1_groups(data: NorbData, cfg: NorbConfig) -> tuple[dict, dict, dict]:
 def make_run(axis: str):
     def run(cfg: NorbConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True,
             model: str = "metavae", split: str = "contiguous", data_dir=None) -> dict:
-        if model not in MODEL_NAMES:
-            raise ValueError(f"unknown model '{model}'; choose from {', '.join(MODEL_NAMES)}")
+        if model not in model_names():
+            raise ValueError(f"unknown model '{model}'; choose from {', '.join(model_names())}")
         split = resolve_split(split)
         seen, unseen = get_split(axis, split)
         out = Path(out)
@@ -345,7 +345,7 @@ def differences(m: dict) -> list[str]:
                    "cameras in every group, balanced over the categories.")
     if m["model"] == "vhe-vampprior":
         out.append(f"- VampPrior with {cfg['n_components']} components (paper 500, reference conv code 10).")
-    if cfg.get("context_pool") and m["model"] in ("metavae", "vhe", "vhe-vampprior"):
+    if cfg.get("context_pool") and kind(m["model"]).uses_context:
         out.append(f"- Training contexts drawn from a shared pool of {cfg['context_pool']} images per group and step "
                    "(each query's 10 context images are still a uniform draw; a speed option).")
     out += [

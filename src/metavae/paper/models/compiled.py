@@ -19,7 +19,8 @@ from torch import nn
 from ...distributions import GaussianLatent, gaussian_log_prob
 from ...nets.mlp import mlp
 from ...nets.sets import MeanPool
-from ...models.metavae import LossOutput, MetaVAE
+from ...models.base import LossOutput
+from ...models.metavae import MetaVAE
 from ...models.parts import build_part, part_name
 
 class CompiledInference(MetaVAE):

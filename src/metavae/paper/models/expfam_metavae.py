@@ -23,7 +23,8 @@ from ... import objectives
 from ...distributions import GaussianLatent
 from ...nets.mlp import mlp
 from ...nets.sets import MeanPool
-from ...models.metavae import LossOutput, MetaVAE
+from ...models.base import LossOutput
+from ...models.metavae import MetaVAE
 
 # Fisher information of one draw about the latent: 1 / 0.1 for the Gaussian mean and the log-normal
 # log-space mean, 1 for the exponential log-rate. Weighting a distribution's ELBO by its inverse
