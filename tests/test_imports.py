@@ -85,7 +85,7 @@ def test_a_paper_kind_loads_through_its_entry_point(tmp_path):
     from metavae.paper.models.standardize import StandardizeOnContext
     from metavae.models import save_model
 
-    save_model(build_compiled_inference(2, z_dim=1, hidden=(8,), summary=(8,), preprocess=StandardizeOnContext()),
+    save_model(build_compiled_inference(2, z_dim=1, hidden_widths=(8,), summary_widths=(8,), preprocess=StandardizeOnContext()),
                tmp_path / "m.pt")
     code = "from metavae.models import load; m = load('m.pt'); print(type(m.preprocess).__name__)"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)

@@ -19,7 +19,7 @@ def small(kind: Kind, arch: str, **kw):
         if kind.takes("n_components"):
             kw.update(n_components=2, n_pseudo=2)
     else:
-        kw.update(z_dim=2, hidden=(8,) if arch == "mlp" else 8, summary=(8,))
+        kw.update(z_dim=2, summary_widths=(8,), **({"hidden_widths": (8,)} if arch == "mlp" else {"hidden": 8}))
     if arch == "conv":
         kw.update(channels=(4, 4, 4), groups=2)
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def test_make_model_refuses_an_architecture_the_kind_lacks():
 def build_toy(event_shape, n_decoders: int = 1, z_dim: int = 2, likelihood=None, wide: bool = False):
     """A new kind's builder: a MetaVAE under a config kind of its own."""
     model = build_mlp_metavae(event_shape, n_decoders, z_dim=z_dim, likelihood=likelihood,
-                              hidden=(16 if wide else 8,), summary=(8,))
+                              hidden_widths=(16 if wide else 8,), summary_widths=(8,))
     model.config = dict(kind="toy", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim,
                         likelihood=model.likelihood.name, likelihood_variance=None, wide=wide)
     return model
@@ -106,3 +106,25 @@ def test_a_file_only_kind_is_not_a_model_name(restore_registry):
     assert "filed" not in registry.model_names() and registry.known_kind("filed") == "filed"
     with pytest.raises(ValueError, match="unknown model 'filed'"):
         make_model("filed", "mlp", (3,))
+
+
+@pytest.mark.parametrize("config_kind", ["mlp_metavae", "conv_metavae"])
+def test_files_written_before_the_width_renames_load(tmp_path, config_kind):
+    """The MetaVAE builders' ``hidden`` / ``summary`` / ``decoder_hidden`` (layer widths) are now
+    ``hidden_widths`` / ``summary_widths`` / ``decoder_widths``: a file with the old names loads to
+    the same model, and an old checkpoint's config still matches today's (resume)."""
+    arch = "mlp" if config_kind == "mlp_metavae" else "conv"
+    model = small(registry.kind("metavae"), arch)
+    old = dict(model.config)
+    for new_name, old_name in (("hidden_widths", "hidden"), ("summary_widths", "summary"), ("decoder_widths", "decoder_hidden")):
+        if new_name in old:
+            old[old_name] = old.pop(new_name)
+    assert "summary" in old and "summary_widths" not in old
+    torch.save({"format": "metavae-model", "format_version": 1, "config": old,
+                "state_dict": model.state_dict(), "extra": {}}, tmp_path / "old.pt")
+    back = load(tmp_path / "old.pt")
+    assert back.config == model.config
+    x = torch.rand(3, *SMALL[arch])
+    ctx = torch.rand(5, *SMALL[arch])
+    torch.testing.assert_close(back.embed(x, ctx), model.embed(x, ctx))
+    assert registry.complete_config(old) == registry.complete_config(model.config)

@@ -112,9 +112,9 @@ def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: 
             kw.update(hidden=cfg.hidden_widths[0], decoder_hidden=cfg.hidden_widths[-1])
     else:
         if arch != "conv":
-            kw.update(hidden=cfg.hidden_widths)
+            kw.update(hidden_widths=cfg.hidden_widths)
         if kind.uses_context:
-            kw.update(summary=cfg.summary_widths)
+            kw.update(summary_widths=cfg.summary_widths)
     return make_model(model_name, arch, event_shape, n, **kw)
 
 

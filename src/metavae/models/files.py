@@ -15,7 +15,7 @@ import torch
 
 from .._version import __version__
 from ..io import atomic_save, safe_load
-from .registry import ALLOWED_PARTS, KINDS, PART_FIELDS, build_model, builder_params, known_kind
+from .registry import ALLOWED_PARTS, KINDS, PART_FIELDS, build_model, builder_params, current_names, known_kind
 
 FORMAT = "metavae-model"
 FORMAT_VERSION = 1
@@ -88,6 +88,7 @@ def check_config(config, source) -> dict:
     kind = known_kind(config.get("kind"))
     if kind is None:
         raise ValueError(f"{source}: unknown model kind {config.get('kind')!r}; known: {', '.join(sorted(KINDS))}")
+    config = current_names(config)  # arguments renamed since the file was written
     params = builder_params(KINDS[kind])
     extra_keys = {"kind", "likelihood_variance"} if "likelihood" in params else {"kind"}
     unknown = sorted(str(k) for k in config if k not in params and k not in extra_keys)

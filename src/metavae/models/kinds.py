@@ -12,11 +12,14 @@ from .registry import Kind, register
 from .vhe import build_vhe
 
 METAVAE_FILES = {"mlp_metavae": build_mlp_metavae, "conv_metavae": build_conv_metavae}
+# the MetaVAE builders' layer widths were once `hidden`, `summary`, `decoder_hidden` (`hidden` is one width)
+METAVAE_RENAMED = {"mlp_metavae": {"hidden": "hidden_widths", "summary": "summary_widths", "decoder_hidden": "decoder_widths"},
+                   "conv_metavae": {"summary": "summary_widths"}}
 HIERARCHICAL = dict(pooling=True, samples_unseen=True)  # a context latent c, one shared decoder
 
 register(Kind("metavae", "the MetaVAE: q(z | D, x), one decoder per training distribution",
               builders={"mlp": build_mlp_metavae, "conv": build_conv_metavae}, files=METAVAE_FILES,
-              uses_context=True, decoder_bank=True, pooling=True))
+              renamed=METAVAE_RENAMED, uses_context=True, decoder_bank=True, pooling=True))
 register(Kind("ns", "the Neural Statistician: a context latent c per set (the batch), one shared decoder",
               builders={a: partial(build_ns, arch=a) for a in ("mlp", "conv")}, files={"ns": build_ns},
               old_files={"statistician": "ns"}, **HIERARCHICAL))

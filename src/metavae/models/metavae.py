@@ -212,9 +212,9 @@ def build_mlp_metavae(
     z_dim: int = 40,
     latent: str = "gaussian",
     likelihood=None,
-    hidden: Sequence[int] = (400, 400),
-    summary: Sequence[int] | None = None,
-    decoder_hidden: Sequence[int] | None = None,
+    hidden_widths: Sequence[int] = (400, 400),
+    summary_widths: Sequence[int] | None = None,
+    decoder_widths: Sequence[int] | None = None,
     summary_act: str = "leaky_relu",
     act: str = "relu",
     use_context: bool = True,
@@ -227,8 +227,11 @@ def build_mlp_metavae(
     """The paper's MLP MetaVAE (docs/reproduction.md §2) by default, for any flat event.
 
     Defaults for 784-dim images reproduce the reference's layer sizes: summary 784-784-400-400
-    (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary`` lists the
-    summary net's layer sizes after the input (default ``(D, 400, 400)``). ``init``: see `apply_init`.
+    (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary_widths`` lists the
+    summary net's layer sizes after the input (default ``(D, 400, 400)``), ``hidden_widths`` the
+    inference head's and ``decoder_widths`` the decoders' (default: ``hidden_widths``). Earlier
+    versions called them ``summary``, ``hidden`` and ``decoder_hidden`` (files keep loading:
+    `models.kinds`). ``init``: see `apply_init`.
     ``decoder_scale``: decoder outputs in units of this constant (`ScaledBank`). ``pooling``: ``mean``
     (the paper's) or ``attention`` (a Set Transformer summary, `AttentionPool`).
     """
@@ -238,22 +241,22 @@ def build_mlp_metavae(
     likelihood = likelihood if likelihood is not None else Bernoulli()
     D = int(torch.Size(event_shape).numel())
     lat = make_latent(latent, z_dim)
-    summary_sizes = list(summary) if summary is not None else [D, 400, 400]
+    summary_sizes = list(summary_widths) if summary_widths is not None else [D, 400, 400]
     check_pooling(pooling)
     set_net = None
     if use_context:  # each element is flattened, so any event shape (e.g. 28x28 images) works
         element = nn.Sequential(nn.Flatten(), mlp([D, *summary_sizes], summary_act))
         set_net = set_pool(element, summary_sizes[-1], pooling, len(event_shape))
     s_dim = summary_sizes[-1] if use_context else 0
-    head = mlp([D + s_dim, *hidden, lat.n_params], act)
-    dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)
-    decoder = BatchedMLP(n_decoders, [z_dim, *dec_hidden, likelihood.n_params(D)], act)
+    head = mlp([D + s_dim, *hidden_widths, lat.n_params], act)
+    dec_widths = list(decoder_widths) if decoder_widths is not None else list(hidden_widths)
+    decoder = BatchedMLP(n_decoders, [z_dim, *dec_widths, likelihood.n_params(D)], act)
     if decoder_scale is not None:
         decoder = ScaledBank(decoder, decoder_scale)
     config = dict(
         kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
-        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=list(hidden),
-        summary=summary_sizes, decoder_hidden=dec_hidden, summary_act=summary_act, act=act, use_context=use_context,
+        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None),
+        hidden_widths=list(hidden_widths), summary_widths=summary_sizes, decoder_widths=dec_widths, summary_act=summary_act, act=act, use_context=use_context,
         center=center, init=init, decoder_scale=decoder_scale, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,

@@ -23,7 +23,8 @@ class Kind:
     """One model kind. ``description``: "title: one line", the title naming it in messages. ``builders``: {arch: builder(event_shape, **kw)} (empty for a kind built only by
     its own experiment); ``files``: {config kind: builder(**config)}, how a saved model of the kind
     is rebuilt (kinds that share a builder, as the MetaVAE and the VAE, list the same one);
-    ``old_files``: {config kind an earlier version wrote: today's}.
+    ``old_files``: {config kind an earlier version wrote: today's}; ``renamed``: {config kind: {builder
+    argument an earlier version wrote: today's name}}, so files saved before a rename keep loading.
 
     Capabilities (what callers check instead of names):
       * ``uses_context``: each query comes with a context set D that the model pools;
@@ -39,6 +40,7 @@ class Kind:
     builders: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
     old_files: dict = field(default_factory=dict)
+    renamed: dict = field(default_factory=dict)
     uses_context: bool = False
     decoder_bank: bool = False
     samples_unseen: bool = False
@@ -63,6 +65,7 @@ _KINDS: dict[str, Kind] = {}  # name -> record, in registration order
 KINDS: dict[str, Callable] = {}
 # config kinds written by earlier versions, read as today's: model files and checkpoints keep loading
 OLD_KINDS: dict[str, str] = {}
+RENAMED: dict[str, dict] = {}  # config kind -> {argument name an earlier version wrote: today's}
 
 # The parts a config may name (`parts.build_part`), and the class each name builds: only these are
 # ever built from a file. Packages add theirs with `register_part`.
@@ -75,13 +78,14 @@ def register(kind: Kind) -> Kind:
     every capability check. A config kind two records list must have one builder."""
     if kind.name in _KINDS:
         raise ValueError(f"model kind {kind.name!r} is already registered")
-    for table, new in ((KINDS, kind.files), (OLD_KINDS, kind.old_files)):
+    for table, new in ((KINDS, kind.files), (OLD_KINDS, kind.old_files), (RENAMED, kind.renamed)):
         clash = [k for k, v in new.items() if table.get(k, v) != v]
         if clash:
             raise ValueError(f"model kind {kind.name!r}: config kind(s) {', '.join(clash)} already mean another builder")
     _KINDS[kind.name] = kind
     KINDS.update(kind.files)
     OLD_KINDS.update(kind.old_files)
+    RENAMED.update(kind.renamed)
     return kind
 
 
@@ -138,6 +142,20 @@ def known_kind(config_kind) -> str | None:
     return config_kind if isinstance(config_kind, str) and config_kind in KINDS else None
 
 
+def current_names(config: dict) -> dict:
+    """``config`` with today's kind and argument names for the ones an earlier version wrote
+    (`Kind.old_files`, `Kind.renamed`); a config of an unknown kind is returned as it is."""
+    config = dict(config)
+    config_kind = known_kind(config.get("kind"))
+    if config_kind is None:
+        return config
+    config["kind"] = config_kind
+    for old, new in RENAMED.get(config_kind, {}).items():
+        if old in config and new not in config:
+            config[new] = config.pop(old)
+    return config
+
+
 def builder_params(builder) -> dict:
     """{argument: default (or inspect.Parameter.empty)} of ``builder`` and of what it forwards its
     ``**kwargs`` to (a builder names that in ``forwards_to``, as `build_vhe` does)."""
@@ -180,9 +198,9 @@ def make_model(name: str, arch: str = "mlp", event_shape=None, n_distributions: 
 
 def build_model(config: dict):
     """Rebuild a model from ``model.config`` (as saved in checkpoints and model files)."""
-    cfg = dict(config or {})
-    raw = cfg.pop("kind", None)
-    config_kind = known_kind(raw)
+    raw = (config or {}).get("kind")
+    cfg = current_names(config or {})
+    config_kind = known_kind(cfg.pop("kind", None))
     if config_kind is None:
         raise ValueError(f"unknown model kind {raw!r} in config; known: {', '.join(sorted(KINDS))}")
     if "likelihood" in cfg:
@@ -193,11 +211,10 @@ def build_model(config: dict):
 def complete_config(config: dict) -> dict:
     """``config`` with every builder argument it omits set to the builder's default: a config
     saved before an argument existed then compares equal to today's config of the same model."""
-    config = dict(config or {})
+    config = current_names(config or {})
     config_kind = known_kind(config.get("kind"))
     if config_kind is None:
         return config
-    config["kind"] = config_kind
     for name, default in builder_params(KINDS[config_kind]).items():
         if name not in config and default is not inspect.Parameter.empty:
             config[name] = list(default) if isinstance(default, tuple) else default
