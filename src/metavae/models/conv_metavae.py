@@ -91,8 +91,9 @@ def build_conv_metavae(
 ) -> MetaVAE:
     """The conv MetaVAE of docs/reproduction.md §3.4 (``use_context=False``: the conv VAE, one decoder).
 
-    ``summary_widths`` (earlier ``summary``) lists the summary MLP's sizes after the conv features (default (F, 400, 400) with
-    F = 4096); ``channels`` the conv trunk's three stage widths (default (64, 128, 256)).
+    ``summary_widths`` (earlier ``summary``) lists the summary MLP's sizes after the conv features
+    (default (F, 400, 400) with F = 4096); ``hidden`` is one width (fc_h, fc_c, the decoders' linear
+    layers); ``channels`` the conv trunk's three stage widths (default (64, 128, 256)).
     Parameters (K decoders): 1,921,536 encoder + 18,580,512 summary + 5,717,680 head
     + K * 3,900,065 -- docs/reproduction.md §12 exactly (K = 9: 61,320,313).
     ``init``: ``default`` (PyTorch's, as the reference) or ``xavier`` (the baselines'), see `apply_init`.
@@ -118,7 +119,8 @@ def build_conv_metavae(
     config = dict(
         kind="conv_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=hidden,
-        summary_widths=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups, use_context=use_context,
+        summary_widths=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups,
+        use_context=use_context,
         init=init, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config,

@@ -13,7 +13,8 @@ from .vhe import build_vhe
 
 METAVAE_FILES = {"mlp_metavae": build_mlp_metavae, "conv_metavae": build_conv_metavae}
 # the MetaVAE builders' layer widths were once `hidden`, `summary`, `decoder_hidden` (`hidden` is one width)
-METAVAE_RENAMED = {"mlp_metavae": {"hidden": "hidden_widths", "summary": "summary_widths", "decoder_hidden": "decoder_widths"},
+METAVAE_RENAMED = {"mlp_metavae": {"hidden": "hidden_widths", "summary": "summary_widths",
+                                   "decoder_hidden": "decoder_widths"},
                    "conv_metavae": {"summary": "summary_widths"}}
 HIERARCHICAL = dict(pooling=True, samples_unseen=True)  # a context latent c, one shared decoder
 

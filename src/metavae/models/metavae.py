@@ -256,7 +256,8 @@ def build_mlp_metavae(
     config = dict(
         kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None),
-        hidden_widths=list(hidden_widths), summary_widths=summary_sizes, decoder_widths=dec_widths, summary_act=summary_act, act=act, use_context=use_context,
+        hidden_widths=list(hidden_widths), summary_widths=summary_sizes, decoder_widths=dec_widths,
+        summary_act=summary_act, act=act, use_context=use_context,
         center=center, init=init, decoder_scale=decoder_scale, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,

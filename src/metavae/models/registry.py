@@ -20,7 +20,8 @@ from ..distributions import make_likelihood
 
 @dataclass(frozen=True)
 class Kind:
-    """One model kind. ``description``: "title: one line", the title naming it in messages. ``builders``: {arch: builder(event_shape, **kw)} (empty for a kind built only by
+    """One model kind. ``description``: "title: one line", the title naming it in messages.
+    ``builders``: {arch: builder(event_shape, **kw)} (empty for a kind built only by
     its own experiment); ``files``: {config kind: builder(**config)}, how a saved model of the kind
     is rebuilt (kinds that share a builder, as the MetaVAE and the VAE, list the same one);
     ``old_files``: {config kind an earlier version wrote: today's}; ``renamed``: {config kind: {builder
@@ -81,7 +82,8 @@ def register(kind: Kind) -> Kind:
     for table, new in ((KINDS, kind.files), (OLD_KINDS, kind.old_files), (RENAMED, kind.renamed)):
         clash = [k for k, v in new.items() if table.get(k, v) != v]
         if clash:
-            raise ValueError(f"model kind {kind.name!r}: config kind(s) {', '.join(clash)} already mean another builder")
+            raise ValueError(f"model kind {kind.name!r}: config kind(s) {', '.join(clash)} already mean "
+                             "another builder")
     _KINDS[kind.name] = kind
     KINDS.update(kind.files)
     OLD_KINDS.update(kind.old_files)

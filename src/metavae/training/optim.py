@@ -138,7 +138,8 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     return total
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float | None = None) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params,
+                   grad_clip: float | None = None) -> None:
     """One update of the training loop: the gradients of ``loss``, clipped to norm ``grad_clip`` when
     set, then the optimizer's step. The `Trainer` and decoder adaptation (`models.decoder_bank`) both
     step through here, so they cannot drift apart."""

@@ -8,7 +8,8 @@ from .expfam_metavae import build_expfam_metavae
 from .standardize import FixedStandardize, StandardizeOnContext
 
 register(Kind("expfam_metavae", "the exponential-family MetaVAE (the expfam experiment)",
-              files={"expfam_metavae": build_expfam_metavae}, renamed={"expfam_metavae": {"hidden": "hidden_widths"}}))
+              files={"expfam_metavae": build_expfam_metavae},
+              renamed={"expfam_metavae": {"hidden": "hidden_widths"}}))
 register(Kind("compiled_inference", "the compiled inference network (the physics experiment)",
               files={"compiled_inference": build_compiled_inference},
               renamed={"compiled_inference": {"hidden": "hidden_widths", "summary": "summary_widths"}}))

@@ -103,8 +103,8 @@ def build_compiled_inference(
 
     ``summary_widths=None`` gives plain compiled inference q(z | x) (no context); otherwise the set is
     summarised by mean pooling an MLP ``[event_dim, *summary_widths]``; ``hidden_widths``: the head's
-    layers (earlier ``summary`` and ``hidden``: files keep loading, `metavae.paper.models`). ``query`` optionally embeds the
-    query with its own MLP ``[event_dim, *query]`` before the head (default: raw features).
+    layers (earlier ``summary`` and ``hidden``: files keep loading, `metavae.paper.models`). ``query``
+    optionally embeds the query with its own MLP ``[event_dim, *query]`` before the head (default: raw features).
     ``preprocess``: a module, or its `part_name` (as a saved config holds it).
     """
     if isinstance(preprocess, str):
@@ -115,7 +115,8 @@ def build_compiled_inference(
     s_dim = summary_widths[-1] if summary_widths else 0
     head = mlp([q_dim + s_dim, *hidden_widths, 2 * z_dim], act)
     config = dict(kind="compiled_inference", event_dim=event_dim, z_dim=z_dim, hidden_widths=list(hidden_widths),
-                  summary_widths=list(summary_widths) if summary_widths else None, query=list(query) if query else None, act=act,
+                  summary_widths=list(summary_widths) if summary_widths else None,
+                  query=list(query) if query else None, act=act,
                   summary_act=summary_act, preprocess=part_name(preprocess))
     return CompiledInference((event_dim,), head, z_dim=z_dim, summary=set_net, query_encoder=q_net,
                              preprocess=preprocess, config=config)

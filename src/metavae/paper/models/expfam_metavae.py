@@ -218,7 +218,8 @@ def build_expfam_metavae(
     decoder = KnownLikelihoodDecoder(member_families, families)
     config = dict(kind="expfam_metavae", member_families=list(member_families), families=list(families),
                   vector_size=vector_size, draw_features=list(draw_features), meta_summary=list(meta_summary),
-                  hidden_widths=list(hidden_widths), use_context=use_context, per_coordinate=per_coordinate, balance=balance)
+                  hidden_widths=list(hidden_widths), use_context=use_context, per_coordinate=per_coordinate,
+                  balance=balance)
     weights = [1 / FISHER_PER_DRAW[f] for f in member_families] if balance else None
     return ExpFamMetaVAE((vector_size, 2), head, decoder, latent, ExpFamLikelihood(families, vector_size),
                          summary=summary, query_encoder=phi, config=config, weights=weights)
