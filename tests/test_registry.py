@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metavae.models import build_mlp_metavae, load, make_model, registry
-from metavae.models.registry import Kind, kinds, register
+from metavae.models.registry import Kind, model_kinds, register
 
 SMALL = {"mlp": (4,), "conv": (1, 16, 16)}
 
@@ -26,7 +26,7 @@ def small(kind: Kind, arch: str, **kw):
     return make_model(kind.name, arch, SMALL[arch], 3, **kw).eval()
 
 
-CASES = [(k.name, a) for k in kinds() for a in k.archs]
+CASES = [(k.name, a) for k in model_kinds() for a in k.archs]
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     from .models import registry  # --model's choices and help: the registered kinds
     registry.load_extensions()
     t.add_argument("--model", default="metavae", choices=registry.model_names(), metavar="KIND",
-                   help="; ".join(f"{k.name} ({k.description})" for k in registry.kinds()))
+                   help="; ".join(f"{k.name} ({k.description})" for k in registry.model_kinds()))
     t.add_argument("--pooling", default="mean", choices=("mean", "attention"),
                    help="how the MetaVAE, NS or VHE pools a context set: mean (the paper's) or attention (a Set Transformer)")
     t.add_argument("--summary", dest="pooling", choices=("mean", "attention"), help=argparse.SUPPRESS)  # old name

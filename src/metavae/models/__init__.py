@@ -16,7 +16,7 @@ from .files import load, save_model
 from .hierarchical import HierarchicalVAE
 from .metavae import MetaVAE, build_mlp_metavae, build_vae
 from .ns import NeuralStatistician, build_ns
-from .registry import KINDS, Kind, archs, build_model, kind, make_model, model_names, register
+from .registry import KINDS, Kind, archs, build_model, kind, make_model, model_kinds, model_names, register
 from .vhe import VariationalHomoencoder, build_vhe
 
 MODEL_NAMES = model_names()  # the library's kinds; with other packages' too: model_names()
@@ -25,5 +25,5 @@ ARCHS = archs()
 __all__ = [
     "LossOutput", "MetaVAE", "HierarchicalVAE", "VariationalHomoencoder", "NeuralStatistician", "build_mlp_metavae",
     "build_vae", "build_conv_metavae", "build_conv_vae", "build_vhe", "build_ns", "build_model", "make_model",
-    "load", "save_model", "KINDS", "MODEL_NAMES", "ARCHS", "Kind", "kind", "model_names", "register",
+    "load", "save_model", "KINDS", "MODEL_NAMES", "ARCHS", "Kind", "kind", "model_kinds", "model_names", "register",
 ]

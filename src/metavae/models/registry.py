@@ -113,19 +113,19 @@ def load_extensions() -> None:
 _EXTENSIONS_LOADED = False
 
 
-def kinds() -> tuple:
+def model_kinds() -> tuple:
     """Every registered `Kind` that `make_model` builds (the ones with builders), in registration order."""
     return tuple(k for k in _KINDS.values() if k.builders)
 
 
 def model_names() -> tuple:
     """The names `make_model` and ``metavae train --model`` take."""
-    return tuple(k.name for k in kinds())
+    return tuple(k.name for k in model_kinds())
 
 
 def archs() -> tuple:
     """Every architecture some kind is built in."""
-    return tuple(dict.fromkeys(a for k in kinds() for a in k.archs))
+    return tuple(dict.fromkeys(a for k in model_kinds() for a in k.archs))
 
 
 def kind(name: str) -> Kind:

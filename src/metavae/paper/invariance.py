@@ -21,7 +21,7 @@ import torch
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
 from ..models.registry import kind as model_kind
-from ..models.registry import kinds as model_kinds
+from ..models.registry import model_kinds
 from ..models.base import INITS, POOLINGS
 from ..probes import STANDARDISED_CS, standardised_probes
 from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
