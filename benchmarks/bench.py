@@ -281,8 +281,8 @@ KSWEEP_EVENT, KSWEEP_B, KSWEEP_N, KSWEEP_SUBSET, KSWEEP_POINTS = 64, 32, 10, 10,
 def ksweep_model(K):
     from metavae import Gaussian
 
-    return build_mlp_metavae((KSWEEP_EVENT,), K, z_dim=16, hidden=(128,), summary=(128, 128),
-                             decoder_hidden=(128, 128), likelihood=Gaussian(1.0))
+    return build_mlp_metavae((KSWEEP_EVENT,), K, z_dim=16, hidden_widths=(128,), summary_widths=(128, 128),
+                             decoder_widths=(128, 128), likelihood=Gaussian(1.0))
 
 
 def worker_ksweep(K: int, subset: int | None, steps: int) -> dict:

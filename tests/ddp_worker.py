@@ -16,8 +16,8 @@ g = torch.Generator().manual_seed(0)
 dists = [torch.randn(200, 3, generator=g) * 0.5 + k for k in range(4)]
 data = MetaDataset(dists, seed=0)
 seed_everything(0)
-model = build_mlp_metavae((3,), 4, z_dim=3, latent="categorical", likelihood=Gaussian(0.3), hidden=(16,),
-                          summary=(16, 16))
+model = build_mlp_metavae((3,), 4, z_dim=3, latent="categorical", likelihood=Gaussian(0.3), hidden_widths=(16,),
+                          summary_widths=(16, 16))
 cfg = TrainConfig(epochs=epochs, batch_size=8, context_size=5, lr=3e-3, steps_per_epoch=10, seed=1,
                   distributions_per_step=subset, grad_clip=10.0 if subset else None)
 hist = Trainer(model, data, cfg, out_dir=out / "ckpt", progress=False).fit()

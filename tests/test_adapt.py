@@ -12,7 +12,7 @@ from metavae.models import build_mlp_metavae
 
 def _model(n_decoders=3, z_dim=2):
     torch.manual_seed(0)
-    return build_mlp_metavae((2,), n_decoders, z_dim=z_dim, hidden=(16,), summary=(16,), likelihood=Gaussian(0.1))
+    return build_mlp_metavae((2,), n_decoders, z_dim=z_dim, hidden_widths=(16,), summary_widths=(16,), likelihood=Gaussian(0.1))
 
 
 def _unseen(n=300, seed=1):
@@ -71,7 +71,7 @@ def test_bad_adapt_and_log_prob_calls_say_what_is_wrong():
     with pytest.raises(ValueError, match="context must be one set"):
         model.log_prob(_unseen(4), None)
     with pytest.raises(ValueError, match="has no context"):
-        metavae.build_vae((2,), z_dim=2, hidden=(8,)).adapt(_unseen())
+        metavae.build_vae((2,), z_dim=2, hidden_widths=(8,)).adapt(_unseen())
 
 
 def test_adapt_command_names_the_new_decoder_and_refuses_what_it_cannot(tmp_path, capsys):

@@ -38,8 +38,8 @@ def n_params(model) -> int:
 def small(name: str, arch: str) -> dict:
     """Small widths for fast tests (the layer *structure* is the paper's)."""
     if name in ("metavae", "vae", "metavae-nocontext"):
-        kw = dict(z_dim=8, hidden=(32, 32), summary=(32, 32)) if arch == "mlp" else dict(z_dim=8, hidden=32,
-                                                                                         summary=(32, 32))
+        kw = dict(z_dim=8, hidden_widths=(32, 32), summary_widths=(32, 32)) if arch == "mlp" else dict(z_dim=8, hidden=32,
+                                                                                         summary_widths=(32, 32))
     else:
         kw = dict(c_dim=12, z_dim=8, hidden=32)
         if arch == "mlp":

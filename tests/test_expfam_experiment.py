@@ -67,7 +67,7 @@ def test_decoder_bank_picks_each_distributions_family():
 def test_metavae_elbo_with_known_decoders_is_finite_and_shaped():
     torch.manual_seed(0)
     model = build_expfam_metavae(["gaussian", "lognormal", "exponential"], draw_features=(8,), meta_summary=(8,),
-                                 hidden=(8,))
+                                 hidden_widths=(8,))
     data = MetaDataset([E.make_random_vectors(E.FAMILIES[f].sample(torch.tensor([[0.5, 1.0]]), 200, gen(1)))[0]
                         for f in FAMS], seed=0)
     batch = data.sample(4, 3, shared_context=True)
@@ -80,7 +80,7 @@ def test_metavae_elbo_with_known_decoders_is_finite_and_shaped():
 def test_balanced_loss_is_the_fisher_weighted_mean_of_the_elbos(per_coordinate):
     torch.manual_seed(1)
     members = ["gaussian", "exponential"]
-    model = build_expfam_metavae(members, draw_features=(8,), meta_summary=(8,), hidden=(8,), balance=True,
+    model = build_expfam_metavae(members, draw_features=(8,), meta_summary=(8,), hidden_widths=(8,), balance=True,
                                  per_coordinate=per_coordinate)
     data = MetaDataset([E.make_random_vectors(E.FAMILIES[f].sample(torch.tensor([[0.5, 1.0]]), 200, gen(4)))[0]
                         for f in members], seed=0)
@@ -124,7 +124,7 @@ def test_short_training_learns_the_gaussian_mean():
     train, val = X._family_data("gaussian", params, cfg, g)
     seed_everything(0)
     model = build_expfam_metavae(["gaussian"] * 8, draw_features=cfg.draw_features, meta_summary=cfg.meta_summary,
-                                 hidden=cfg.hidden)
+                                 hidden_widths=cfg.hidden)
     tc = TrainConfig(epochs=1, batch_size=16, context_size=5, lr=3e-3, steps_per_epoch=200, shared_context=True,
                      grad_clip=10.0, seed=0)
     Trainer(model, X._dataset(train, val, None), tc, progress=False).fit()

@@ -29,7 +29,7 @@ def _data(k=2):
 
 
 def _model(k=2):
-    return build_mlp_metavae((2,), n_decoders=k, z_dim=2, likelihood=Gaussian(1.0), hidden=(8,), summary=(8,))
+    return build_mlp_metavae((2,), n_decoders=k, z_dim=2, likelihood=Gaussian(1.0), hidden_widths=(8,), summary_widths=(8,))
 
 
 def _cfg(epochs=1):

@@ -82,7 +82,7 @@ def _family(path: Path, k=3, n=60, d=4, seed=0, dtype="float32") -> Path:
 
 def _metavae(path: Path, k=3, d=4, **extra) -> Path:
     torch.manual_seed(0)
-    model = build_mlp_metavae((d,), k, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_mlp_metavae((d,), k, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     model.save(path, distributions=[f"d{i}" for i in range(k)], **extra)
     return path
 
@@ -95,7 +95,7 @@ HOSTILE_PARTS = ["metavae.io:cache_clear", "metavae.cli:main", "metavae.paper.mn
 
 @pytest.mark.parametrize("part", HOSTILE_PARTS)
 def test_a_model_file_naming_code_is_refused_before_it_runs(part, guarded, capsys):
-    model = build_compiled_inference(4, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_compiled_inference(4, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     model.save(guarded / "model.pt")
     ck = torch.load(guarded / "model.pt", weights_only=True)
     ck["config"]["preprocess"] = part
@@ -111,7 +111,7 @@ def test_allowed_parts_still_round_trip(tmp_path):
     from metavae.paper.models.standardize import FixedStandardize
     from metavae.models.registry import ALLOWED_PARTS
 
-    model = build_compiled_inference(2, z_dim=1, hidden=(8,), summary=None, preprocess=FixedStandardize(3.0, 2.0))
+    model = build_compiled_inference(2, z_dim=1, hidden_widths=(8,), summary_widths=None, preprocess=FixedStandardize(3.0, 2.0))
     assert model.config["preprocess"] in ALLOWED_PARTS  # the table names the physics parts, nothing else
     model.save(tmp_path / "m.pt")
     back = load(tmp_path / "m.pt")
@@ -265,7 +265,7 @@ def test_a_resume_on_other_data_or_settings_is_refused_naming_the_difference(cha
 def _fit(out, epochs):
     g = torch.Generator().manual_seed(0)
     data = MetaDataset([torch.randn(60, 2, generator=g) + i for i in range(2)])
-    model = build_mlp_metavae((2,), 2, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_mlp_metavae((2,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     trainer = Trainer(model, data, TrainConfig(epochs=epochs, batch_size=8, context_size=4, steps_per_epoch=3),
                       out_dir=out, progress=False)
     trainer.fit()
@@ -315,7 +315,7 @@ def test_every_real_dtype_is_converted_and_trains(dtype, layout, tmp_path):
         fam = read_family(tmp_path / "f")
     assert all(p.dtype in (np.float32, np.float64, np.uint8) and p.dtype.isnative for p in fam.points)
     data = MetaDataset([torch.as_tensor(np.asarray(p)) for p in fam.points], val_fraction=0.0, test_fraction=0.0)
-    model = build_mlp_metavae((3,), 2, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_mlp_metavae((3,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     loss = model.loss(data.sample(4, 3))["loss"]
     assert torch.isfinite(loss) and loss.dtype == torch.float32
 
@@ -602,7 +602,7 @@ def test_tensors_that_require_grad_train_as_constants(tmp_path):
     g = torch.Generator().manual_seed(0)
     dists = [(torch.randn(60, 2, generator=g) + i).requires_grad_() for i in range(2)]
     data = MetaDataset(dists)
-    model = build_mlp_metavae((2,), 2, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_mlp_metavae((2,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     Trainer(model, data, TrainConfig(epochs=1, batch_size=8, context_size=4, steps_per_epoch=3), progress=False).fit()
     assert dists[0].grad is None
 
@@ -622,7 +622,7 @@ def test_moving_data_to_a_device_the_machine_lacks_is_a_value_error(device):
 
 @pytest.mark.parametrize("kwargs", [dict(dist=True), dict(dist=1.0), dict(dist="0"), dict(n=3.5), dict(n=True)])
 def test_sample_with_a_non_integer_is_a_type_error(kwargs):
-    model = build_mlp_metavae((2,), 2, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_mlp_metavae((2,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     kwargs = {"n": 3, **kwargs}
     with pytest.raises(TypeError, match="integer"):
         model.sample(kwargs.pop("n"), **kwargs)

@@ -113,8 +113,8 @@ def test_refinement_raises_the_elbo_gaussian_and_categorical():
 
 def test_refined_encode_raises_the_models_own_elbo_and_leaves_its_weights_alone():
     torch.manual_seed(0)
-    model = build_mlp_metavae((2,), 2, z_dim=2, latent="categorical", likelihood=Gaussian(0.1), hidden=(8,),
-                              summary=(8,))
+    model = build_mlp_metavae((2,), 2, z_dim=2, latent="categorical", likelihood=Gaussian(0.1), hidden_widths=(8,),
+                              summary_widths=(8,))
     x, ctx, dist = torch.randn(2, 5, 2), torch.randn(2, 1, 7, 2), torch.arange(2)
     params = refined_encode(model, x, ctx, dist, steps=30, lr=0.5)
     refined = elbo_of(model.latent, params, lambda z: decoder_log_lik(model, x, z, dist))
@@ -187,7 +187,7 @@ def test_iw_of_equals_the_model_bound_and_tightens_the_elbo():
     from metavae.objectives import iw_log_likelihood, iw_of
 
     torch.manual_seed(0)
-    model = build_mlp_metavae((3,), 2, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0)).double()
+    model = build_mlp_metavae((3,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0)).double()
     x, ctx = torch.randn(2, 5, 3).double(), torch.randn(2, 5, 4, 3).double()
     torch.manual_seed(1)
     a = iw_log_likelihood(model, x, ctx, k=7)

@@ -8,7 +8,7 @@ from metavae.models import make_model
 
 def _fake_runs(root):
     torch.manual_seed(0)
-    small = {"metavae": dict(z_dim=4, hidden=(32,), summary=(32,)),
+    small = {"metavae": dict(z_dim=4, hidden_widths=(32,), summary_widths=(32,)),
              "vhe": dict(c_dim=4, z_dim=4, hidden=16, decoder_hidden=32)}
     for name, kw in small.items():
         model = make_model(name, "mlp", (28, 28), n_distributions=2, **kw)

@@ -12,7 +12,7 @@ def test_reference_parameter_count_k9():
 
 def test_embed_is_posterior_mean_and_accepts_shared_or_per_query_context():
     torch.manual_seed(0)
-    m = build_mlp_metavae((5,), 3, z_dim=4, hidden=(8,), summary=(8, 8))
+    m = build_mlp_metavae((5,), 3, z_dim=4, hidden_widths=(8,), summary_widths=(8, 8))
     x, D = torch.randn(6, 5), torch.randn(10, 5)
     shared = m.embed(x, D)
     per_query = m.embed(x, D.expand(6, 10, 5))
@@ -24,7 +24,7 @@ def test_embed_is_posterior_mean_and_accepts_shared_or_per_query_context():
 
 def test_decoders_are_batched_and_pick_by_distribution_index():
     torch.manual_seed(0)
-    m = build_mlp_metavae((5,), 3, z_dim=4, hidden=(8,), summary=(8, 8))
+    m = build_mlp_metavae((5,), 3, z_dim=4, hidden_widths=(8,), summary_widths=(8, 8))
     z = torch.randn(3, 7, 4)
     all_at_once = m.decode(z, torch.arange(3))
     for k in range(3):
@@ -33,14 +33,14 @@ def test_decoders_are_batched_and_pick_by_distribution_index():
 
 
 def test_vae_uses_no_context_and_one_shared_decoder():
-    m = build_vae((5,), z_dim=3, hidden=(8,))
+    m = build_vae((5,), z_dim=3, hidden_widths=(8,))
     assert not m.uses_context and m.n_decoders == 1
     out = m.decode(torch.randn(4, 2, 3), torch.arange(4))  # broadcast to 4 distributions
     assert out.shape == (4, 2, 5)
 
 
 def test_build_model_round_trips_config():
-    m = build_mlp_metavae((5,), 2, z_dim=3, hidden=(8,), summary=(8, 8), center=True)
+    m = build_mlp_metavae((5,), 2, z_dim=3, hidden_widths=(8,), summary_widths=(8, 8), center=True)
     m2 = build_model(m.config)
     m2.load_state_dict(m.state_dict())
     x, D = torch.randn(3, 5), torch.randn(4, 5)
@@ -58,13 +58,13 @@ def test_build_model_round_trips_config():
     ],
 )
 def test_bad_shapes_fail_clearly(x, ctx, match):
-    m = build_mlp_metavae((5,), 2, z_dim=3, hidden=(8,), summary=(8, 8))
+    m = build_mlp_metavae((5,), 2, z_dim=3, hidden_widths=(8,), summary_widths=(8, 8))
     with pytest.raises(ValueError, match=match):
         m.embed(x, ctx)
 
 
 def test_too_few_decoders_fail_clearly():
-    m = build_mlp_metavae((5,), 2, z_dim=3, hidden=(8,), summary=(8, 8))
+    m = build_mlp_metavae((5,), 2, z_dim=3, hidden_widths=(8,), summary_widths=(8, 8))
     with pytest.raises(ValueError, match="3 distributions but the model has 2 decoders"):
         m.decode(torch.randn(3, 2, 3))
     with pytest.raises(ValueError, match="has no decoder"):
@@ -82,7 +82,7 @@ def test_pooled_context_gives_the_same_posterior_as_explicit_sets():
     from metavae import MetaDataset
 
     torch.manual_seed(0)
-    m = build_mlp_metavae((5,), 2, z_dim=3, hidden=(8,), summary=(8, 8))
+    m = build_mlp_metavae((5,), 2, z_dim=3, hidden_widths=(8,), summary_widths=(8, 8))
     ds = MetaDataset([torch.randn(100, 5), torch.randn(100, 5)], val_fraction=0, test_fraction=0)
     b = ds.sample(7, 4, generator=torch.Generator().manual_seed(1), context_pool=16)
     assert torch.allclose(m.encode(b.x, b.context), m.encode(b.x, b.context.materialize()), atol=1e-5)

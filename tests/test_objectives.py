@@ -11,8 +11,8 @@ from metavae.distributions import LOGVAR_BOUND
 
 def _tiny_categorical_model():
     """1-D x, z in {0,1}; q(z|x) logits = [0, x]; decoder k has means (mu_k0, mu_k1), variance 0.5."""
-    m = build_mlp_metavae((1,), 2, z_dim=2, latent="categorical", likelihood=Gaussian(0.5), hidden=(),
-                          decoder_hidden=(), use_context=False)
+    m = build_mlp_metavae((1,), 2, z_dim=2, latent="categorical", likelihood=Gaussian(0.5), hidden_widths=(),
+                          decoder_widths=(), use_context=False)
     with torch.no_grad():
         m.head[0].weight.copy_(torch.tensor([[0.0], [1.0]]))
         m.head[0].bias.zero_()
@@ -53,8 +53,8 @@ def test_meta_elbo_weighs_distributions_equally():
 
 def test_exact_enumeration_equals_brute_force():
     torch.manual_seed(0)
-    m = build_mlp_metavae((3,), 2, z_dim=4, latent="categorical", likelihood=Gaussian(0.3), hidden=(8,),
-                          summary=(8, 8), decoder_hidden=(5,))
+    m = build_mlp_metavae((3,), 2, z_dim=4, latent="categorical", likelihood=Gaussian(0.3), hidden_widths=(8,),
+                          summary_widths=(8, 8), decoder_widths=(5,))
     x, ctx = torch.randn(2, 5, 3), torch.randn(2, 5, 6, 3)
     got = elbo(m, x, ctx, torch.arange(2))
     exact_lpx = iw_log_likelihood(m, x, ctx, torch.arange(2))
@@ -74,8 +74,8 @@ def test_exact_enumeration_equals_brute_force():
 
 def test_importance_weighted_bound_is_above_elbo_and_tightens():
     torch.manual_seed(0)
-    m = build_mlp_metavae((6,), 1, z_dim=3, likelihood=Gaussian(0.2), hidden=(16,), summary=(16, 16),
-                          decoder_hidden=(16,))
+    m = build_mlp_metavae((6,), 1, z_dim=3, likelihood=Gaussian(0.2), hidden_widths=(16,), summary_widths=(16, 16),
+                          decoder_widths=(16,))
     x, ctx = torch.randn(1, 400, 6), torch.randn(1, 400, 5, 6)
     with torch.no_grad():
         e = elbo(m, x, ctx, n_samples=200).mean()
@@ -117,7 +117,7 @@ def test_learned_variance_gaussian():
 
 def test_free_bits_floor_the_kl_per_dimension_and_only_in_training():
     torch.manual_seed(0)
-    model = build_mlp_metavae((3,), 2, z_dim=4, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0), free_bits=5.0)
+    model = build_mlp_metavae((3,), 2, z_dim=4, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0), free_bits=5.0)
     x, ctx = torch.randn(2, 6, 3), torch.randn(2, 6, 4, 3)
     batch = Batch(x, ctx, None, torch.arange(2))
     params = model.encode(x, ctx)

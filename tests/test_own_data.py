@@ -99,7 +99,7 @@ def _data():
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
-    model = build_mlp_metavae((2,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0))
+    model = build_mlp_metavae((2,), 3, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0))
     cfg = TrainConfig(epochs=30, batch_size=8, context_size=4, steps_per_epoch=2, patience=2)
     trainer = Trainer(model, _data(), cfg, out_dir=tmp_path, progress=False)
     losses = iter([5.0, 4.0, 4.5, 3.0, 3.5, 3.2, 9.0, 9.0])  # best at epoch 4, then two epochs worse
@@ -110,7 +110,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
 
 
 def test_tensorboard_receives_the_losses(tmp_path):
-    model = build_mlp_metavae((2,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0))
+    model = build_mlp_metavae((2,), 3, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0))
     cfg = TrainConfig(epochs=2, batch_size=8, context_size=4, steps_per_epoch=2, tensorboard=str(tmp_path / "tb"))
     Trainer(model, _data(), cfg, progress=False).fit()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -151,7 +151,7 @@ def test_attention_pooling_is_permutation_invariant_masks_padding_and_round_trip
     torch.testing.assert_close(pool(padded, mask), pool(sets), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(pool(padded), pool(sets), atol=1e-3)  # without the mask the junk counts
 
-    model = build_mlp_metavae((2,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0),
+    model = build_mlp_metavae((2,), 3, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0),
                               pooling="attention")
     Trainer(model, _data(), TrainConfig(epochs=1, batch_size=8, context_size=4, steps_per_epoch=2),
             progress=False).fit()
@@ -165,7 +165,7 @@ def test_attention_pool_on_a_context_pool_equals_the_materialised_sets():
     from metavae.data.meta import PooledContext
 
     torch.manual_seed(0)
-    model = build_mlp_metavae((5,), 2, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0),
+    model = build_mlp_metavae((5,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0),
                               pooling="attention")
     pool, x = torch.randn(2, 9, 5), torch.randn(2, 4, 5)
     index = torch.stack([torch.stack([torch.randperm(9)[:3] for _ in range(4)]) for _ in range(2)])

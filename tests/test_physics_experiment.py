@@ -23,7 +23,7 @@ def gen(seed=0):
 # ----------------------------------------------------------------------------- the model
 def test_nll_is_gaussian_negative_log_density():
     torch.manual_seed(0)
-    model = build_compiled_inference(2, z_dim=1, hidden=(8,), summary=(8,))
+    model = build_compiled_inference(2, z_dim=1, hidden_widths=(8,), summary_widths=(8,))
     x, ctx = torch.randn(3, 5, 2), torch.randn(3, 1, 7, 2)
     params = model.encode(x, ctx)
     assert params.shape == (3, 5, 2)
@@ -37,7 +37,7 @@ def test_nll_is_gaussian_negative_log_density():
 
 
 def test_loss_needs_labels_and_no_decoder():
-    model = build_compiled_inference(2, hidden=(8,), summary=None)
+    model = build_compiled_inference(2, hidden_widths=(8,), summary_widths=None)
     assert not model.uses_context
     data = MetaDataset([torch.randn(20, 2)], labels=[torch.rand(20, 1)], seed=0)
     out = model.loss(data.sample(4, 0))

@@ -28,7 +28,7 @@ def test_seen_beyond_the_split_is_refused():
 
 
 def test_nocontext_metavae_has_k_decoders_and_no_summary():
-    m = make_model("metavae-nocontext", event_shape=(4,), n_distributions=3, z_dim=2, hidden=(8,))
+    m = make_model("metavae-nocontext", event_shape=(4,), n_distributions=3, z_dim=2, hidden_widths=(8,))
     assert m.n_decoders == 3 and not m.uses_context
     assert m.embed(torch.rand(5, 4)).shape == (5, 2)  # q(z | x): no context needed
 

@@ -26,9 +26,9 @@ def _physics_models():
 
 
 CASES = {
-    "mlp_metavae": lambda: build_mlp_metavae((6,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(None)),
-    "mlp_metavae_xavier": lambda: build_mlp_metavae((6,), 2, z_dim=2, hidden=(8,), summary=(8,), init="xavier"),
-    "vae": lambda: metavae.build_vae((6,), z_dim=2, hidden=(8,)),
+    "mlp_metavae": lambda: build_mlp_metavae((6,), 3, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(None)),
+    "mlp_metavae_xavier": lambda: build_mlp_metavae((6,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,), init="xavier"),
+    "vae": lambda: metavae.build_vae((6,), z_dim=2, hidden_widths=(8,)),
     "mog": _mog_model,
     "conv_metavae": lambda: build_conv_metavae((28, 28), 2, z_dim=3, hidden=8, channels=(2, 4, 4), res_layers=1,
                                                groups=1),
@@ -39,10 +39,10 @@ CASES = {
                                           groups=1),
     "ns": lambda: build_ns((6,), c_dim=3, z_dim=2, hidden=8, decoder_hidden=8),
     "expfam": lambda: build_expfam_metavae(["gaussian", "exponential"], draw_features=(4,), meta_summary=(4,),
-                                           hidden=(8,)),
+                                           hidden_widths=(8,)),
     "physics_metavae": lambda: _physics_models()[0],
     "physics_vae": lambda: _physics_models()[1],
-    "compiled_plain": lambda: build_compiled_inference(2, summary=(8,), hidden=(8,)),
+    "compiled_plain": lambda: build_compiled_inference(2, summary_widths=(8,), hidden_widths=(8,)),
 }
 
 
@@ -103,7 +103,7 @@ def test_hand_assembled_or_modified_models_are_refused_at_save_time(tmp_path):
     hand = MetaVAE((3,), nn.Linear(3, 4), BatchedMLP(1, [2, 3]), GaussianLatent(2), Gaussian(1.0))
     with pytest.raises(ValueError, match="assembled by hand"):
         hand.save(tmp_path / "a.pt")
-    model = build_mlp_metavae((6,), 2, z_dim=2, hidden=(8,), summary=(8,))
+    model = build_mlp_metavae((6,), 2, z_dim=2, hidden_widths=(8,), summary_widths=(8,))
     model.summary = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Linear(5, 8))  # a custom summary net
     with pytest.raises(ValueError, match="config does not rebuild it"):
         model.save(tmp_path / "b.pt")
@@ -113,7 +113,7 @@ def test_hand_assembled_or_modified_models_are_refused_at_save_time(tmp_path):
 def test_parts_outside_the_package_are_never_imported(tmp_path):
     from metavae.models import build_model
 
-    config = dict(build_compiled_inference(2, summary=None).config, preprocess="os:system")
+    config = dict(build_compiled_inference(2, summary_widths=None).config, preprocess="os:system")
     with pytest.raises(ValueError, match="not an allowed part"):
         build_model(config)
 
@@ -140,7 +140,7 @@ def test_attention_pooling_round_trips_and_is_permutation_invariant(name, arch, 
     torch.manual_seed(0)
     shape = (28, 28) if arch == "conv" else (6,)
     kw = dict(channels=(2, 4, 4), groups=1) if arch == "conv" else dict(decoder_hidden=8)
-    kw.update(n_distributions=2, summary=(8, 8)) if name == "metavae" else kw.update(c_dim=3)
+    kw.update(n_distributions=2, summary_widths=(8, 8)) if name == "metavae" else kw.update(c_dim=3)
     model = make_model(name, arch, shape, z_dim=2, hidden=8, pooling="attention", **kw).eval()
     assert any(isinstance(m, AttentionPool) for m in model.modules()) and model.config["pooling"] == "attention"
     model.save(tmp_path / "m.pt")

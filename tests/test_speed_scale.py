@@ -42,19 +42,19 @@ def _expfam_data():
 def _physics_model():
     from metavae.paper.models.standardize import StandardizeOnContext
 
-    return build_compiled_inference(2, z_dim=1, hidden=(16,), summary=(16,), preprocess=StandardizeOnContext())
+    return build_compiled_inference(2, z_dim=1, hidden_widths=(16,), summary_widths=(16,), preprocess=StandardizeOnContext())
 
 
 CASES = {  # every model kind: (builder, data, sample options)
-    "mlp_metavae": (lambda: build_mlp_metavae((4,), 3, z_dim=2, hidden=(16,), summary=(16, 16),
+    "mlp_metavae": (lambda: build_mlp_metavae((4,), 3, z_dim=2, hidden_widths=(16,), summary_widths=(16, 16),
                                               likelihood=Gaussian(0.1)), _points, {}),
     "mlp_mog": (lambda: build_mlp_metavae((4,), 3, z_dim=2, latent="categorical", likelihood=Gaussian(0.1),
-                                          hidden=(16,), summary=(16,), decoder_hidden=(), center=True,
+                                          hidden_widths=(16,), summary_widths=(16,), decoder_widths=(), center=True,
                                           decoder_scale=5.0), _points, {"shared_context": True}),
-    "mlp_pooled": (lambda: build_mlp_metavae((4,), 3, z_dim=2, hidden=(16,), summary=(16,)),
+    "mlp_pooled": (lambda: build_mlp_metavae((4,), 3, z_dim=2, hidden_widths=(16,), summary_widths=(16,)),
                    lambda: _points(unit=True), {"context_pool": 8}),
     "conv_metavae": (lambda: make_model("metavae", arch="conv", event_shape=(1, 16, 16), n_distributions=2,
-                                        channels=(4, 8, 8), groups=4, hidden=16, summary=(16, 16)), _images, {}),
+                                        channels=(4, 8, 8), groups=4, hidden=16, summary_widths=(16, 16)), _images, {}),
     "ns": (lambda: make_model("ns", event_shape=(4,), c_dim=3, z_dim=2, hidden=16, decoder_hidden=32),
            lambda: _points(unit=True), {}),
     "vhe": (lambda: make_model("vhe", event_shape=(4,), c_dim=3, z_dim=2, hidden=16, decoder_hidden=32),
@@ -65,7 +65,7 @@ CASES = {  # every model kind: (builder, data, sample options)
     "conv_ns": (lambda: make_model("ns", arch="conv", event_shape=(1, 16, 16), c_dim=3, z_dim=2, hidden=16,
                                    channels=(4, 8, 8), groups=4), _images, {}),
     "expfam": (lambda: build_expfam_metavae(["gaussian", "lognormal", "exponential"], draw_features=(8,),
-                                            meta_summary=(8,), hidden=(16,), balance=True),
+                                            meta_summary=(8,), hidden_widths=(16,), balance=True),
                _expfam_data, {"shared_context": True}),
     "physics_compiled": (_physics_model, _labelled, {"shared_context": True}),
 }
@@ -129,7 +129,7 @@ def test_bf16_decoder_output_layer_gradients_are_bf16_products_close_to_fp32(dis
             return func(*args, **(kwargs or {}))
 
     seed_everything(0)
-    bank = build_mlp_metavae((32,), 3, z_dim=4, hidden=(16,), summary=(16,), decoder_hidden=(24,)).decoder
+    bank = build_mlp_metavae((32,), 3, z_dim=4, hidden_widths=(16,), summary_widths=(16,), decoder_widths=(24,)).decoder
     z = torch.randn(3 if dist is None else 2, 20, 4)
     grads = {}
     for amp in (False, True):
@@ -159,7 +159,7 @@ def test_bf16_training_runs_and_leaves_no_hooks():
 # --- a subset of the distributions per step -----------------------------------------------
 def _mlp(K, seed=0):
     seed_everything(seed)
-    return build_mlp_metavae((4,), K, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(0.5))
+    return build_mlp_metavae((4,), K, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(0.5))
 
 
 def _cfg(**kw):
@@ -204,7 +204,7 @@ def test_distributions_per_step_under_compile_matches_eager(monkeypatch):
 def _conv(K):
     seed_everything(0)
     return make_model("metavae", arch="conv", event_shape=(1, 16, 16), n_distributions=K, channels=(4, 8, 8),
-                      groups=4, hidden=16, summary=(16, 16))
+                      groups=4, hidden=16, summary_widths=(16, 16))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
@@ -419,7 +419,7 @@ def test_mapped_training_equals_in_memory_training(tmp_path):
     for data in (MetaDataset([torch.as_tensor(a) for a in arrays], seed=0),
                  MetaDataset(fam.points, seed=0, storage="mapped")):
         seed_everything(0)
-        model = build_mlp_metavae((6,), 3, z_dim=2, hidden=(8,), summary=(8,), likelihood=Gaussian(1.0))
+        model = build_mlp_metavae((6,), 3, z_dim=2, hidden_widths=(8,), summary_widths=(8,), likelihood=Gaussian(1.0))
         Trainer(model, data, _cfg(epochs=2), progress=False).fit()
         runs.append(model.state_dict())
     for k in runs[0]:

@@ -16,7 +16,7 @@ def _data():
 
 def _model():
     seed_everything(0)
-    return build_mlp_metavae((4,), 3, z_dim=2, hidden=(16,), summary=(16, 16), likelihood=None)
+    return build_mlp_metavae((4,), 3, z_dim=2, hidden_widths=(16,), summary_widths=(16, 16), likelihood=None)
 
 
 def _cfg(epochs, **kw):
@@ -29,7 +29,7 @@ def _gaussian_model():
     from metavae import Gaussian
 
     seed_everything(0)
-    return build_mlp_metavae((4,), 3, z_dim=2, hidden=(16,), summary=(16, 16), likelihood=Gaussian(0.1))
+    return build_mlp_metavae((4,), 3, z_dim=2, hidden_widths=(16,), summary_widths=(16, 16), likelihood=Gaussian(0.1))
 
 
 def test_loss_falls_and_files_are_written(tmp_path):

@@ -68,7 +68,10 @@ def _add_train(sub) -> None:
     t.add_argument("--data", type=Path, required=True,
                    help=".npz (one array per distribution), a folder of .npy files, or a .csv/.parquet table")
     t.add_argument("--out", type=Path, required=True, help="output folder (model.pt, metrics.json, loss.png)")
-    t.add_argument("--model", default="metavae", help="metavae, vae, ns, vhe or vhe-vampprior")
+    from .models import registry  # --model's choices and help: the registered kinds
+    registry.load_extensions()
+    t.add_argument("--model", default="metavae", choices=registry.model_names(), metavar="KIND",
+                   help="; ".join(f"{k.name} ({k.description})" for k in registry.model_kinds()))
     t.add_argument("--pooling", default="mean", choices=("mean", "attention"),
                    help="how the MetaVAE, NS or VHE pools a context set: mean (the paper's) or attention (a Set Transformer)")
     t.add_argument("--summary", dest="pooling", choices=("mean", "attention"), help=argparse.SUPPRESS)  # old name

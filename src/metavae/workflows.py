@@ -20,7 +20,8 @@ from .data.files import read_points as read_array
 from .data.meta import MetaDataset
 from .distributions import make_likelihood
 from .io import atomic_write_text, write_json
-from .models import MODEL_NAMES, load, make_model
+from .models import kind as model_kind
+from .models import load, make_model
 from .settings import config, flat, group, setting
 from .training import Trainer, TrainConfig, seed_everything
 from .training.distributed import available_memory
@@ -84,35 +85,34 @@ def _float64_notice(family: Family) -> list[str]:
 
 def _build(model_name: str, event_shape, n: int, cfg: FileTrainConfig, pooling: str = "mean",
            likelihood: str = "gaussian", arch: str = "mlp"):
+    """``model_name`` under ``cfg``: arguments are chosen by what its `Kind` takes and can do, not by name.
+    A kind with a context latent c (``c_dim``: the NS, the VHE) takes one hidden width and its
+    summary width as c; the MetaVAE's builders take the layer widths."""
+    kind = model_kind(model_name)
     lik = make_likelihood(likelihood, None)  # Gaussian: a learned variance; Bernoulli takes none
-    own = ("metavae", "vae", "metavae-nocontext")  # the MetaVAE's builders (the others: NS, VHE)
-    if pooling != "mean" and model_name in ("vae", "metavae-nocontext"):
-        who = "the VAE" if model_name == "vae" else "metavae-nocontext"
-        raise ValueError(f"--pooling {pooling}: {who} has no context set to pool")
-    if cfg.latent != "gaussian" and model_name not in own:
-        raise ValueError(f"latent={cfg.latent}: only the MetaVAE and the VAE take another latent")
-    common = dict(z_dim=cfg.z_dim, likelihood=lik)
-    if model_name in own:
-        common.update(latent=cfg.latent, free_bits=cfg.free_bits)
-    elif cfg.free_bits:
-        raise ValueError("free_bits applies to the MetaVAE and the VAE")
+    if pooling != "mean" and not kind.pooling:
+        raise ValueError(f"--pooling {pooling}: {kind.title} has no context set to pool")
+    if cfg.latent != "gaussian" and not kind.takes("latent"):
+        raise ValueError(f"latent={cfg.latent}: {model_name} takes no other latent (the MetaVAE and the VAE do)")
+    if cfg.free_bits and not kind.takes("free_bits"):
+        raise ValueError(f"free_bits: {model_name} takes none (the MetaVAE and the VAE do)")
+    kw = dict(z_dim=cfg.z_dim, likelihood=lik)
+    if kind.takes("latent"):
+        kw.update(latent=cfg.latent, free_bits=cfg.free_bits)
+    if kind.pooling:
+        kw.update(pooling=pooling)
     if arch == "conv":
-        conv = dict(channels=cfg.channels, hidden=cfg.conv_hidden, groups=_groups(cfg.channels))
-        if model_name in ("metavae", "vae"):
-            kw = dict(common, **conv)
-            if model_name == "metavae":
-                kw.update(summary=cfg.summary_widths, pooling=pooling)
-            return make_model(model_name, "conv", event_shape, n, **kw)
-        return make_model(model_name, "conv", event_shape, n, c_dim=cfg.summary_widths[-1], pooling=pooling,
-                          **common, **conv)
-    if model_name in own:
-        kw = dict(common, hidden=cfg.hidden_widths)
-        if model_name == "metavae":
-            kw.update(summary=cfg.summary_widths, pooling=pooling)
-        return make_model(model_name, "mlp", event_shape, n, **kw)
-    width = cfg.hidden_widths[0]
-    return make_model(model_name, "mlp", event_shape, n, c_dim=cfg.summary_widths[-1], hidden=width,
-                      decoder_hidden=cfg.hidden_widths[-1], pooling=pooling, **common)
+        kw.update(channels=cfg.channels, hidden=cfg.conv_hidden, groups=_groups(cfg.channels))
+    if kind.takes("c_dim"):
+        kw.update(c_dim=cfg.summary_widths[-1])
+        if arch != "conv":
+            kw.update(hidden=cfg.hidden_widths[0], decoder_hidden=cfg.hidden_widths[-1])
+    else:
+        if arch != "conv":
+            kw.update(hidden_widths=cfg.hidden_widths)
+        if kind.uses_context:
+            kw.update(summary_widths=cfg.summary_widths)
+    return make_model(model_name, arch, event_shape, n, **kw)
 
 
 def _groups(channels) -> int:
@@ -185,13 +185,13 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
     from .preprocess import choose_likelihood, fit_scaler
 
     check_settings(cfg)
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model '{model_name}'; choose from {', '.join(MODEL_NAMES)}")
+    kind = model_kind(model_name)
     out = Path(out)
     notices = _float64_notice(family)  # printed as one line with the likelihood's, before training
-    arch = choose_arch("mlp" if arch == "auto" and model_name == "metavae-nocontext" else arch, family.event_shape)
-    if model_name == "vae" and len(family.names) > 1:
-        logger.info("the VAE pools every distribution into one (it has one decoder and no context)")
+    only = kind.archs[0] if len(kind.archs) == 1 else None  # a kind built in one architecture only
+    arch = choose_arch(only if arch == "auto" and only else arch, family.event_shape)
+    if kind.merges_family and len(family.names) > 1:
+        logger.info(f"{kind.title} pools every distribution into one (it has one decoder and no context)")
     sizes = [len(p) for p in family.points]
     k = int(np.argmin(sizes))
     n_val = int(round(sizes[k] * cfg.val_fraction))  # contexts of validation queries come from the val part
@@ -203,10 +203,10 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
     uint8 = all(np.asarray(p[:0]).dtype == np.uint8 for p in family.points)
     # the dataset reads uint8 as x/255 itself: a mapped family needs no other map
     passthrough = scaler.kind == "none" or (uint8 and bool((scaler.offset == 0).all() and (scaler.scale == 1).all()))
-    storage = choose_storage("padded" if storage == "auto" and (model_name == "vae" or not passthrough) else storage,
+    storage = choose_storage("padded" if storage == "auto" and (kind.merges_family or not passthrough) else storage,
                              family)
-    if storage == "mapped" and model_name == "vae":
-        raise ValueError("--storage mapped keeps one array per distribution; the VAE pools them into one "
+    if storage == "mapped" and kind.merges_family:
+        raise ValueError(f"--storage mapped keeps one array per distribution; {kind.title} pools them into one "
                          "(use --storage padded)")
     if storage == "mapped" and not passthrough:
         raise ValueError(f"--storage mapped reads the files as they are, but scale={scaler.kind} maps them: use "
@@ -215,7 +215,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
         points = family.points
     else:
         points = [scaler.to_model(np.array(p) if isinstance(p, np.memmap) else p) for p in family.points]
-        if model_name == "vae":
+        if kind.merges_family:
             points = [torch.cat(points)]
     likelihood = choose_likelihood(cfg.likelihood, points if storage != "mapped" else family.points, quiet=True)
     if cfg.likelihood == "auto":
@@ -224,13 +224,12 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
     if notices:
         print("metavae: notice: " + "; ".join(notices), file=sys.stderr)
     data = MetaDataset(points, val_fraction=cfg.val_fraction, test_fraction=0.0, seed=cfg.seed,
-                       names=family.names if model_name != "vae" else ["all"], storage=storage)
+                       names=family.names if not kind.merges_family else ["all"], storage=storage)
     seed_everything(cfg.seed)
     model = _build(model_name, family.event_shape, len(data), cfg, pooling, likelihood, arch)
     init = {"init_config": dict(model.config), "init_seed": cfg.seed, "init_checksum": init_checksum(model)}
     tc = dataclasses.replace(cfg.train, device=device, tensorboard=str(tensorboard) if tensorboard else None,
-                             context_pool=cfg.context_pool if arch == "conv" and model_name in ("metavae", "vhe",
-                                                                                               "vhe-vampprior") else None)
+                             context_pool=cfg.context_pool if arch == "conv" and kind.uses_context else None)
     source = str(Path(family.source).expanduser().resolve()) if family.source else ""
     info = {"data": {"source": source, "names": family.names,
                      "points": [len(p) for p in family.points], "fingerprint": family_fingerprint(family)},

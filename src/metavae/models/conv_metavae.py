@@ -26,7 +26,8 @@ from torch import nn
 from ..distributions import Bernoulli, make_latent
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape
 from ..nets.mlp import BatchedLinear, check_bank_rows, mlp
-from .metavae import MetaVAE, apply_init, check_init, check_pooling, set_pool
+from .base import apply_init, check_init, check_pooling, set_pool
+from .metavae import MetaVAE
 
 
 class ConvHead(nn.Module):
@@ -79,7 +80,7 @@ def build_conv_metavae(
     latent: str = "gaussian",
     likelihood=None,
     hidden: int = 400,
-    summary: Sequence[int] | None = None,
+    summary_widths: Sequence[int] | None = None,
     channels: Sequence[int] = DEFAULT_CHANNELS,
     res_layers: int = 6,
     groups: int = GROUPS,
@@ -90,8 +91,9 @@ def build_conv_metavae(
 ) -> MetaVAE:
     """The conv MetaVAE of docs/reproduction.md §3.4 (``use_context=False``: the conv VAE, one decoder).
 
-    ``summary`` lists the summary MLP's sizes after the conv features (default (F, 400, 400) with
-    F = 4096); ``channels`` the conv trunk's three stage widths (default (64, 128, 256)).
+    ``summary_widths`` (earlier ``summary``) lists the summary MLP's sizes after the conv features
+    (default (F, 400, 400) with F = 4096); ``hidden`` is one width (fc_h, fc_c, the decoders' linear
+    layers); ``channels`` the conv trunk's three stage widths (default (64, 128, 256)).
     Parameters (K decoders): 1,921,536 encoder + 18,580,512 summary + 5,717,680 head
     + K * 3,900,065 -- docs/reproduction.md §12 exactly (K = 9: 61,320,313).
     ``init``: ``default`` (PyTorch's, as the reference) or ``xavier`` (the baselines'), see `apply_init`.
@@ -107,7 +109,7 @@ def build_conv_metavae(
     lat = make_latent(latent, z_dim)
     encoder = ConvEncoder(event_shape, channels, groups)
     F_ = encoder.out_features
-    summary_sizes = list(summary) if summary is not None else [F_, hidden, hidden]
+    summary_sizes = list(summary_widths) if summary_widths is not None else [F_, hidden, hidden]
     set_net = None
     if use_context:
         set_net = set_pool(nn.Sequential(encoder, mlp([F_, *summary_sizes], "leaky_relu")), summary_sizes[-1], pooling,
@@ -117,7 +119,8 @@ def build_conv_metavae(
     config = dict(
         kind="conv_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
         likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=hidden,
-        summary=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups, use_context=use_context,
+        summary_widths=summary_sizes, channels=list(channels), res_layers=res_layers, groups=groups,
+        use_context=use_context,
         init=init, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, query_encoder=encoder, config=config,
@@ -128,3 +131,6 @@ def build_conv_metavae(
 def build_conv_vae(event_shape: Sequence[int], **kwargs) -> MetaVAE:
     """The conv VAE: no context, one shared conv decoder."""
     return build_conv_metavae(event_shape, n_decoders=1, use_context=False, **kwargs)
+
+
+build_conv_vae.forwards_to = build_conv_metavae  # its **kwargs' defaults, for `registry.builder_params`

@@ -34,7 +34,7 @@ from torch import nn
 from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl, gaussian_log_prob
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import AttentionPool, MeanPool
-from .metavae import Saveable, check_pooling
+from .base import Saveable, check_pooling
 
 
 # --- densities -----------------------------------------------------------------------------

@@ -11,48 +11,9 @@ from torch import nn
 from ..data.meta import PooledContext
 from ..distributions import Bernoulli, draw, make_latent
 from ..nets.mlp import BatchedMLP, ScaledBank, mlp
-from ..nets.sets import AttentionPool, MeanPool
 from .. import objectives
-
-
-INITS = ("default", "xavier")
-POOLINGS = ("mean", "attention")
-
-
-def check_init(init: str) -> None:
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
-
-
-def apply_init(model: nn.Module, init: str) -> nn.Module:
-    """``default``: PyTorch's per-layer defaults, as the reference's MetaVAE. ``xavier``: the
-    reference's baselines' init (Xavier-normal, gain sqrt 2, zero bias; `reference_init`). The
-    choice matters for unscaled read-outs: on rotated MNIST the untrained default MetaVAE's posterior
-    means spread 0.016 across images, the Xavier-initialised VHE's 0.69 (`untrained.embedding_std`
-    under results/mnist; docs/reproduction.md §1.4)."""
-    check_init(init)
-    if init == "xavier":
-        from ..nets.conv import reference_init
-
-        reference_init(model)
-    return model
-
-
-class LossOutput(dict):
-    """A training loss and the numbers worth logging beside it."""
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self["loss"]
-
-
-class Saveable:
-    """``model.save(path, **extra)``: one file that `metavae.load` rebuilds (see `models.registry`)."""
-
-    def save(self, path, **extra):
-        from .registry import save_model
-
-        return save_model(self, path, extra)
+from . import decoder_bank
+from .base import LossOutput, Saveable, apply_init, check_init, check_pooling, set_pool
 
 
 class MetaVAE(Saveable, nn.Module):
@@ -230,43 +191,7 @@ class MetaVAE(Saveable, nn.Module):
         and every `ADAPT_CHECK_EVERY` steps: with few points long adaptation overfits (on 5 MNIST
         images of an unseen rotation, 300 steps without it scored 130 nats per test image below the
         start; README, "Generation and likelihood"). ``holdout=0`` trains on every point to the end."""
-        from ..data.meta import checked_points
-
-        if steps < 0 or batch_size < 1 or context_size < 1 or not lr > 0 or not 0 <= holdout < 1:
-            raise ValueError(f"adapt needs steps >= 0, batch_size >= 1, context_size >= 1, lr > 0 and 0 <= holdout "
-                             f"< 1; got steps={steps}, batch_size={batch_size}, context_size={context_size}, lr={lr}, "
-                             f"holdout={holdout}")
-        if not self.uses_context:
-            raise ValueError("adapt fits a decoder under a MetaVAE's context-aware encoder; this model has no "
-                             "context (a plain VAE): train a VAE on the points instead")
-        _check_linear_bank(self.decoder)
-        points = checked_points(points, "adapt", "points")  # shape and values: one clear error
-        if tuple(points.shape[1:]) != self.event_shape:
-            raise ValueError(f"points must be (n, *{self.event_shape}), got event shape {tuple(points.shape[1:])}")
-        device = next(self.parameters()).device
-        order = torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))
-        n_out = min(len(points) - 1, max(1, round(holdout * len(points)))) if holdout > 0 else 0
-        held, fit = points[order[:n_out]].to(device), points[order[n_out:]].to(device)
-        context_size = min(context_size, len(fit))  # a context is drawn from the training points
-        was_training = self.training
-        self.eval()
-        member = _bank_member(self.decoder, self._nearest_decoder(fit, batch_size, context_size, seed))
-        _fit_member(_FrozenEncoder(self, member), fit, held, steps, lr, batch_size, context_size, seed, progress)
-        _append_member(self.decoder, member)
-        self.config["n_decoders"] = self.n_decoders
-        self.train(was_training)
-        return self.n_decoders - 1
-
-    @torch.no_grad()
-    def _nearest_decoder(self, points: torch.Tensor, batch_size: int, context_size: int, seed: int) -> int:
-        """The training decoder with the highest ELBO on one batch of ``points``."""
-        from ..data.meta import MetaDataset
-
-        gen = torch.Generator(device=points.device).manual_seed(seed)
-        batch = MetaDataset.from_parts(train=[points]).sample(batch_size, context_size, generator=gen)
-        x = batch.x.expand(self.n_decoders, *batch.x.shape[1:])
-        ctx = None if batch.context is None else batch.context.expand(self.n_decoders, *batch.context.shape[1:])
-        return int(objectives.elbo(self, x, ctx).mean(1).argmax())
+        return decoder_bank.adapt(self, points, steps, lr, batch_size, context_size, holdout, seed, progress)
 
     # -- objectives -------------------------------------------------------------------------
     def loss(self, batch) -> LossOutput:
@@ -281,122 +206,15 @@ class MetaVAE(Saveable, nn.Module):
         return objectives.iw_log_likelihood(self, batch.x, ctx, batch.dist, k)
 
 
-class _FrozenEncoder:
-    """The objectives' view of a MetaVAE whose encoder is fixed and whose decoder is ``decoder``
-    (one bank member): q's parameters carry no gradient, so only the decoder learns."""
-
-    def __init__(self, model: MetaVAE, decoder: nn.Module):
-        self.model, self.decoder = model, decoder
-        self.latent, self.likelihood = model.latent, model.likelihood
-
-    def encode(self, x, context=None):
-        with torch.no_grad():
-            return self.model.encode(x, context)
-
-    def decode(self, z, dist=None):
-        return self.decoder(z)
-
-
-ADAPT_CHECK_EVERY = 10  # steps between checks of an adapting decoder on the held-out points
-
-
-def _check_linear_bank(bank: nn.Module) -> None:
-    from ..nets.mlp import BatchedLinear
-
-    banked = {id(p) for m in bank.modules() if isinstance(m, BatchedLinear) for p in m.parameters()}
-    if not banked or any(id(p) not in banked for p in bank.parameters()):
-        raise ValueError(f"adapt needs a decoder bank of BatchedLinear layers (the MLP MetaVAE's); "
-                         f"{type(bank).__name__} is not one")
-
-
-def _fit_member(frozen: _FrozenEncoder, fit: torch.Tensor, held: torch.Tensor, steps: int, lr: float,
-                batch_size: int, context_size: int, seed: int, progress: bool) -> None:
-    """Adam on ``frozen.decoder`` (one bank member) for ``steps`` steps of the ELBO on ``fit``; with
-    ``held`` points, keep the weights that score best on them (the start included)."""
-    from tqdm.auto import tqdm
-
-    from ..data.meta import MetaDataset
-
-    data = MetaDataset.from_parts(train=[fit])
-    gen = torch.Generator(device=fit.device).manual_seed(seed)
-    ctx = fit[:context_size]  # the held-out points' one context set
-
-    def held_out_elbo() -> float:
-        devices = [fit.device] if fit.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)  # the same latent draws at every check (and training's streams untouched)
-            return float(objectives.elbo(frozen, held.unsqueeze(0), ctx, n_samples=8).mean())
-
-    member = frozen.decoder
-    best = held_out_elbo() if len(held) else None
-    best_state = {k: v.clone() for k, v in member.state_dict().items()}
-    opt = torch.optim.Adam(member.parameters(), lr=lr)
-    for step in tqdm(range(1, steps + 1), desc="adapt", disable=not progress, leave=False):
-        batch = data.sample(batch_size, context_size, generator=gen)
-        loss = -objectives.meta_elbo(frozen, batch.x, batch.context)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if best is not None and (step % ADAPT_CHECK_EVERY == 0 or step == steps):
-            score = held_out_elbo()
-            if score > best:
-                best, best_state = score, {k: v.clone() for k, v in member.state_dict().items()}
-    if best is not None:
-        member.load_state_dict(best_state)
-
-
-def _bank_member(bank: nn.Module, k: int) -> nn.Module:
-    """A one-member copy of decoder bank ``bank``'s member ``k`` (its own parameters)."""
-    import copy
-
-    from ..nets.mlp import BatchedLinear
-
-    member = copy.deepcopy(bank)
-    for m in member.modules():
-        if isinstance(m, BatchedLinear):
-            m.weight = nn.Parameter(m.weight.data[k:k + 1].clone())
-            m.bias = nn.Parameter(m.bias.data[k:k + 1].clone())
-        if hasattr(m, "n"):
-            m.n = 1
-    return member
-
-
-def _append_member(bank: nn.Module, member: nn.Module) -> None:
-    """Grow ``bank`` by the one-member bank ``member`` (the same architecture), as its last member."""
-    from ..nets.mlp import BatchedLinear
-
-    n = bank.n + 1
-    for mine, theirs in zip(bank.modules(), member.modules()):
-        if isinstance(mine, BatchedLinear):
-            mine.weight = nn.Parameter(torch.cat([mine.weight.data, theirs.weight.data.to(mine.weight)]))
-            mine.bias = nn.Parameter(torch.cat([mine.bias.data, theirs.bias.data.to(mine.bias)]))
-        if hasattr(mine, "n"):
-            mine.n = n
-
-
-def check_pooling(pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
-
-
-def set_pool(element: nn.Module, width: int, pooling: str, event_dim: int) -> nn.Module:
-    """The summary h(D) over a context set: ``element`` embeds each member to ``width`` features,
-    then the mean (the paper's) or a Set Transformer (`AttentionPool`, 4 heads) pools them."""
-    check_pooling(pooling)
-    if pooling == "mean":
-        return MeanPool(element, event_dim=event_dim)
-    return AttentionPool(element, width, heads=4, event_dim=event_dim)
-
-
 def build_mlp_metavae(
     event_shape: Sequence[int],
     n_decoders: int,
     z_dim: int = 40,
     latent: str = "gaussian",
     likelihood=None,
-    hidden: Sequence[int] = (400, 400),
-    summary: Sequence[int] | None = None,
-    decoder_hidden: Sequence[int] | None = None,
+    hidden_widths: Sequence[int] = (400, 400),
+    summary_widths: Sequence[int] | None = None,
+    decoder_widths: Sequence[int] | None = None,
     summary_act: str = "leaky_relu",
     act: str = "relu",
     use_context: bool = True,
@@ -409,8 +227,11 @@ def build_mlp_metavae(
     """The paper's MLP MetaVAE (docs/reproduction.md §2) by default, for any flat event.
 
     Defaults for 784-dim images reproduce the reference's layer sizes: summary 784-784-400-400
-    (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary`` lists the
-    summary net's layer sizes after the input (default ``(D, 400, 400)``). ``init``: see `apply_init`.
+    (LeakyReLU 0.2), inference 1184-400-400-2z, decoders z-400-400-784. ``summary_widths`` lists the
+    summary net's layer sizes after the input (default ``(D, 400, 400)``), ``hidden_widths`` the
+    inference head's and ``decoder_widths`` the decoders' (default: ``hidden_widths``). Earlier
+    versions called them ``summary``, ``hidden`` and ``decoder_hidden`` (files keep loading:
+    `models.kinds`). ``init``: see `apply_init`.
     ``decoder_scale``: decoder outputs in units of this constant (`ScaledBank`). ``pooling``: ``mean``
     (the paper's) or ``attention`` (a Set Transformer summary, `AttentionPool`).
     """
@@ -420,22 +241,23 @@ def build_mlp_metavae(
     likelihood = likelihood if likelihood is not None else Bernoulli()
     D = int(torch.Size(event_shape).numel())
     lat = make_latent(latent, z_dim)
-    summary_sizes = list(summary) if summary is not None else [D, 400, 400]
+    summary_sizes = list(summary_widths) if summary_widths is not None else [D, 400, 400]
     check_pooling(pooling)
     set_net = None
     if use_context:  # each element is flattened, so any event shape (e.g. 28x28 images) works
         element = nn.Sequential(nn.Flatten(), mlp([D, *summary_sizes], summary_act))
         set_net = set_pool(element, summary_sizes[-1], pooling, len(event_shape))
     s_dim = summary_sizes[-1] if use_context else 0
-    head = mlp([D + s_dim, *hidden, lat.n_params], act)
-    dec_hidden = list(decoder_hidden) if decoder_hidden is not None else list(hidden)
-    decoder = BatchedMLP(n_decoders, [z_dim, *dec_hidden, likelihood.n_params(D)], act)
+    head = mlp([D + s_dim, *hidden_widths, lat.n_params], act)
+    dec_widths = list(decoder_widths) if decoder_widths is not None else list(hidden_widths)
+    decoder = BatchedMLP(n_decoders, [z_dim, *dec_widths, likelihood.n_params(D)], act)
     if decoder_scale is not None:
         decoder = ScaledBank(decoder, decoder_scale)
     config = dict(
         kind="mlp_metavae", event_shape=list(event_shape), n_decoders=n_decoders, z_dim=z_dim, latent=latent,
-        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None), hidden=list(hidden),
-        summary=summary_sizes, decoder_hidden=dec_hidden, summary_act=summary_act, act=act, use_context=use_context,
+        likelihood=likelihood.name, likelihood_variance=getattr(likelihood, "variance", None),
+        hidden_widths=list(hidden_widths), summary_widths=summary_sizes, decoder_widths=dec_widths,
+        summary_act=summary_act, act=act, use_context=use_context,
         center=center, init=init, decoder_scale=decoder_scale, free_bits=free_bits, pooling=pooling,
     )
     model = MetaVAE(event_shape, head, decoder, lat, likelihood, summary=set_net, center=center and use_context,
@@ -446,3 +268,6 @@ def build_mlp_metavae(
 def build_vae(event_shape: Sequence[int], **kwargs) -> MetaVAE:
     """A plain VAE: the MetaVAE with no context and one shared decoder."""
     return build_mlp_metavae(event_shape, n_decoders=1, use_context=False, **kwargs)
+
+
+build_vae.forwards_to = build_mlp_metavae  # its **kwargs' defaults, for `registry.builder_params`

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from .hierarchical import HierarchicalVAE, build_hierarchical
-from .metavae import LossOutput
+from .base import LossOutput
 
 
 class NeuralStatistician(HierarchicalVAE):
@@ -82,7 +82,7 @@ def build_ns(event_shape: Sequence[int], set_kl_weight: float | None = None, **k
     return build_hierarchical(NeuralStatistician, "ns", event_shape, set_kl_weight=set_kl_weight, **kwargs)
 
 
-build_ns.forwards_to = build_hierarchical  # its **kwargs' defaults, for `registry.complete_config`
+build_ns.forwards_to = build_hierarchical  # its **kwargs' defaults, for `registry.builder_params`
 
 
 __all__ = ["NeuralStatistician", "build_ns"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .registry import ALLOWED_PARTS, load_extensions
+
 
 def _allowed() -> dict:
-    from .registry import ALLOWED_PARTS, load_extensions  # the registry imports this module: look the table up late
-
     load_extensions()  # parts other packages register (the paper's physics standardisers)
     return ALLOWED_PARTS
 

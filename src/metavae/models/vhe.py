@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ..data.meta import PooledContext
 from .hierarchical import HierarchicalVAE, build_hierarchical
-from .metavae import LossOutput
+from .base import LossOutput
 
 
 class VariationalHomoencoder(HierarchicalVAE):
@@ -63,5 +63,5 @@ def build_vhe(event_shape: Sequence[int], context_kl_weight: float | None = None
     return build_hierarchical(VariationalHomoencoder, "vhe", event_shape, context_kl_weight=context_kl_weight, **kwargs)
 
 
-build_vhe.forwards_to = build_hierarchical  # its **kwargs' defaults, for `registry.complete_config`
+build_vhe.forwards_to = build_hierarchical  # its **kwargs' defaults, for `registry.builder_params`
 

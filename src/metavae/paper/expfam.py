@@ -105,8 +105,8 @@ def train_metavae(name: str, families: list[str], sets: dict, cfg, out, device, 
     train = torch.cat([sets[f]["train"] for f in families])
     val = torch.cat([sets[f]["val"] for f in families])
     model = build_expfam_metavae(members, families, draw_features=cfg.draw_features,
-                                 meta_summary=cfg.meta_summary, hidden=cfg.hidden, per_coordinate=cfg.per_coordinate,
-                                 balance=cfg.balance)
+                                 meta_summary=cfg.meta_summary, hidden_widths=cfg.hidden,
+                                 per_coordinate=cfg.per_coordinate, balance=cfg.balance)
     names = [f"{f}{k}" for f in families for k in range(cfg.distributions_per_family)]
     return train_shared("expfam", name, model, _dataset(train, val, names), cfg, out, device, seed, progress,
                         evaluation_only=EVALUATION_ONLY)
@@ -114,7 +114,7 @@ def train_metavae(name: str, families: list[str], sets: dict, cfg, out, device, 
 
 def train_vae(name: str, family: str, sets: dict, cfg, out, device, seed, progress):
     model = build_expfam_metavae([family], draw_features=cfg.draw_features, meta_summary=cfg.meta_summary,
-                                 hidden=cfg.hidden, use_context=False, per_coordinate=cfg.per_coordinate)
+                                 hidden_widths=cfg.hidden, use_context=False, per_coordinate=cfg.per_coordinate)
     s = sets[family]
     return train_shared("expfam", name, model, _dataset(s["vae_train"], s["vae_val"], [family]), cfg, out, device, seed,
                         progress, evaluation_only=EVALUATION_ONLY)

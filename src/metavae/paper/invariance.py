@@ -19,7 +19,9 @@ import torch
 
 from ..data.meta import MetaDataset, Part, as_float
 from ..models import make_model
-from ..models.metavae import INITS, POOLINGS
+from ..models.registry import kind as model_kind
+from ..models.registry import model_kinds
+from ..models.base import INITS, POOLINGS
 from ..probes import STANDARDISED_CS, standardised_probes
 from ..settings import config, flat, group, setting
 from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
@@ -313,8 +315,6 @@ def make_control(name: str, event_shape, z_dim: int) -> PixelControl:
 
 # Each model kind's init stream is offset from the run seed, so that kinds sharing parts (the VHE
 # and the VHE+VampPrior) do not start from bit-identical weights.
-POOLED_MODELS = ("metavae", "ns", "vhe", "vhe-vampprior")
-MLP_METAVAES = ("metavae", "vae", "metavae-nocontext")  # the MetaVAE's code: take init and free_bits
 INIT_STREAM = {"metavae": 0, "vae": 0, "metavae-nocontext": 0, "ns": 0, "vhe": 0, "vhe-vampprior": 7919}
 
 
@@ -335,13 +335,15 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     seed_everything(seed + INIT_STREAM.get(model_name, 0))
     event = tuple(train_sets[0].shape[1:])
     kwargs = dict(model_kwargs or {})
-    if model_name in MLP_METAVAES:
-        kwargs.setdefault("init", cfg.init)
-        kwargs.setdefault("free_bits", cfg.free_bits)
+    kind = model_kind(model_name)
+    for setting in ("init", "free_bits"):  # the MetaVAE's builders take them
+        if kind.takes(setting):
+            kwargs.setdefault(setting, getattr(cfg, setting))
     if cfg.pooling != "mean":  # the builders' default; only models that pool a context set take it
-        if model_name not in POOLED_MODELS:
+        if not kind.pooling:
+            pooled = ", ".join(k.name for k in model_kinds() if k.pooling)
             raise ValueError(f"pooling={cfg.pooling!r} needs a model that pools a context set "
-                             f"({', '.join(POOLED_MODELS)}), not {model_name!r}")
+                             f"({pooled}), not {model_name!r}")
         kwargs.setdefault("pooling", cfg.pooling)
     model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
                        **kwargs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .data import transforms as T
 from .data.mnist import load_mnist, mnist_cache_dir
-from ..models import MODEL_NAMES
+from ..models.registry import model_names
 from ..io import atomic_write_text
 from . import regimes
 from .base import Experiment
@@ -149,8 +149,8 @@ def make_run(key: str):
 
     def run(cfg: InvarianceConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True,
             model: str = "metavae", split: str = "contiguous", data_dir=None) -> dict:
-        if model not in MODEL_NAMES + CONTROLS:
-            raise ValueError(f"unknown model '{model}'; choose from {', '.join(MODEL_NAMES + CONTROLS)}")
+        if model not in model_names() + CONTROLS:
+            raise ValueError(f"unknown model '{model}'; choose from {', '.join(model_names() + CONTROLS)}")
         split = T.resolve_split(split)
         seen, unseen = T.get_split(axis, split)
         split_seen = list(seen)

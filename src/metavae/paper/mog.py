@@ -15,7 +15,7 @@ from .data import mog
 from ..data.meta import MetaDataset
 from ..distributions import Gaussian
 from ..models import build_mlp_metavae
-from ..models.metavae import POOLINGS
+from ..models.base import POOLINGS
 from ..training import TrainConfig, resolve_device, seed_everything
 from .base import Experiment
 from .common import config_dict, point_cloud_train, markdown_table, render_report, train_shared, write_metrics, write_report
@@ -55,7 +55,7 @@ def build_mog_model(train_points: torch.Tensor, cfg: MogConfig, use_context: boo
     """A model with one decoder per training mixture, decoders initialised from their data."""
     model = build_mlp_metavae(
         (2,), len(train_points), z_dim=2, latent="categorical", likelihood=Gaussian(mog.VARIANCE),
-        hidden=cfg.hidden, summary=cfg.summary, decoder_hidden=(), use_context=use_context,
+        hidden_widths=cfg.hidden, summary_widths=cfg.summary, decoder_widths=(), use_context=use_context,
         center=cfg.center and use_context, decoder_scale=mog.MEAN_RANGE, pooling=cfg.pooling,
     )
     _init_decoders(model.decoder.bank.layers[0], train_points, mog.MEAN_RANGE)

@@ -41,7 +41,7 @@ from .data.norb import (AXES, BASE_GROUP, CATEGORIES, IMAGE_SIZE, INFO_COLUMNS, 
 from .data.norb_loader import load_norb
 from .data.transforms import data_fingerprint
 from ..io import atomic_write_text
-from ..models import MODEL_NAMES
+from ..models.registry import kind, model_names
 from .base import Experiment
 from .common import markdown_table, render_report, sci, write_metrics, write_report
 from ..settings import config, flat, setting
@@ -108,7 +108,7 @@ OPTIONS = {"model", "split", "data_dir"}
 def model_kwargs(model: str, cfg: NorbConfig) -> dict:
     """The `make_model` arguments of one conv model under ``cfg``."""
     kw = {"channels": tuple(cfg.channels), "hidden": cfg.hidden}
-    if model in ("ns", "vhe", "vhe-vampprior"):
+    if kind(model).takes("c_dim"):  # a context latent c (the NS, the VHE)
         kw["c_dim"] = cfg.c_dim
     if model == "vhe-vampprior":
         kw["n_components"] = cfg.n_components
@@ -188,8 +188,8 @@ def table1_groups(data: NorbData, cfg: NorbConfig) -> tuple[dict, dict, dict]:
 def make_run(axis: str):
     def run(cfg: NorbConfig, out: Path, device: str = "cpu", seed: int = 0, progress: bool = True,
             model: str = "metavae", split: str = "contiguous", data_dir=None) -> dict:
-        if model not in MODEL_NAMES:
-            raise ValueError(f"unknown model '{model}'; choose from {', '.join(MODEL_NAMES)}")
+        if model not in model_names():
+            raise ValueError(f"unknown model '{model}'; choose from {', '.join(model_names())}")
         split = resolve_split(split)
         seen, unseen = get_split(axis, split)
         out = Path(out)
@@ -355,7 +355,7 @@ def differences(m: dict) -> list[str]:
                                                       paper_lr=sci(paper.lr)))
     if m["model"] == "vhe-vampprior":
         out.append(DIFFERENCE_NOTES["vampprior"].format(cfg=cfg))
-    if cfg.get("context_pool") and m["model"] in ("metavae", "vhe", "vhe-vampprior"):
+    if cfg.get("context_pool") and kind(m["model"]).uses_context:
         out.append(DIFFERENCE_NOTES["pool"].format(cfg=cfg))
     out += render_report("norb-differences", probe=PROBE, standardised=STANDARDISED_PROBE, raw=RAW_SIZE,
                          size=IMAGE_SIZE).rstrip("\n").split("\n")

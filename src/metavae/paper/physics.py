@@ -87,11 +87,11 @@ def build_physics_model(cfg: PhysicsConfig, data: MetaDataset | None = None):
     """The MetaVAE (``data=None``) or the no-context baseline standardised on ``data``."""
     if data is None:
         pre = StandardizeOnContext() if cfg.standardize else None
-        return build_compiled_inference(2, z_dim=1, hidden=cfg.hidden, summary=cfg.summary, query=cfg.query or None,
-                                        preprocess=pre)
+        return build_compiled_inference(2, z_dim=1, hidden_widths=cfg.hidden, summary_widths=cfg.summary,
+                                        query=cfg.query or None, preprocess=pre)
     part = data.part("train")
     v = part.data[..., 0][part.data[..., 1] == 0]
-    return build_compiled_inference(2, z_dim=1, hidden=cfg.hidden, summary=None, query=cfg.query or None,
+    return build_compiled_inference(2, z_dim=1, hidden_widths=cfg.hidden, summary_widths=None, query=cfg.query or None,
                                     preprocess=FixedStandardize(v.mean(), v.std()))
 
 

@@ -7,7 +7,9 @@
 - `distributed.py`: devices and torchrun (DDP) processes;
 - `precision.py`: ``amp="bf16"`` (bf16 matmuls, float32 losses) on the CPU and CUDA;
 - `optim.py`: `make_optimizer` (Adam, fused where available), `RowAdam` (per-decoder state for
-  ``distributions_per_step``) and the gradient clip.
+  ``distributions_per_step``), the gradient clip and `optimizer_step` (one update, shared with
+  decoder adaptation, `metavae.models.decoder_bank`);
+- `progress.py`: the training loops' progress bar.
 """
 from .checkpoint import CHECKPOINT_VERSION, load_checkpoint
 from .config import TrainConfig

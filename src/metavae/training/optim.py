@@ -136,3 +136,15 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     for p in params:
         (p.grad.values() if p.grad.is_sparse else p.grad).mul_(coef)
     return total
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params,
+                   grad_clip: float | None = None) -> None:
+    """One update of the training loop: the gradients of ``loss``, clipped to norm ``grad_clip`` when
+    set, then the optimizer's step. The `Trainer` and decoder adaptation (`models.decoder_bank`) both
+    step through here, so they cannot drift apart."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
+        clip_grad_norm(params, grad_clip)
+    optimizer.step()

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.meta import MappedPart, MetaDataset
 from ..io import atomic_save, atomic_write_text
@@ -25,8 +24,9 @@ from ..nets.mlp import bank_parameters, sparse_bank_gradients
 from .checkpoint import CHECKPOINT_VERSION, check_resumable, load_checkpoint
 from .config import TrainConfig
 from .distributed import LossModule, check_step_memory, init_distributed, process_device, resolve_device
-from .optim import RowAdam, clip_grad_norm, make_optimizer
+from .optim import RowAdam, make_optimizer, optimizer_step
 from .precision import check_bf16, fp32_parameter_outputs
+from .progress import progress_bar
 from .rng import rng_state, seed_everything, set_rng_state
 
 
@@ -296,8 +296,7 @@ class Trainer:
         self._start(resume)
         writer = self._tensorboard()
         total = self.cfg.epochs * self.steps_per_epoch
-        bar = tqdm(total=total, initial=min(self.state.step, total), desc=self.desc, disable=not self.progress,
-                   dynamic_ncols=True, leave=False, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+        bar = progress_bar(total, self.desc, self.progress, initial=self.state.step)
         self.model.train()
         while self.state.epoch < self.cfg.epochs and not self.stopped_early:
             t0 = time.time()
@@ -325,13 +324,9 @@ class Trainer:
         for i, batch in enumerate(self._train_batches()):
             with self._autocast():
                 loss = self._step_module(batch.shard(self.rank, self.world))["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip:  # with distributions_per_step the bank rows' gradients are sparse
-                clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)
             if self.subset is not None:  # torchrun or compile: dense row gradients, name the step's rows
                 self.optimizer.rows = batch.dist
-            self.optimizer.step()
+            optimizer_step(self.optimizer, loss, self.model.parameters(), self.cfg.grad_clip)
             loss_sum += loss.detach().float()
             self.state.step += 1
             self._snapshot()

@@ -19,7 +19,8 @@ from torch import nn
 from ...distributions import GaussianLatent, gaussian_log_prob
 from ...nets.mlp import mlp
 from ...nets.sets import MeanPool
-from ...models.metavae import LossOutput, MetaVAE
+from ...models.base import LossOutput
+from ...models.metavae import MetaVAE
 from ...models.parts import build_part, part_name
 
 class CompiledInference(MetaVAE):
@@ -91,8 +92,8 @@ class CompiledInference(MetaVAE):
 def build_compiled_inference(
     event_dim: int,
     z_dim: int = 1,
-    hidden: Sequence[int] = (64, 64),
-    summary: Sequence[int] | None = (64, 64),
+    hidden_widths: Sequence[int] = (64, 64),
+    summary_widths: Sequence[int] | None = (64, 64),
     query: Sequence[int] | None = None,
     act: str = "relu",
     summary_act: str = "relu",
@@ -100,20 +101,22 @@ def build_compiled_inference(
 ) -> CompiledInference:
     """An MLP compiled-inference network for flat events of size ``event_dim``.
 
-    ``summary=None`` gives plain compiled inference q(z | x) (no context); otherwise the set is
-    summarised by mean pooling an MLP ``[event_dim, *summary]``. ``query`` optionally embeds the
-    query with its own MLP ``[event_dim, *query]`` before the head (default: raw features).
+    ``summary_widths=None`` gives plain compiled inference q(z | x) (no context); otherwise the set is
+    summarised by mean pooling an MLP ``[event_dim, *summary_widths]``; ``hidden_widths``: the head's
+    layers (earlier ``summary`` and ``hidden``: files keep loading, `metavae.paper.models`). ``query``
+    optionally embeds the query with its own MLP ``[event_dim, *query]`` before the head (default: raw features).
     ``preprocess``: a module, or its `part_name` (as a saved config holds it).
     """
     if isinstance(preprocess, str):
         preprocess = build_part(preprocess)
-    set_net = MeanPool(mlp([event_dim, *summary], summary_act, final_act=False)) if summary else None
+    set_net = MeanPool(mlp([event_dim, *summary_widths], summary_act, final_act=False)) if summary_widths else None
     q_net = mlp([event_dim, *query], act, final_act=True) if query else None
     q_dim = query[-1] if query else event_dim
-    s_dim = summary[-1] if summary else 0
-    head = mlp([q_dim + s_dim, *hidden, 2 * z_dim], act)
-    config = dict(kind="compiled_inference", event_dim=event_dim, z_dim=z_dim, hidden=list(hidden),
-                  summary=list(summary) if summary else None, query=list(query) if query else None, act=act,
+    s_dim = summary_widths[-1] if summary_widths else 0
+    head = mlp([q_dim + s_dim, *hidden_widths, 2 * z_dim], act)
+    config = dict(kind="compiled_inference", event_dim=event_dim, z_dim=z_dim, hidden_widths=list(hidden_widths),
+                  summary_widths=list(summary_widths) if summary_widths else None,
+                  query=list(query) if query else None, act=act,
                   summary_act=summary_act, preprocess=part_name(preprocess))
     return CompiledInference((event_dim,), head, z_dim=z_dim, summary=set_net, query_encoder=q_net,
                              preprocess=preprocess, config=config)

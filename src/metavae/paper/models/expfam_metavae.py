@@ -23,7 +23,8 @@ from ... import objectives
 from ...distributions import GaussianLatent
 from ...nets.mlp import mlp
 from ...nets.sets import MeanPool
-from ...models.metavae import LossOutput, MetaVAE
+from ...models.base import LossOutput
+from ...models.metavae import MetaVAE
 
 # Fisher information of one draw about the latent: 1 / 0.1 for the Gaussian mean and the log-normal
 # log-space mean, 1 for the exponential log-rate. Weighting a distribution's ELBO by its inverse
@@ -184,7 +185,7 @@ def build_expfam_metavae(
     vector_size: int = VECTOR_SIZE,
     draw_features: Sequence[int] = (64, 64),
     meta_summary: Sequence[int] = (64, 64, 64),
-    hidden: Sequence[int] = (128, 128),
+    hidden_widths: Sequence[int] = (128, 128),
     use_context: bool = True,
     per_coordinate: bool = True,
     balance: bool = False,
@@ -208,16 +209,17 @@ def build_expfam_metavae(
         if use_context:
             summary = MeanPool(nn.Sequential(phi, PerCoordinate(mlp([f_dim, *meta_summary], "leaky_relu"), 2)),
                                event_dim=2)
-        head = CoordinateHead(mlp([f_dim + s_dim, *hidden, 2], "relu"), 2, f_dim)
+        head = CoordinateHead(mlp([f_dim + s_dim, *hidden_widths, 2], "relu"), 2, f_dim)
     else:
         phi = VectorSummary(mlp([2, *draw_features], "leaky_relu", final_act=True))
         if use_context:
             summary = MeanPool(nn.Sequential(phi, mlp([f_dim, *meta_summary], "leaky_relu")), event_dim=2)
-        head = mlp([f_dim + s_dim, *hidden, latent.n_params], "relu")
+        head = mlp([f_dim + s_dim, *hidden_widths, latent.n_params], "relu")
     decoder = KnownLikelihoodDecoder(member_families, families)
     config = dict(kind="expfam_metavae", member_families=list(member_families), families=list(families),
                   vector_size=vector_size, draw_features=list(draw_features), meta_summary=list(meta_summary),
-                  hidden=list(hidden), use_context=use_context, per_coordinate=per_coordinate, balance=balance)
+                  hidden_widths=list(hidden_widths), use_context=use_context, per_coordinate=per_coordinate,
+                  balance=balance)
     weights = [1 / FISHER_PER_DRAW[f] for f in member_families] if balance else None
     return ExpFamMetaVAE((vector_size, 2), head, decoder, latent, ExpFamLikelihood(families, vector_size),
                          summary=summary, query_encoder=phi, config=config, weights=weights)
