@@ -1,10 +1,12 @@
-"""Evaluation time of a finished transformed-MNIST run with the old and the new standardised probe,
-measured back to back in one process on copies of the run (training is finished, so `metavae run`
-only evaluates):
+"""Evaluation time of a finished transformed-MNIST run two ways, measured back to back in one
+process on copies of the run (training is finished, so `metavae run` only evaluates; the run's own
+recorded config is used, so any preset or --set variant re-evaluates):
 
-    python benchmarks/eval_time.py runs/mnist-rotate/contiguous/metavae --data-dir DIR [--preset quick] [--out FILE.json]
+    python benchmarks/eval_time.py RUN --data-dir DIR [--compare probe|embedding] [--out FILE.json]
 
-"old": scikit-learn one fit at a time (max_iter=300, as before); "new": the batched torch solve.
+``probe`` (default): "old" is scikit-learn one fit at a time (max_iter=300, as before), "new" the
+batched torch solve. ``embedding``: "old" encodes every context image for every query it joins,
+"new" encodes each image once (`MetaVAE.pool_features`), both with the torch probe.
 Writes each way's eval_seconds, the seconds inside the standardised probe, and the run's
 train_seconds_total, hence the evaluation / training ratio each way.
 """
@@ -17,8 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from metavae.models import MetaVAE
 from metavae.paper import get_experiment, invariance
-from metavae.settings import resolve_preset
+from metavae.settings import config_from_dict
 from metavae.probes import sklearn_standardised_probe, standardised_probes
 
 
@@ -26,8 +31,9 @@ def old_probes(problems, cs):
     return [sklearn_standardised_probe(*p, cs=cs) for p in problems]
 
 
-def evaluate(run: Path, data_dir, preset: str, probe) -> dict:
-    """Re-run the finished run (a copy) with ``probe`` as the standardised probe; its timings."""
+def evaluate(run: Path, data_dir, probe, cached: bool = True) -> dict:
+    """Re-run the finished run (a copy) with ``probe`` as the standardised probe (``cached``: pool
+    features computed once per value); its timings."""
     m = json.loads((run / "metrics.json").read_text())
     exp = get_experiment(f"mnist-{m['axis']}")
     spent = [0.0]
@@ -42,13 +48,16 @@ def evaluate(run: Path, data_dir, preset: str, probe) -> dict:
         out = Path(tmp) / "run"
         shutil.copytree(run, out)
         saved, invariance.standardised_probes = invariance.standardised_probes, timed
+        features = MetaVAE.pool_features
+        if not cached:
+            MetaVAE.pool_features = lambda self, pool, chunk=1024: None
         try:
             t0 = time.time()
-            metrics = exp.run(resolve_preset(exp.presets, preset), out=out, seed=m["seed"], progress=False,
-                              model=m["model"], split=m["split"], data_dir=data_dir)
+            metrics = exp.run(config_from_dict(invariance.InvarianceConfig, m["config"]), out=out, seed=m["seed"],
+                              progress=False, model=m["model"], split=m["split"], data_dir=data_dir)
             wall = time.time() - t0
         finally:
-            invariance.standardised_probes = saved
+            invariance.standardised_probes, MetaVAE.pool_features = saved, features
     return {"eval_seconds": metrics["eval_seconds"], "standardised_probe_seconds": round(spent[0], 1),
             "wall_seconds": round(wall, 1), "train_seconds_total": metrics["train_seconds_total"],
             "eval_over_train": round(metrics["eval_seconds"] / metrics["train_seconds_total"], 3),
@@ -59,12 +68,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--preset", default="quick")
+    p.add_argument("--compare", choices=("probe", "embedding"), default="probe")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    result = {"run": str(args.run), "preset": args.preset,
-              "old": evaluate(args.run, args.data_dir, args.preset, old_probes),
-              "new": evaluate(args.run, args.data_dir, args.preset, standardised_probes)}
+    ways = {"probe": ((old_probes, True), (standardised_probes, True)),
+            "embedding": ((standardised_probes, False), (standardised_probes, True))}[args.compare]
+    result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(),
+              "old": evaluate(args.run, args.data_dir, *ways[0]), "new": evaluate(args.run, args.data_dir, *ways[1])}
+    result["same_accuracy"] = result["old"]["mean_unseen_accuracy"] == result["new"]["mean_unseen_accuracy"]
     out = args.out or args.run / "eval_time.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from metavae.cli import main
 from metavae.paper.invariance import fit_probe
@@ -120,3 +121,21 @@ def test_attention_pooling_setting_trains_a_set_transformer_and_names_the_varian
     assert main(["run", "mnist-scale", "--model", "vae", "--data-dir", str(shared_mnist), "--out", str(tmp_path / "v"),
                  "--set", "pooling=attention"] + TINY) == 2
     assert "needs a model that pools a context set" in capsys.readouterr().err
+
+
+def test_embedding_with_the_pool_features_computed_once_is_the_same(monkeypatch):
+    """embed_images encodes each image once for every context it joins (`MetaVAE.pool_features`):
+    the same contexts (same generator draws) and the same embeddings as encoding every context."""
+    from metavae.models import make_model
+    from metavae.paper.invariance import embed_images
+
+    torch.manual_seed(0)
+    model = make_model("metavae", event_shape=(1, 8, 8), n_distributions=3, z_dim=4).eval()
+    images = torch.randint(0, 256, (257, 1, 8, 8), dtype=torch.uint8)
+    cached = embed_images(model, images, 10, torch.Generator().manual_seed(3), chunk=50)
+    monkeypatch.setattr(type(model), "pool_features", lambda self, pool, chunk=1024: None)
+    plain = embed_images(model, images, 10, torch.Generator().manual_seed(3), chunk=50)
+    assert cached.shape == (257, 4)
+    assert torch.allclose(cached, plain, atol=1e-6), float((cached - plain).abs().max())
+    other = embed_images(model, images, 10, torch.Generator().manual_seed(4), chunk=50)
+    assert not torch.allclose(other, plain, atol=1e-6)  # the contexts matter: the comparison can fail

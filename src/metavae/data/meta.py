@@ -41,14 +41,17 @@ MAX_MAGNITUDE = 1e18
 class PooledContext:
     """Context sets drawn from one pool per distribution: ``pool`` (K, P, *event) holds P distinct
     points, ``index`` (K, B, N) picks each query's N pool members (distinct per query). A model
-    embeds the P pool points once per step instead of B*N context points."""
+    embeds the P pool points once per step instead of B*N context points. ``features`` (K, P, F),
+    when given, are the summary network's per-element features of the pool, computed once for
+    many batches of queries (evaluation: `MetaVAE.pool_features`)."""
 
     pool: torch.Tensor
     index: torch.Tensor
+    features: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> "PooledContext":
-        return PooledContext(self.pool.to(device, non_blocking=non_blocking),
-                             self.index.to(device, non_blocking=non_blocking))
+        move = (lambda t: None if t is None else t.to(device, non_blocking=non_blocking))
+        return PooledContext(move(self.pool), move(self.index), move(self.features))
 
     def check_queries(self, x: torch.Tensor) -> None:
         """Raise unless ``index`` picks sets for exactly the (K, B) queries ``x`` (K, B, *event)."""
@@ -56,7 +59,7 @@ class PooledContext:
             raise ValueError(f"context pool index {tuple(self.index.shape)} does not match queries {tuple(x.shape)}")
 
     def select(self, queries: slice) -> "PooledContext":
-        return PooledContext(self.pool, self.index[:, queries])
+        return PooledContext(self.pool, self.index[:, queries], self.features)
 
     def materialize(self) -> torch.Tensor:
         """The explicit context sets (K, B, N, *event), for models that need them."""

@@ -109,9 +109,22 @@ class MetaVAE(Saveable, nn.Module):
         context.check_queries(x)
         K, B = x.shape[:2]
         h = self.query_encoder(x.reshape(-1, *self.event_shape))
-        s = self.summary.pooled(context.pool, context.index)
+        s = self.summary.pooled(context.pool, context.index, context.features)
         params = self.head(torch.cat([h, s.reshape(K * B, -1)], dim=-1))
         return params.reshape(K, B, -1)
+
+    @torch.no_grad()
+    def pool_features(self, pool: torch.Tensor, chunk: int = 1024) -> torch.Tensor | None:
+        """The summary network's per-element features (K, P, F) of pool points (K, P, *event), for
+        embedding many queries whose contexts are drawn from that pool (`PooledContext.features`):
+        each point is encoded once instead of once per context it joins. None where the summary
+        needs the sets themselves (centred inference, or no pooled path)."""
+        if self.center or not self.uses_context or not hasattr(self.summary, "pooled"):
+            return None
+        K, P = pool.shape[:2]
+        flat = pool.reshape(K * P, *pool.shape[2:])
+        feats = torch.cat([self.summary.pre(flat[i:i + chunk]) for i in range(0, K * P, chunk)])
+        return feats.reshape(K, P, -1)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
