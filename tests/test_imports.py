@@ -110,10 +110,11 @@ def _imports(name: str, known: set) -> set:
     return {m for m in found if m in known and m != name}
 
 
-def test_no_import_circle_runs_through_the_models():
-    """No models module imports one that imports it back, even inside a function (a circle that
+def test_no_import_circle_runs_through_the_library():
+    """No library module imports one that imports it back, even inside a function (a circle that
     only works because an import was moved late): saving reaches the registry through `models.files`,
-    which imports no model, and the library's kinds register in `models.kinds`."""
+    which imports no model, the library's kinds register in `models.kinds`, and data and training
+    share `devices`."""
     known = set(MODULES) | {"metavae"}
     graph = {m: _imports(m, known) for m in known}
 
@@ -125,5 +126,5 @@ def test_no_import_circle_runs_through_the_models():
                 todo.append(n)
         return seen
 
-    circles = sorted(m for m in known if m.startswith("metavae.models") and m in reaches(m))
+    circles = sorted(m for m in known if not m.startswith("metavae.paper") and m in reaches(m))
     assert not circles, f"modules that import themselves back: {circles}"

@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+
 logger = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
@@ -684,8 +686,6 @@ class MetaDataset:
         return self.parts[name]
 
     def to(self, device) -> "MetaDataset":
-        from ..training.distributed import resolve_device  # training imports this module: look it up late
-
         device = resolve_device(device)  # a device this machine lacks is a ValueError, not torch's assertion
         for p in self.parts.values():
             p.to(device)
