@@ -2,7 +2,7 @@
 process on copies of the run (training is finished, so `metavae run` only evaluates; the run's own
 recorded config is used, so any preset or --set variant re-evaluates):
 
-    python benchmarks/eval_time.py RUN --data-dir DIR [--compare probe|embedding] [--out FILE.json]
+    python benchmarks/eval_time.py RUN --data-dir DIR [--compare probe|embedding] [--set KEY=VALUE] [--out FILE.json]
 
 ``probe`` (default): "old" is scikit-learn one fit at a time (max_iter=300, as before), "new" the
 batched torch solve. ``embedding``: "old" encodes every context image for every query it joins,
@@ -23,7 +23,7 @@ import torch
 
 from metavae.models import MetaVAE
 from metavae.paper import get_experiment, invariance
-from metavae.settings import config_from_dict
+from metavae.settings import config_from_dict, parse_overrides, resolve_preset
 from metavae.probes import sklearn_standardised_probe, standardised_probes
 
 
@@ -31,7 +31,7 @@ def old_probes(problems, cs):
     return [sklearn_standardised_probe(*p, cs=cs) for p in problems]
 
 
-def evaluate(run: Path, data_dir, probe, cached: bool = True) -> dict:
+def evaluate(run: Path, data_dir, probe, cached: bool = True, overrides: dict | None = None) -> dict:
     """Re-run the finished run (a copy) with ``probe`` as the standardised probe (``cached``: pool
     features computed once per value); its timings."""
     m = json.loads((run / "metrics.json").read_text())
@@ -53,7 +53,8 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True) -> dict:
             MetaVAE.pool_features = lambda self, pool, chunk=1024: None
         try:
             t0 = time.time()
-            metrics = exp.run(config_from_dict(invariance.InvarianceConfig, m["config"]), out=out, seed=m["seed"],
+            cfg = resolve_preset({"run": config_from_dict(invariance.InvarianceConfig, m["config"])}, "run", overrides)
+            metrics = exp.run(cfg, out=out, seed=m["seed"],
                               progress=False, model=m["model"], split=m["split"], data_dir=data_dir)
             wall = time.time() - t0
         finally:
@@ -69,12 +70,16 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--compare", choices=("probe", "embedding"), default="probe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an evaluation-only setting to change, e.g. test_context_sizes=[] (repeatable)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    sets = parse_overrides(args.set)
     ways = {"probe": ((old_probes, True), (standardised_probes, True)),
             "embedding": ((standardised_probes, False), (standardised_probes, True))}[args.compare]
     result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(),
-              "old": evaluate(args.run, args.data_dir, *ways[0]), "new": evaluate(args.run, args.data_dir, *ways[1])}
+              "settings": sets, "old": evaluate(args.run, args.data_dir, *ways[0], overrides=sets),
+              "new": evaluate(args.run, args.data_dir, *ways[1], overrides=sets)}
     result["same_accuracy"] = result["old"]["mean_unseen_accuracy"] == result["new"]["mean_unseen_accuracy"]
     out = args.out or args.run / "eval_time.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

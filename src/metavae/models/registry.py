@@ -56,9 +56,11 @@ class Kind:
     def archs(self) -> tuple:
         return tuple(self.builders)
 
-    def takes(self, argument: str) -> bool:
-        """True if every architecture's builder takes ``argument`` (a keyword of its signature)."""
-        return bool(self.builders) and all(argument in builder_params(b) for b in self.builders.values())
+    def takes(self, argument: str, arch: str | None = None) -> bool:
+        """True if the ``arch`` builder (default: every architecture's) takes ``argument`` (a keyword
+        of its signature)."""
+        builders = list(self.builders.values()) if arch is None else [self.builders[arch]] if arch in self.builders else []
+        return bool(builders) and all(argument in builder_params(b) for b in builders)
 
 
 _KINDS: dict[str, Kind] = {}  # name -> record, in registration order

@@ -8,6 +8,7 @@ image's embedding moves when only the transformation changes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import replace
@@ -39,27 +40,48 @@ STANDARDISED_PROBE = ("features standardised on the train embeddings; multinomia
                       "{0.01, 0.1, 1, 10} by 3-fold cross-validation on the train embeddings")
 
 @config
+class ImageData:
+    """Which images a run trains and probes on."""
+    train_images: int | None = setting(5000, help="images per transformation value (null: the whole split)")
+    test_images: int | None = setting(1000, help="test images per value (null: the whole split)")
+    seen: int | None = setting(None, help="train on K of the split's seen values, spread out, at the same steps and "
+                                          "images per step")
+
+
+@config
+class ImageModel:
+    """What every model of the comparison is built with (each kind takes those its builder has)."""
+    z_dim: int = setting(40, help="latent dimensions")
+    init: str = setting("default", choices=INITS, help="MetaVAE and VAE only: default (PyTorch's, the reference) or "
+                                                      "xavier (the baselines', always used by NS/VHE)")
+    free_bits: float = setting(0.0, zero=True, help="MetaVAE and VAE training only: each latent dim's KL counts as "
+                                                    ">= this many nats")
+    pooling: str = setting("mean", choices=POOLINGS, help="MetaVAE, NS and VHE: how the context set is pooled, mean "
+                                                          "(the paper's) or attention")
+
+
+@config
+class ImageEvaluation:
+    """How the trained weights are scored; a finished run may be re-scored under other values."""
+    embed_chunk: int = setting(100, help="images embedded together; the NS uses each chunk as its set")
+    selection: str = setting("best", choices=("best", "reference"), help="best: lowest val loss, mean c; reference: "
+                                                                         "the reference's highest val loss, sampled c")
+    test_context_sizes: tuple = setting((), empty=True, help="also probe the selected weights with contexts of these "
+                                                             "sizes")
+
+
+@config
 class InvarianceConfig:
-    train_images: int | None = 5000  # per transformation value (None: the whole split)
-    test_images: int | None = 1000
+    """An image experiment's settings in four groups (data, train, model, evaluation), each setting
+    reached by its plain name (``--set z_dim=8``) or its group's (``--set model.z_dim=8``)."""
+    data: ImageData = group(ImageData(), *(f.name for f in dataclasses.fields(ImageData)))
     # contexts drawn from context_pool images per distribution and step (speed; every model); the reference's pick
     # (worst.pt) kept beside the best
     train: TrainConfig = group(TrainConfig(epochs=5, batch_size=100, context_size=10, lr=2e-4, keep_worst=True),
                                "epochs", "batch_size", "context_size", "lr", "context_pool", "amp",
                                nonzero=("context_size",))
-    z_dim: int = 40
-    embed_chunk: int = 100  # images embedded together; the NS uses each chunk as its set
-    init: str = setting("default", choices=INITS, help="MetaVAE and VAE only: default (PyTorch's, the reference) or "
-                                                      "xavier (the baselines', always used by NS/VHE)")
-    selection: str = setting("best", choices=("best", "reference"), help="best: lowest val loss, mean c; reference: "
-                                                                         "the reference's highest val loss, sampled c")
-    free_bits: float = setting(0.0, zero=True, help="MetaVAE and VAE training only: each latent dim's KL counts as "
-                                                    ">= this many nats")
-    pooling: str = setting("mean", choices=POOLINGS, help="MetaVAE, NS and VHE: how the context set is pooled, mean "
-                                                          "(the paper's) or attention")
-    seen: int | None = None  # train on K of the split's seen values, spread out, at the same steps and images per step
-    test_context_sizes: tuple = setting((), empty=True, help="evaluation only: also probe the selected weights with "
-                                                             "contexts of these sizes")
+    model: ImageModel = group(ImageModel(), *(f.name for f in dataclasses.fields(ImageModel)))
+    evaluation: ImageEvaluation = group(ImageEvaluation(), *(f.name for f in dataclasses.fields(ImageEvaluation)))
 
     def check(self) -> None:
         if self.seen is not None and self.seen < 1:
@@ -72,7 +94,7 @@ class InvarianceConfig:
 
 
 # Settings that change only the evaluation: a finished run may be re-scored under other values.
-EVALUATION_ONLY = ("embed_chunk", "selection", "epochs", "test_context_sizes")
+EVALUATION_ONLY = tuple(f.name for f in dataclasses.fields(ImageEvaluation)) + ("epochs",)
 # Weights kept for learning curves: after these fractions of the run's steps (0: untrained).
 SNAPSHOT_FRACTIONS = (0.0, 1 / 16, 1 / 4, 1.0)
 
@@ -330,6 +352,19 @@ def training_settings(cfg: InvarianceConfig) -> dict:
     return {k: v for k, v in flat(cfg).items() if k not in EVALUATION_ONLY}
 
 
+def model_arguments(model_name: str, arch: str, cfg: InvarianceConfig, extra: dict | None = None) -> dict:
+    """`make_model`'s arguments for ``model_name`` under ``cfg``: the model group as it is, each
+    setting its kind's builder takes (pooling where it is not mean, every builder's default), then
+    ``extra``. A pooling the kind cannot use is an error, not a silent default."""
+    kind = model_kind(model_name)
+    if cfg.pooling != "mean" and not kind.pooling:
+        pooled = ", ".join(k.name for k in model_kinds() if k.pooling)
+        raise ValueError(f"pooling={cfg.pooling!r} needs a model that pools a context set ({pooled}), not {model_name!r}")
+    args = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+            if kind.takes(k, arch) and (k != "pooling" or v != "mean")}
+    return {**args, **(extra or {})}
+
+
 def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, names: list, cfg: InvarianceConfig,
                   out: Path, seed: int, device: str, progress: bool, model_kwargs: dict | None = None,
                   run_info: dict | None = None):
@@ -341,19 +376,8 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     data = MetaDataset.from_parts(train=train_sets, val=val_sets, names=names)
     seed_everything(seed + INIT_STREAM.get(model_name, 0))
     event = tuple(train_sets[0].shape[1:])
-    kwargs = dict(model_kwargs or {})
-    kind = model_kind(model_name)
-    for setting in ("init", "free_bits"):  # the MetaVAE's builders take them
-        if kind.takes(setting):
-            kwargs.setdefault(setting, getattr(cfg, setting))
-    if cfg.pooling != "mean":  # the builders' default; only models that pool a context set take it
-        if not kind.pooling:
-            pooled = ", ".join(k.name for k in model_kinds() if k.pooling)
-            raise ValueError(f"pooling={cfg.pooling!r} needs a model that pools a context set "
-                             f"({pooled}), not {model_name!r}")
-        kwargs.setdefault("pooling", cfg.pooling)
-    model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets), z_dim=cfg.z_dim,
-                       **kwargs)
+    model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets),
+                       **model_arguments(model_name, arch, cfg, model_kwargs))
     steps = cfg.epochs * data.steps_per_epoch(cfg.batch_size)
     tc = replace(cfg.train, seed=seed, device=device,
                  snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))

@@ -26,6 +26,7 @@ test set; averaged over the non-base groups.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -44,10 +45,10 @@ from ..io import atomic_write_text
 from ..models.registry import kind, model_names
 from .base import Experiment
 from .common import markdown_table, render_report, sci, write_metrics, write_report
-from ..settings import config, flat, setting
-from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, InvarianceConfig, accuracy_figure, evaluate_run, find_runs,
-                         fmt_seeds, gather_tables, invariance_distances, run_label, snapshot_model, table2_models,
-                         train_on_seen, untrained_distances)
+from ..settings import config, flat, group, setting
+from .invariance import (PROBE, PROBES, STANDARDISED_PROBE, ImageModel, InvarianceConfig, accuracy_figure, evaluate_run,
+                         find_runs, fmt_seeds, gather_tables, invariance_distances, model_arguments, run_label,
+                         snapshot_model, table2_models, train_on_seen, untrained_distances)
 
 COLLAPSED_SPREAD = 0.1  # a MetaVAE embedding spread below this: the posterior collapsed onto the prior
 DATA_SEED = 0  # which images a preset's per-group subset keeps (fixed across runs and models)
@@ -69,14 +70,21 @@ CORRESPONDENCE = ("a test image of group v is paired with the base group's test 
 
 
 @config
-class NorbConfig(InvarianceConfig):
-    """`InvarianceConfig` plus the conv models' sizes. ``train_images``/``test_images`` are per
-    group (None: the whole group); ``table1_images`` per group for Table 1 (None: test_images)."""
+class NorbModel(ImageModel):
+    """`ImageModel` plus the conv models' sizes."""
+    channels: tuple = setting((64, 128, 256), help="conv stage widths (encoder and decoder trunks)")
+    hidden: int = setting(400, help="width of the fully connected layers")
+    c_dim: int = setting(300, help="NS / VHE context latent dimensions")
 
-    channels: tuple = (64, 128, 256)  # conv stage widths (encoder and decoder trunks)
-    hidden: int = 400
-    c_dim: int = 300  # NS / VHE context latent
-    n_components: int = 500  # VampPrior components (paper; the reference conv code used 10)
+
+@config
+class NorbConfig(InvarianceConfig):
+    """`InvarianceConfig` with the conv models' sizes in its model group. ``train_images``/
+    ``test_images`` are per group (None: the whole group); ``table1_images`` per group for Table 1
+    (None: test_images)."""
+
+    model: NorbModel = group(NorbModel(), *(f.name for f in dataclasses.fields(NorbModel)))
+    n_components: int = 500  # VampPrior components (paper; the reference conv code used 10); the VHE+VampPrior only
     table1_images: int | None = None
     cameras: str = setting("all", choices=("all", "left", "right"), help="the cameras whose images are kept")
 
@@ -106,13 +114,10 @@ OPTIONS = {"model", "split", "data_dir"}
 
 
 def model_kwargs(model: str, cfg: NorbConfig) -> dict:
-    """The `make_model` arguments of one conv model under ``cfg``."""
-    kw = {"channels": tuple(cfg.channels), "hidden": cfg.hidden}
-    if kind(model).takes("c_dim"):  # a context latent c (the NS, the VHE)
-        kw["c_dim"] = cfg.c_dim
-    if model == "vhe-vampprior":
-        kw["n_components"] = cfg.n_components
-    return kw
+    """The `make_model` arguments beyond the model group (which `train_on_seen` passes as it is):
+    the VampPrior's components, for the VHE+VampPrior only (the plain VHE's builder takes the
+    argument too, and its saved config must not change)."""
+    return {"n_components": cfg.n_components} if model == "vhe-vampprior" else {}
 
 
 def data_name(data_dir) -> str:
@@ -220,7 +225,8 @@ def make_run(axis: str):
             "epochs": cfg.epochs, "epochs_trained": history[-1]["epoch"] if history else 0,
             "train_seconds": round(sum(h.get("seconds", 0.0) for h in history) or seconds, 1),
             "seed": seed, "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE},
-            "model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+            "model_kwargs": {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in model_arguments(model, "conv", cfg, kw).items()},
             "n_parameters": sum(p.numel() for p in trained.parameters()),
             "config": flat(cfg), "history": history,
         })
