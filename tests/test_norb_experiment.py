@@ -96,7 +96,7 @@ def test_runs_and_report_name_the_data_and_fill_tables(tmp_path):
         assert set(m1["accuracy"][probe]) == {"3", "4", "5"}
         assert m1["mean_unseen_accuracy"][probe] == pytest.approx(np.mean(list(m1["accuracy"][probe].values())))
     assert "reference_selection" in m1 and "untrained" in m1  # the VHE+VP has a c: the reference's pick too
-    assert m1["model_kwargs"] == {"channels": [4, 8, 8], "hidden": 16, "c_dim": 8, "n_components": 2}
+    assert m1["model_kwargs"] == {"z_dim": 4, "channels": [4, 8, 8], "hidden": 16, "c_dim": 8, "n_components": 2}
     assert m1["train_images_per_value"] == 40 and m1["test_images_per_value"] == 30
     assert "invariance_distance" not in m1
     for name in ("accuracy.png", "examples.png", "report.md", "checkpoints/best.pt"):
