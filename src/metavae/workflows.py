@@ -182,7 +182,7 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
                  arch: str = "auto", device: str = "cpu") -> dict:
     """`train_on_files` on a family already in memory (the scikit-learn estimator's way in)."""
     from .settings import check_settings
-    from .preprocess import choose_likelihood, fit_scaler
+    from .preprocess import choose_likelihood
 
     check_settings(cfg)
     kind = model_kind(model_name)
@@ -192,31 +192,8 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
     arch = choose_arch(only if arch == "auto" and only else arch, family.event_shape)
     if kind.merges_family and len(family.names) > 1:
         logger.info(f"{kind.title} pools every distribution into one (it has one decoder and no context)")
-    sizes = [len(p) for p in family.points]
-    k = int(np.argmin(sizes))
-    n_val = int(round(sizes[k] * cfg.val_fraction))  # contexts of validation queries come from the val part
-    if min(n_val, sizes[k] - n_val) < cfg.context_size:
-        raise ValueError(f"distribution {family.names[k]!r} has {sizes[k]} points: its validation part "
-                         f"(val_fraction={cfg.val_fraction}) would hold {n_val}, fewer than context_size="
-                         f"{cfg.context_size}; lower context_size, raise val_fraction or drop it")
-    scaler = fit_scaler(family.points, cfg.scale)  # on every point: validation is for early stopping only
-    uint8 = all(np.asarray(p[:0]).dtype == np.uint8 for p in family.points)
-    # the dataset reads uint8 as x/255 itself: a mapped family needs no other map
-    passthrough = scaler.kind == "none" or (uint8 and bool((scaler.offset == 0).all() and (scaler.scale == 1).all()))
-    storage = choose_storage("padded" if storage == "auto" and (kind.merges_family or not passthrough) else storage,
-                             family)
-    if storage == "mapped" and kind.merges_family:
-        raise ValueError(f"--storage mapped keeps one array per distribution; {kind.title} pools them into one "
-                         "(use --storage padded)")
-    if storage == "mapped" and not passthrough:
-        raise ValueError(f"--storage mapped reads the files as they are, but scale={scaler.kind} maps them: use "
-                         "--set scale=none (or unit for uint8 images), or --storage padded")
-    if storage == "mapped":
-        points = family.points
-    else:
-        points = [scaler.to_model(np.array(p) if isinstance(p, np.memmap) else p) for p in family.points]
-        if kind.merges_family:
-            points = [torch.cat(points)]
+    _check_validation_size(family, cfg)
+    points, scaler, storage = _model_points(family, cfg, kind, storage)
     likelihood = choose_likelihood(cfg.likelihood, points if storage != "mapped" else family.points, quiet=True)
     if cfg.likelihood == "auto":
         why = "values in [0, 1]" if likelihood == "bernoulli" else "real values outside [0, 1]"
@@ -246,10 +223,48 @@ def train_family(family: Family, out, model_name: str = "metavae", cfg: FileTrai
                "epochs_trained": trainer.state.epoch, "stopped_early": trainer.stopped_early,
                "best_epoch": trainer.state.best_epoch, "best_val_loss": trainer.state.best_val,
                "train_seconds": round(time.time() - t0, 1), "settings": flat(cfg), "history": history}
-    write_json(metrics, out / "metrics.json")
-    atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / "metrics.jsonl")
-    _loss_plot(out / "loss.png", history, model_name)
+    _write_outputs(out, metrics, model_name)
     return metrics
+
+
+def _check_validation_size(family: Family, cfg: FileTrainConfig) -> None:
+    """Every distribution's validation part must hold a context set: its queries' contexts come from it."""
+    sizes = [len(p) for p in family.points]
+    k = int(np.argmin(sizes))
+    n_val = int(round(sizes[k] * cfg.val_fraction))
+    if min(n_val, sizes[k] - n_val) < cfg.context_size:
+        raise ValueError(f"distribution {family.names[k]!r} has {sizes[k]} points: its validation part "
+                         f"(val_fraction={cfg.val_fraction}) would hold {n_val}, fewer than context_size="
+                         f"{cfg.context_size}; lower context_size, raise val_fraction or drop it")
+
+
+def _model_points(family: Family, cfg: FileTrainConfig, kind, storage: str) -> tuple:
+    """(the points the model trains on, the fitted `Scaler`, the storage): scaled in memory, or the
+    files as they are where a mapped family needs no map (the dataset reads uint8 as x/255 itself)."""
+    from .preprocess import fit_scaler
+
+    scaler = fit_scaler(family.points, cfg.scale)  # on every point: validation is for early stopping only
+    uint8 = all(np.asarray(p[:0]).dtype == np.uint8 for p in family.points)
+    passthrough = scaler.kind == "none" or (uint8 and bool((scaler.offset == 0).all() and (scaler.scale == 1).all()))
+    storage = choose_storage("padded" if storage == "auto" and (kind.merges_family or not passthrough) else storage,
+                             family)
+    if storage == "mapped" and kind.merges_family:
+        raise ValueError(f"--storage mapped keeps one array per distribution; {kind.title} pools them into one "
+                         "(use --storage padded)")
+    if storage == "mapped" and not passthrough:
+        raise ValueError(f"--storage mapped reads the files as they are, but scale={scaler.kind} maps them: use "
+                         "--set scale=none (or unit for uint8 images), or --storage padded")
+    if storage == "mapped":
+        return family.points, scaler, storage
+    points = [scaler.to_model(np.array(p) if isinstance(p, np.memmap) else p) for p in family.points]
+    return ([torch.cat(points)] if kind.merges_family else points), scaler, storage
+
+
+def _write_outputs(out: Path, metrics: dict, model_name: str) -> None:
+    """metrics.json, the per-epoch metrics.jsonl and loss.png beside the saved model."""
+    write_json(metrics, out / "metrics.json")
+    atomic_write_text("".join(json.dumps(h) + "\n" for h in metrics["history"]), out / "metrics.jsonl")
+    _loss_plot(out / "loss.png", metrics["history"], model_name)
 
 
 def _loss_plot(path: Path, history: list, title: str) -> None:
