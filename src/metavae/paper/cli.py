@@ -10,7 +10,7 @@ from pathlib import Path
 from ..io import RunFolder
 from ..settings import parse_overrides, resolve_preset
 from . import get_experiment, get_report, list_experiments, reproduce
-from .common import collect_metrics, replace_block
+from .common import collect_metrics
 
 
 def add_commands(sub) -> dict:
@@ -18,8 +18,8 @@ def add_commands(sub) -> dict:
     sub.add_parser("list", help="name every experiment and what it reproduces")
     r = sub.add_parser("run", help="train, evaluate and report one experiment")
     r.add_argument("experiment")
-    r.add_argument("--preset", default=None, help="quick (default; minutes on a laptop CPU) or another of the experiment's presets "
-                        "(e.g. long, paper, full); an unknown name lists them")
+    r.add_argument("--preset", default=None, help="quick (default; minutes on a laptop CPU) or another of the "
+                   "experiment's presets (e.g. long, paper, full); an unknown name lists them")
     r.add_argument("--out", type=Path, default=None, help="output folder (default runs/EXPERIMENT)")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--seed", type=int, default=0)
@@ -34,9 +34,6 @@ def add_commands(sub) -> dict:
                      "of the documentation from their templates (--runs defaults to results, --out to docs)")
     rep.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs (default runs)")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default RUNS/BENCHMARK-report)")
-    rep.add_argument("--readme", type=Path, default=None, metavar="README",
-                     help="also replace the tables between <!-- BENCHMARK-table2 --> (and, where the file has "
-                          "them, <!-- BENCHMARK-table1 -->) markers in this file")
     rep.add_argument("--collect", type=Path, default=None, metavar="DIR",
                      help="first copy every finished run's metrics.json (small JSON only) under RUNS into DIR, "
                           "then report from DIR (how results/ is filled)")
@@ -83,10 +80,6 @@ def report_command(args) -> int:
         runs = args.collect
     result = get_report(args.benchmark)(runs, args.out)
     out = args.out or runs / f"{args.benchmark}-report"
-    if args.readme is not None:
-        replace_block(args.readme, f"{args.benchmark}-table2", (out / "table2.md").read_text())
-        if f"<!-- {args.benchmark}-table1 -->" in args.readme.read_text():
-            replace_block(args.readme, f"{args.benchmark}-table1", (out / "table1.md").read_text())
     print((out / "report.md").read_text())
     if result["missing"]:
         print(f"[metavae] {len(result['missing'])} run(s) missing; see the report", file=sys.stderr)

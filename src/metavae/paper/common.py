@@ -63,18 +63,6 @@ def collect_metrics(runs: Path, dest: Path) -> int:
     return n
 
 
-def replace_block(path: Path, name: str, content: str) -> None:
-    """Put ``content`` between the ``<!-- name -->`` and ``<!-- /name -->`` lines of a markdown file."""
-    path = Path(path)
-    text = path.read_text()
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} block")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    atomic_write_text(f"{head}{start}\n{content.strip()}\n{end}{tail}", path)
-
-
 def write_report(out: Path, text: str) -> Path:
     path = Path(out) / "report.md"
     if is_main_process():
