@@ -251,6 +251,9 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
         "## The reference's selection of the baselines, taken apart (`benchmarks/reference_bugs.py`)", "",
         markdown_table(["run", "checkpoint, c", *(f"{p} probe" for p in PROBES)], bug_rows)
         if bug_rows else "Not measured yet.", "",
+        "*best* = lowest validation loss (ours), *worst* = highest (the reference's pick); *mean c* = the mean "
+        "of q(c | D) (ours), *sampled c* = one draw (the reference's). Every cell uses the same contexts and the "
+        "probes of the code that measured it (`reference_bugs.json` beside the run).", "",
         "## Equal training time (K=10, first seed; mean over the learning curve's 3 unseen values)", "",
         markdown_table(["seconds"] + probe_cols, t_rows) if t_rows else "No learning curves for both models yet.", "",
         "Seconds are each run's own measured training time (machines shared with other jobs: a ratio "
