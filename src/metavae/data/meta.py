@@ -39,6 +39,14 @@ _FAULT_AROUND = 64 << 10  # Linux maps up to 64 KB around a faulting file page (
 MAX_MAGNITUDE = 1e18
 
 
+def gather_members(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[k, index[k, b, n]]``: (K, P, ...) gathered by (K, B, N) indices -> (K, B, N, ...),
+    the members of each query's set in a pool (its points, or their features)."""
+    K, B, N = index.shape
+    rows = torch.arange(K, device=index.device).view(K, 1)
+    return values[rows, index.reshape(K, B * N)].reshape(K, B, N, *values.shape[2:])
+
+
 @dataclass
 class PooledContext:
     """Context sets drawn from one pool per distribution: ``pool`` (K, P, *event) holds P distinct
@@ -65,9 +73,7 @@ class PooledContext:
 
     def materialize(self) -> torch.Tensor:
         """The explicit context sets (K, B, N, *event), for models that need them."""
-        K, B, N = self.index.shape
-        rows = torch.arange(K, device=self.index.device).view(K, 1)
-        return self.pool[rows, self.index.reshape(K, B * N)].reshape(K, B, N, *self.pool.shape[2:])
+        return gather_members(self.pool, self.index)
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.meta import gather_members
+
 
 class MeanPool(nn.Module):
     """h(D) = post( mean_{x in D} pre(x) ).
@@ -37,9 +39,7 @@ class MeanPool(nn.Module):
         the members are then gathered, since a (K, B, P) matrix would be mostly zeros."""
         B, N = index.shape[1:]
         if features is not None:
-            rows = torch.arange(features.shape[0], device=index.device).view(-1, 1)
-            members = features[rows, index.reshape(features.shape[0], B * N)]
-            return self.post(members.reshape(*index.shape, -1).mean(dim=2))
+            return self.post(gather_members(features, index).mean(dim=2))
         K, P = pool.shape[:2]
         h = self.pre(pool.reshape(K * P, *pool.shape[2:]))
         h = h.reshape(K, P, -1)
@@ -111,6 +111,5 @@ class AttentionPool(nn.Module):
         K, P = pool.shape[:2]
         B, N = index.shape[1:]
         h = features if features is not None else self.pre(pool.reshape(K * P, *pool.shape[2:])).reshape(K, P, -1)
-        rows = torch.arange(K, device=index.device).view(K, 1)
-        members = h[rows, index.reshape(K, B * N)].reshape(K * B, N, -1)
+        members = gather_members(h, index).reshape(K * B, N, -1)
         return self._attend(members, None).reshape(K, B, -1)

@@ -139,8 +139,9 @@ def embed_images(model, images: torch.Tensor, context_size: int, generator: torc
     uses_context = getattr(model, "uses_context", True)
     # Models that pool per-element features (the MetaVAE) encode each image once for every context
     # it joins: the same contexts, the same sums, ~N times less work (docs/performance.md).
-    pool = as_float(part.data) if uses_context and hasattr(model, "pool_features") and not sample_c else None
-    features = model.pool_features(pool) if pool is not None else None
+    cached = uses_context and not sample_c and getattr(model, "pool_features", None) is not None
+    pool = as_float(part.data) if cached else None
+    features = model.pool_features(pool) if cached else None
     out = []
     for start in range(0, len(images), chunk):
         idx = torch.arange(start, min(start + chunk, len(images)), device=part.data.device).unsqueeze(0)
