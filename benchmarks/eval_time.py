@@ -2,13 +2,15 @@
 process on copies of the run (training is finished, so `metavae run` only evaluates; the run's own
 recorded config is used, so any preset or --set variant re-evaluates):
 
-    python benchmarks/eval_time.py RUN --data-dir DIR [--compare probe|embedding] [--set KEY=VALUE] [--out FILE.json]
+    python benchmarks/eval_time.py RUN --data-dir DIR [--compare probe|embedding|validation] [--set KEY=VALUE] [--out FILE.json]
 
 ``probe`` (default): "old" is scikit-learn one fit at a time (max_iter=300, as before), "new" the
 batched torch solve. ``embedding``: "old" encodes every context image for every query it joins,
-"new" encodes each image once (`MetaVAE.pool_features`), both with the torch probe.
-Writes each way's eval_seconds, the seconds inside the standardised probe, and the run's
-train_seconds_total, hence the evaluation / training ratio each way.
+"new" encodes each image once (`pool_features`), both with the torch probe and the validation
+of every set. ``validation``: "old" validates a snapshot by encoding every val set, "new" from
+features computed once per val image (`Trainer._val_context_features`), both with the above.
+Writes each way's eval_seconds, the seconds inside the standardised probe and inside validation,
+and the run's train_seconds_total, hence the evaluation / training ratio each way.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 from metavae.models import MetaVAE
+from metavae.models.hierarchical import HierarchicalVAE
+from metavae.training.trainer import Trainer
 from metavae.paper import get_experiment, invariance
 from metavae.settings import config_from_dict, parse_overrides, resolve_preset
 from metavae.probes import sklearn_standardised_probe, standardised_probes
@@ -31,26 +35,35 @@ def old_probes(problems, cs):
     return [sklearn_standardised_probe(*p, cs=cs) for p in problems]
 
 
-def evaluate(run: Path, data_dir, probe, cached: bool = True, overrides: dict | None = None) -> dict:
+def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation: bool = True,
+             overrides: dict | None = None) -> dict:
     """Re-run the finished run (a copy) with ``probe`` as the standardised probe (``cached``: pool
-    features computed once per value); its timings."""
+    features computed once per value; ``cached_validation``: val features once per image); its timings."""
     m = json.loads((run / "metrics.json").read_text())
     exp = get_experiment(f"mnist-{m['axis']}")
-    spent = [0.0]
+    spent = {"probe": 0.0, "validation": 0.0}
 
-    def timed(problems, cs):
-        t0 = time.time()
-        out = probe(problems, cs)
-        spent[0] += time.time() - t0
-        return out
+    def timed(key, fn):
+        def wrapped(*a, **kw):
+            t0 = time.time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.time() - t0
+        return wrapped
 
+    patches = [(invariance, "standardised_probes", timed("probe", probe)),
+               (Trainer, "validate", timed("validation", Trainer.validate))]
+    if not cached:
+        patches += [(cls, "pool_features", lambda self, pool, chunk=1024: None) for cls in (MetaVAE, HierarchicalVAE)]
+    if not cached_validation:
+        patches.append((Trainer, "_val_context_features", lambda self: None))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         shutil.copytree(run, out)
-        saved, invariance.standardised_probes = invariance.standardised_probes, timed
-        features = MetaVAE.pool_features
-        if not cached:
-            MetaVAE.pool_features = lambda self, pool, chunk=1024: None
+        for owner, name, value in patches:
+            setattr(owner, name, value)
         try:
             t0 = time.time()
             cfg = resolve_preset({"run": config_from_dict(invariance.InvarianceConfig, m["config"])}, "run", overrides)
@@ -58,25 +71,29 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, overrides: dict | 
                               progress=False, model=m["model"], split=m["split"], data_dir=data_dir)
             wall = time.time() - t0
         finally:
-            invariance.standardised_probes, MetaVAE.pool_features = saved, features
-    return {"eval_seconds": metrics["eval_seconds"], "standardised_probe_seconds": round(spent[0], 1),
+            for owner, name, value in saved:
+                setattr(owner, name, value)
+    return {"eval_seconds": metrics["eval_seconds"], "standardised_probe_seconds": round(spent["probe"], 1),
+            "validation_seconds": round(spent["validation"], 1),
             "wall_seconds": round(wall, 1), "train_seconds_total": metrics["train_seconds_total"],
             "eval_over_train": round(metrics["eval_seconds"] / metrics["train_seconds_total"], 3),
-            "mean_unseen_accuracy": metrics["mean_unseen_accuracy"]}
+            "mean_unseen_accuracy": metrics["mean_unseen_accuracy"],
+            "learning_curve_val_loss": [p["val_loss"] for p in metrics["learning_curve"]]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--compare", choices=("probe", "embedding"), default="probe")
+    p.add_argument("--compare", choices=("probe", "embedding", "validation"), default="probe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an evaluation-only setting to change, e.g. test_context_sizes=[] (repeatable)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     sets = parse_overrides(args.set)
-    ways = {"probe": ((old_probes, True), (standardised_probes, True)),
-            "embedding": ((standardised_probes, False), (standardised_probes, True))}[args.compare]
+    ways = {"probe": ((old_probes, True, True), (standardised_probes, True, True)),
+            "embedding": ((standardised_probes, False, False), (standardised_probes, True, False)),
+            "validation": ((standardised_probes, True, False), (standardised_probes, True, True))}[args.compare]
     result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(),
               "settings": sets, "old": evaluate(args.run, args.data_dir, *ways[0], overrides=sets),
               "new": evaluate(args.run, args.data_dir, *ways[1], overrides=sets)}

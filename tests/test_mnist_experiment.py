@@ -139,3 +139,21 @@ def test_embedding_with_the_pool_features_computed_once_is_the_same(monkeypatch)
     assert torch.allclose(cached, plain, atol=1e-6), float((cached - plain).abs().max())
     other = embed_images(model, images, 10, torch.Generator().manual_seed(4), chunk=50)
     assert not torch.allclose(other, plain, atol=1e-6)  # the contexts matter: the comparison can fail
+
+
+@pytest.mark.parametrize("kind", ["vhe", "vhe-vampprior"])
+def test_hierarchical_embedding_with_pool_features_is_the_same(monkeypatch, kind):
+    """The VHEs' q(c | D) from statistic features computed once per image (`pool_features`) gives
+    the embeddings of encoding every context set."""
+    from metavae.models import make_model
+    from metavae.models.hierarchical import HierarchicalVAE
+    from metavae.paper.invariance import embed_images
+
+    torch.manual_seed(0)
+    model = make_model(kind, event_shape=(1, 8, 8), n_distributions=3, z_dim=4).eval()
+    images = torch.randint(0, 256, (157, 1, 8, 8), dtype=torch.uint8)
+    cached = embed_images(model, images, 5, torch.Generator().manual_seed(3), chunk=50)
+    monkeypatch.setattr(HierarchicalVAE, "pool_features", lambda self, pool, chunk=1024: None)
+    plain = embed_images(model, images, 5, torch.Generator().manual_seed(3), chunk=50)
+    assert torch.allclose(cached, plain, atol=1e-5), float((cached - plain).abs().max())
+    assert not torch.allclose(embed_images(model, images, 5, torch.Generator().manual_seed(4), chunk=50), plain, atol=1e-5)

@@ -85,3 +85,53 @@ def test_cuda_absent_is_a_clear_error():
 def test_bad_config_values(kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(**{"epochs": 1, **kw})
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+@pytest.mark.parametrize("storage", ["padded", "mapped"])
+@pytest.mark.parametrize("per_step", [None, 2])
+def test_validation_from_features_computed_once_equals_encoding_every_set(pooling, storage, per_step):
+    """The val loss with each val point's summary features computed once (`Part.point_features`)
+    equals the loss that encodes every set's members: the same draws, the same sums. Distributions
+    of unequal sizes (padded slots), in chunks of distributions (distributions_per_step) or not."""
+    g = torch.Generator().manual_seed(1)
+    dists = [torch.randn(60 + 25 * k, 4, generator=g) * 0.3 + k for k in range(3)]
+    data = MetaDataset([d.numpy() for d in dists] if storage == "mapped" else dists, val_fraction=0.5, seed=0,
+                       storage=storage)
+    seed_everything(0)
+    model = build_mlp_metavae((4,), 3, z_dim=2, hidden_widths=(16,), summary_widths=(16, 16), likelihood=None,
+                              pooling=pooling)
+    trainer = Trainer(model, data, _cfg(1, distributions_per_step=per_step), progress=False)
+    assert trainer._val_context_features() is not None
+    cached = trainer.validate()
+    trainer._val_context_features = lambda: None
+    assert cached == pytest.approx(trainer.validate(), rel=1e-5)
+
+
+def test_point_features_cover_every_point_and_leave_padding_zero():
+    g = torch.Generator().manual_seed(2)
+    data = MetaDataset([torch.randn(n, 3, generator=g) for n in (10, 23)], val_fraction=0.0, test_fraction=0.0)
+    part = data.part("train")
+    feats = part.point_features(lambda x: x * 2, chunk=4)
+    assert feats.shape == (2, 23, 3)
+    assert torch.equal(feats[1], part.data[1] * 2) and torch.equal(feats[0, :10], part.data[0, :10] * 2)
+    assert not feats[0, 10:].any()
+    assert part.point_features(lambda x: None) is None
+
+
+@pytest.mark.parametrize("kind", ["vhe", "vhe-vampprior", "metavae"])
+def test_image_models_validate_from_features_as_from_sets(kind):
+    """The same check for the image models (uint8 points): the VHEs' statistic features and the
+    MetaVAE's summary features computed once per val image."""
+    from metavae.models import make_model
+
+    g = torch.Generator().manual_seed(3)
+    dists = [torch.randint(0, 256, (40 + 10 * k, 1, 8, 8), dtype=torch.uint8, generator=g) for k in range(3)]
+    data = MetaDataset(dists, val_fraction=0.5, seed=0)
+    seed_everything(0)
+    trainer = Trainer(make_model(kind, event_shape=(1, 8, 8), n_distributions=3, z_dim=4), data, _cfg(1),
+                      progress=False)
+    assert trainer._val_context_features() is not None
+    cached = trainer.validate()
+    trainer._val_context_features = lambda: None
+    assert cached == pytest.approx(trainer.validate(), rel=1e-5)

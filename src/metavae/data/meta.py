@@ -53,9 +53,10 @@ class PooledContext:
     points, ``index`` (K, B, N) picks each query's N pool members (distinct per query). A model
     embeds the P pool points once per step instead of B*N context points. ``features`` (K, P, F),
     when given, are the summary network's per-element features of the pool, computed once for
-    many batches of queries (evaluation: `MetaVAE.pool_features`)."""
+    many batches of queries (evaluation, validation: `MetaVAE.pool_features`); ``pool`` may then be
+    None (the points themselves are not needed)."""
 
-    pool: torch.Tensor
+    pool: torch.Tensor | None
     index: torch.Tensor
     features: torch.Tensor | None = None
 
@@ -73,6 +74,8 @@ class PooledContext:
 
     def materialize(self) -> torch.Tensor:
         """The explicit context sets (K, B, N, *event), for models that need them."""
+        if self.pool is None:
+            raise ValueError("these context sets carry only their features, not their points")
         return gather_members(self.pool, self.index)
 
 
@@ -359,11 +362,14 @@ class Part:
 
     def batch(self, query_idx: torch.Tensor, context_size: int, generator, exclude_query: bool = False,
               shared_context: bool = False, context_pool: int | None = None,
-              rows: torch.Tensor | None = None) -> Batch:
+              rows: torch.Tensor | None = None, features: torch.Tensor | None = None) -> Batch:
         """Queries at ``query_idx`` (K, B) with context sets (K, B, N, ...); with ``shared_context``
         one set per distribution (K, 1, N, ...) that all B queries share; with ``context_pool`` P a
         `PooledContext`: each query's N points are drawn from P pool points per distribution.
-        ``rows`` (K,): the distributions of the K rows (default: all, in order)."""
+        ``rows`` (K,): the distributions of the K rows (default: all, in order). ``features``
+        (n_distributions, n_max, F): the summary network's features of every point of this part
+        (`point_features`); the sets are then the same draws, carried as a `PooledContext` of
+        indices into the part, so a model encodes each point once instead of once per set."""
         x = as_float(self.gather(query_idx, rows))
         context = None
         if context_size > 0:
@@ -374,6 +380,10 @@ class Part:
                 raise ValueError("choose shared_context or a context pool, not both")
             if context_pool:
                 context = self._pooled_context(query_idx, context_size, context_pool, generator, rows)
+            elif features is not None and not shared_context:
+                idx = self.sample_context(query_idx, context_size, generator, exclude_query, rows)
+                mine = features if rows is None else features[rows.to(features.device)]
+                context = PooledContext(None, idx.to(mine.device), mine)
             else:
                 owner = query_idx[:, :1] if shared_context else query_idx
                 idx = self.sample_context(owner, context_size, generator, exclude_query, rows)
@@ -392,6 +402,25 @@ class Part:
         keys = torch.rand((K, B, context_pool), generator=generator, device=self.device).to(query_idx.device)
         index = keys.topk(size, dim=-1, largest=False, sorted=False).indices  # N distinct members per query
         return PooledContext(as_float(self.gather(pool, rows)), index)
+
+    @torch.no_grad()
+    def point_features(self, fn, chunk: int = 2048) -> torch.Tensor | None:
+        """``fn`` of every point, distribution by distribution in chunks of ``chunk`` points:
+        (n_distributions, n_max, F), zero in padded slots. ``fn`` maps points (1, M, *event) to
+        features (1, M, F), or to None (then this returns None: the model keeps no such features).
+        Reads through `gather`, so a memory-mapped part is never read whole."""
+        out = None
+        for k, n in enumerate(self.lengths.tolist()):
+            row = torch.tensor([k])
+            for start in range(0, n, chunk):
+                idx = torch.arange(start, min(start + chunk, n)).unsqueeze(0)
+                f = fn(as_float(self.gather(idx.to(self.device), row.to(self.device))))
+                if f is None:
+                    return None
+                if out is None:
+                    out = f.new_zeros((self.n_distributions, self.n_max, f.shape[-1]))
+                out[k, start:start + f.shape[1]] = f[0]
+        return out
 
     def permutations(self, generator: torch.Generator | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """One random order per distribution (K, max_n), or per distribution in ``rows``; padded
@@ -748,12 +777,14 @@ class MetaDataset:
         shared_context: bool = False,
         context_pool: int | None = None,
         dists: Sequence[int] | torch.Tensor | None = None,
+        context_features: torch.Tensor | None = None,
     ) -> Iterator[Batch]:
         """One pass over the largest distribution, each distribution in its own random order.
 
         Smaller distributions wrap around, so every step holds B queries from each of the K
         distributions (the MetaELBO weighs distributions equally). With ``dists``: over those
-        distributions only (e.g. validation in chunks of distributions).
+        distributions only (e.g. validation in chunks of distributions). ``context_features``: the
+        part's `Part.point_features` (every distribution's), to carry the sets as their indices.
         """
         p = self.part(part)
         rows = None if dists is None else _rows(dists, len(self))
@@ -762,7 +793,8 @@ class MetaDataset:
         for s in range(self.steps_per_epoch(batch_size, part, rows)):
             pos = torch.arange(s * batch_size, (s + 1) * batch_size, device=perm.device).unsqueeze(0)
             idx = perm.gather(1, pos % lengths)
-            yield p.batch(idx, context_size, generator, exclude_query, shared_context, context_pool, rows)
+            yield p.batch(idx, context_size, generator, exclude_query, shared_context, context_pool, rows,
+                          context_features)
 
 
 def _check_storage(storage: str) -> None:

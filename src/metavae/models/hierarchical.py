@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.meta import PooledContext, as_float
 from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl, gaussian_log_prob
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import AttentionPool, MeanPool
@@ -170,6 +171,26 @@ class HierarchicalVAE(Saveable, nn.Module):
         """Parameters (mu_c, logvar_c) of q(c | D): sets (*sets, N, *event) -> (*sets, 2 c_dim)."""
         return self.statistic(self.element_features(context))
 
+    def pooled_context_params(self, context: PooledContext) -> torch.Tensor:
+        """q(c | D) parameters (K, B, 2 c_dim) of sets drawn from a pool: the element features run
+        once per pool point (`MeanPool.pooled`), or not at all where the context carries them
+        (`pool_features`)."""
+        if context.features is not None:
+            return self.statistic.pooled(None, context.index, context.features)
+        return self.statistic.pooled(self.element_features(context.pool), context.index)
+
+    @torch.no_grad()
+    def pool_features(self, pool: torch.Tensor, chunk: int = 1024) -> torch.Tensor | None:
+        """The statistic network's per-element features (K, P, F) of pool points (K, P, *event)
+        (`PooledContext.features`), as `MetaVAE.pool_features`: each point encoded once, however many
+        sets it joins. None where the statistic needs the sets themselves or the model takes no context."""
+        if not self.uses_context or not hasattr(self.statistic, "pooled"):
+            return None
+        K, P = pool.shape[:2]
+        flat = pool.reshape(K * P, *pool.shape[2:])
+        feats = [self.statistic.pre(self.element_features(as_float(flat[i:i + chunk]))) for i in range(0, K * P, chunk)]
+        return torch.cat(feats).reshape(K, P, -1)
+
     def prior_components(self) -> torch.Tensor:
         """VampPrior components (M, 2 c_dim): the statistic network on each pseudo-dataset."""
         return self.context_params(self.vampprior.pseudo_inputs())
@@ -205,8 +226,13 @@ class HierarchicalVAE(Saveable, nn.Module):
         ``sample_c``: at one sample of q(c | D) per set instead, as the reference's embeddings."""
         if context is None:
             raise ValueError(f"{type(self).__name__} needs a context set D for every query; got context=None")
-        lead, sets, context = context_sets(x, context, self.event_shape)
-        c_params = self.context_params(context)
+        if isinstance(context, PooledContext) and not hasattr(self.statistic, "pooled"):
+            context = context.materialize()
+        if isinstance(context, PooledContext):
+            context.check_queries(x)
+            c_params = self.pooled_context_params(context)
+        else:
+            c_params = self.context_params(context_sets(x, context, self.event_shape)[2])
         c = self.sample_c(c_params, c_params.shape[:-1])[0] if sample_c else c_params[..., : self.c_dim]
         return self.inference(self.element_features(x), c)
 

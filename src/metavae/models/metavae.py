@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.meta import PooledContext
+from ..data.meta import PooledContext, as_float
 from ..distributions import Bernoulli, draw, make_latent
 from ..nets.mlp import BatchedMLP, ScaledBank, mlp
 from .. import objectives
@@ -123,7 +123,7 @@ class MetaVAE(Saveable, nn.Module):
             return None
         K, P = pool.shape[:2]
         flat = pool.reshape(K * P, *pool.shape[2:])
-        feats = torch.cat([self.summary.pre(flat[i:i + chunk]) for i in range(0, K * P, chunk)])
+        feats = torch.cat([self.summary.pre(as_float(flat[i:i + chunk])) for i in range(0, K * P, chunk)])
         return feats.reshape(K, P, -1)
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ class VariationalHomoencoder(HierarchicalVAE):
         if isinstance(context, PooledContext):  # element features once per pool point, then averaged
             context.check_queries(x)
             N = context.index.shape[2]
-            c_params = self.statistic.pooled(self.element_features(context.pool), context.index)
+            c_params = self.pooled_context_params(context)
         else:
             if context.dim() != ne + 3:
                 raise ValueError(f"batch context must be (K, B or 1, N, *event), got {tuple(context.shape)}")

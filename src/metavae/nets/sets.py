@@ -108,7 +108,7 @@ class AttentionPool(nn.Module):
         points (K, P, *event), as in `MeanPool.pooled`, or not at all where ``features`` holds it;
         each set's N member features are gathered and attended. Equal to ``forward`` on the
         materialised sets, at the pool's cost for ``pre``."""
-        K, P = pool.shape[:2]
+        K, P = (pool if features is None else features).shape[:2]
         B, N = index.shape[1:]
         h = features if features is not None else self.pre(pool.reshape(K * P, *pool.shape[2:])).reshape(K, P, -1)
         members = gather_members(h, index).reshape(K * B, N, -1)

@@ -178,10 +178,24 @@ def verdict(found: dict, k_data: dict) -> list:
             if std.get(ctx) and std.get(ctl):
                 lines.append(f"- K=10, N=10: {ctx} {fmt_seeds(std[ctx])} against {ctl} {fmt_seeds(std[ctl])}: "
                              f"**{compare(std[ctx], std[ctl])}**.")
+    for m, (unpooled, pooled) in pooling_pairs(found).items():
+        lines.append(f"- Pooling (K=10, N=10): {m} with each query's own contexts {fmt_seeds(unpooled)} against "
+                     f"contexts from a pool of 50 {fmt_seeds(pooled)}: **{compare(unpooled, pooled)}**.")
     for k in sorted(set(k_data.get("metavae", {})) & set(k_data.get("vhe", {}))):
         a, b = k_data["metavae"][k]["standardised"], k_data["vhe"][k]["standardised"]
         lines.append(f"- K={k}: metavae {fmt_seeds(a)} against vhe {fmt_seeds(b)}: **{compare(a, b)}**.")
     return lines
+
+
+def pooling_pairs(found: dict) -> dict:
+    """{model: (unpooled, pooled)} standardised accuracies over seeds, where both are measured."""
+    pairs = {}
+    for m in REGIME_MODELS:
+        unpooled = _acc(found.get((AXIS, SPLIT, f"{m} (context_pool None)"), []), "standardised")
+        pooled = _acc(found.get((AXIS, SPLIT, m), []), "standardised")
+        if unpooled and pooled:
+            pairs[m] = (unpooled, pooled)
+    return pairs
 
 
 def pooling_rows(found: dict) -> list:
@@ -192,7 +206,8 @@ def pooling_rows(found: dict) -> list:
         for label in (model, f"{model} (context_pool None)"):
             runs = found.get((AXIS, SPLIT, label), [])
             if runs:
-                secs = over_seeds([m["train_seconds"] for m in runs if m.get("train_seconds")])
+                secs = over_seeds([m.get("train_seconds_total", m.get("train_seconds")) for m in runs
+                                   if m.get("train_seconds_total", m.get("train_seconds"))])
                 rows.append([label, len(runs)] + [fmt_seeds(_acc(runs, p)) for p in PROBES]
                             + [f"{secs['mean']:.0f}" if secs else "-"])
     return rows
@@ -246,7 +261,7 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
         "## Context size at test N (trained at N=10, K=10)", "",
         markdown_table(["N"] + probe_cols, n_table) if n_table else "No runs with `test_context_sizes` yet.", "",
         "## Pooling's cost (K=10, N=10): contexts from a pool of 50 against each query's own", "",
-        markdown_table(["run", "seeds"] + [f"{p} probe" for p in PROBES] + ["train s (mean)"], pool_rows)
+        markdown_table(["run", "seeds"] + [f"{p} probe" for p in PROBES] + ["training s, all epochs (mean; shared machine)"], pool_rows)
         if len(pool_rows) > len(REGIME_MODELS) else "No unpooled runs yet (`--set context_pool=null`).", "",
         "## The reference's selection of the baselines, taken apart (`benchmarks/reference_bugs.py`)", "",
         markdown_table(["run", "checkpoint, c", *(f"{p} probe" for p in PROBES)], bug_rows)
@@ -269,6 +284,7 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
     atomic_write_text("\n".join(lines) + "\n", out / "regimes.md")
     data = {"k": {m: {str(k): v for k, v in d.items()} for m, d in k_data.items()},
             "n": {m: {str(n): v for n, v in d.items()} for m, d in n_data.items()},
-            "equal_time": {m: c for m, c in curves.items()}}
+            "equal_time": {m: c for m, c in curves.items()},
+            "pooling": {m: {"unpooled": u, "pooled": p, "verdict": compare(u, p)} for m, (u, p) in pooling_pairs(found).items()}}
     atomic_write_text(json.dumps(data, indent=2) + "\n", out / "regimes.json")
     return data

@@ -272,10 +272,12 @@ class Trainer:
                                                        for i in range(0, self.n_dists, self.subset)]
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 2)
+            features = self._val_context_features()
             for dists in chunks:
                 weight = 1 if dists is None else len(dists)
                 batches = self.data.epoch(self.cfg.batch_size, self.context_size, "val", gen,
-                                          shared_context=self.cfg.shared_context, dists=dists)
+                                          shared_context=self.cfg.shared_context, dists=dists,
+                                          context_features=features)
                 for i, batch in enumerate(batches):
                     if self.cfg.val_steps is not None and i >= self.cfg.val_steps:
                         break
@@ -283,6 +285,16 @@ class Trainer:
                     n += weight
         self.model.train()
         return total / max(n, 1)
+
+    def _val_context_features(self) -> torch.Tensor | None:
+        """Every val point's summary features, where the model pools per-point features
+        (`MetaVAE.pool_features`) and each query draws its own set: the val sets are then summed
+        from features computed once per point, the same draws and the same sums as encoding each
+        set's members (to float rounding), about N times less encoding. None otherwise."""
+        pool_features = getattr(self.model, "pool_features", None)
+        if pool_features is None or self.context_size == 0 or self.cfg.shared_context:
+            return None
+        return self.data.part("val").point_features(pool_features)
 
     def fit(self, resume: bool = True) -> list[dict]:
         """Train up to ``config.epochs`` epochs (continuing a saved run when ``resume``), then load
