@@ -67,3 +67,13 @@ def test_report_builds_k_table_and_words_the_verdict_by_the_numbers(tmp_path):
 
 def test_regime_runs_stay_out_of_table2():
     assert regimes.is_regime_label("metavae (seen 5)") and not regimes.is_regime_label("metavae (amp bf16)")
+
+
+@pytest.mark.parametrize("unpooled, word", [(0.905, "level"), (0.93, "higher"), (0.87, "lower")])
+def test_pooling_verdict_is_worded_by_the_numbers(tmp_path, unpooled, word):
+    found = {("rotate", "contiguous", "metavae"): [_run("metavae", 0.90, seed=s) for s in range(2)],
+             ("rotate", "contiguous", "metavae (context_pool None)"): [_run("metavae", unpooled)]}
+    data = regimes.write(found, tmp_path)
+    assert data["pooling"]["metavae"]["verdict"] == word and "vhe" not in data["pooling"]
+    text = (tmp_path / "regimes.md").read_text()
+    assert f"metavae with each query's own contexts {unpooled:.3f}" in text and f"**{word}**" in text

@@ -135,3 +135,12 @@ def test_image_models_validate_from_features_as_from_sets(kind):
     cached = trainer.validate()
     trainer._val_context_features = lambda: None
     assert cached == pytest.approx(trainer.validate(), rel=1e-5)
+
+
+def test_validation_is_a_function_of_the_weights(tmp_path):
+    """validate() draws from a fixed seed: the best weights, reloaded, give the val loss their epoch
+    recorded (why an evaluation reuses the history's val loss for a snapshot at an epoch's end)."""
+    trainer = Trainer(_gaussian_model(), _data(), _cfg(3), out_dir=tmp_path, progress=False)
+    hist = trainer.fit()
+    assert trainer.validate() == min(h["val_loss"] for h in hist)
+    assert trainer.validate() == trainer.validate()

@@ -232,12 +232,15 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
     saved = {k: v.detach().clone() for k, v in selected.items()}
     curve, values = [], curve_values(unseen)
     total = max(trainer.cfg.snapshot_steps) if trainer.cfg.snapshot_steps else 0
+    # a snapshot at an epoch's end has that epoch's val loss already (validation draws from a fixed seed)
+    validated = {h["step"]: h["val_loss"] for h in trainer.state.history if h.get("val_loss") is not None}
     for step in trainer.cfg.snapshot_steps:
         path = trainer.snapshot_path(step)
         if path is None or not path.exists():
             continue
         model.load_state_dict(load_checkpoint(path)["model"])
-        point = {"step": step, "fraction": step / total if total else 0.0, "val_loss": trainer.validate()}
+        point = {"step": step, "fraction": step / total if total else 0.0,
+                 "val_loss": validated[step] if step in validated else trainer.validate()}
         if step == 0:
             untrained = summarise_probes(probe_unseen(model, data, unseen, cfg, seed, device, progress))
             result["untrained"] = untrained
