@@ -54,12 +54,17 @@ def test_report_builds_k_table_and_words_the_verdict_by_the_numbers(tmp_path):
              ("rotate", "contiguous", "metavae (seen 2)"): [_run("metavae", 0.85, 2)],
              ("rotate", "contiguous", "vhe (seen 2)"): [_run("vhe", 0.80, 2)],
              ("rotate", "contiguous", "vhe (seen 2, amp bf16)"): [_run("vhe", 0.10, 2)],  # another variant: not mapped
+             ("rotate", "contiguous", "vae (seen 2)"): [_run("vae", 0.87, 2)],
              ("rotate", "contiguous", "pixels"): [_run("pixels", 0.92)]}
     data = regimes.write(found, tmp_path)
     assert data["k"]["metavae"]["2"]["standardised"]["mean"] == pytest.approx(0.85)
     assert data["k"]["vhe"]["2"]["standardised"]["mean"] == pytest.approx(0.80)
+    assert data["k"]["vae"]["2"]["standardised"]["mean"] == pytest.approx(0.87)
     text = (tmp_path / "regimes.md").read_text()
     assert "K=2: metavae 0.850 against vhe 0.800: **higher**" in text
+    assert "K=2: metavae 0.850 against vae (no context, same K) 0.870: **lower**" in text
+    assert "K=2: vhe 0.800 against vae (no context, same K) 0.870: **lower**" in text
+    assert "| 2 | 0.840 | 0.850 | 0.790 | 0.800 | 0.860 | 0.870 | higher | lower |" in text
     assert "K=10: metavae 0.900 against vhe 0.895: **level**" in text
     assert "metavae 0.900 against pixels 0.920: **lower**" in text
     assert (tmp_path / "regimes.png").stat().st_size > 0

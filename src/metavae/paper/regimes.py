@@ -22,6 +22,7 @@ from .invariance import CONTROLS, PROBES, fmt_seeds, over_seeds
 
 AXIS, SPLIT = "rotate", "contiguous"
 REGIME_MODELS = ("metavae", "vhe")
+K_CONTROL = "vae"  # no context, one decoder over the K seen values: what conditioning on D is measured against
 ABLATIONS = ("metavae", "vhe", "vhe-vampprior", "ns", "metavae-nocontext", "vae")
 MARGIN = 0.01  # a difference below this (or within the seeds' spread) is reported as level
 
@@ -74,12 +75,22 @@ def ablation_rows(found: dict) -> list:
     return rows
 
 
+K_MODELS = REGIME_MODELS + (K_CONTROL,)
+K_COLUMNS = [f"{m}, {p}" for m in K_MODELS for p in PROBES] + ["MetaVAE vs VHE (standardised)",
+                                                               f"MetaVAE vs {K_CONTROL} (standardised)"]
+
+
 def k_rows(found: dict) -> tuple:
-    """(rows of the K table, {model: {K: {probe: over_seeds}}})."""
-    data = {m: {k: {p: _acc(runs, p) for p in PROBES} for k, runs in by_k(found, m).items()} for m in REGIME_MODELS}
-    ks = sorted({k for d in data.values() for k in d})
-    rows = [[k] + [fmt_seeds(data[m].get(k, {}).get(p)) for m in REGIME_MODELS for p in PROBES]
-            + [compare(data["metavae"].get(k, {}).get("standardised"), data["vhe"].get(k, {}).get("standardised"))]
+    """(rows of the K table, {model: {K: {probe: over_seeds}}}): the MetaVAE, the VHE and the
+    no-context control trained on the same K seen values."""
+    data = {m: {k: {p: _acc(runs, p) for p in PROBES} for k, runs in by_k(found, m).items()} for m in K_MODELS}
+    ks = sorted({k for m in REGIME_MODELS for k in data[m]})
+
+    def std(m, k):
+        return data[m].get(k, {}).get("standardised")
+
+    rows = [[k] + [fmt_seeds(data[m].get(k, {}).get(p)) for m in K_MODELS for p in PROBES]
+            + [compare(std("metavae", k), std("vhe", k)), compare(std("metavae", k), std(K_CONTROL, k))]
             for k in ks]
     return rows, data
 
@@ -143,10 +154,14 @@ def figure(path: Path, k_data: dict, n_data: dict, curves: dict, controls: dict)
     from ..plots import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for i, model in enumerate(REGIME_MODELS):
+    for i, model in enumerate(K_MODELS):
         ks = sorted(k_data.get(model, {}))
         ys = [k_data[model][k]["standardised"] for k in ks]
-        axes[0].errorbar(ks, [y["mean"] for y in ys], [y["std"] for y in ys], fmt="o-", label=model, color=f"C{i}")
+        if ks:
+            axes[0].errorbar(ks, [y["mean"] for y in ys], [y["std"] for y in ys], fmt="o-" if model in REGIME_MODELS
+                             else "s--", label=model if model in REGIME_MODELS else f"{model} (no context)", color=f"C{i}")
+        if model not in REGIME_MODELS:
+            continue
         ns = sorted(n_data.get(model, {}))
         if ns:
             axes[1].plot(ns, [n_data[model][n]["standardised"]["mean"] for n in ns], "o-", label=model, color=f"C{i}")
@@ -184,6 +199,11 @@ def verdict(found: dict, k_data: dict) -> list:
     for k in sorted(set(k_data.get("metavae", {})) & set(k_data.get("vhe", {}))):
         a, b = k_data["metavae"][k]["standardised"], k_data["vhe"][k]["standardised"]
         lines.append(f"- K={k}: metavae {fmt_seeds(a)} against vhe {fmt_seeds(b)}: **{compare(a, b)}**.")
+    for model in REGIME_MODELS:  # K=10 is the first block's
+        for k in sorted(set(k_data.get(model, {})) & set(k_data.get(K_CONTROL, {})) - {10}):
+            a, b = k_data[model][k]["standardised"], k_data[K_CONTROL][k]["standardised"]
+            lines.append(f"- K={k}: {model} {fmt_seeds(a)} against {K_CONTROL} (no context, same K) {fmt_seeds(b)}: "
+                         f"**{compare(a, b)}**.")
     return lines
 
 
@@ -257,7 +277,7 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
         markdown_table(["model", "seeds"] + [f"{p} probe" for p in PROBES] + [f"untrained, {p}" for p in PROBES],
                        ablation_rows(found)), "",
         "## Number of seen rotations K (same steps, same images per step)", "",
-        markdown_table(["K"] + probe_cols + ["MetaVAE vs VHE (standardised)"], k_table) if k_table else "No runs yet.", "",
+        markdown_table(["K"] + K_COLUMNS, k_table) if k_table else "No runs yet.", "",
         "## Context size at test N (trained at N=10, K=10)", "",
         markdown_table(["N"] + probe_cols, n_table) if n_table else "No runs with `test_context_sizes` yet.", "",
         "## Pooling's cost (K=10, N=10): contexts from a pool of 50 against each query's own", "",
