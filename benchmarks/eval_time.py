@@ -35,6 +35,17 @@ def old_probes(problems, cs):
     return [sklearn_standardised_probe(*p, cs=cs) for p in problems]
 
 
+def requested_config(m: dict) -> dict:
+    """The config the run was asked for: a run on K of the split's seen values records the batch size
+    and epochs it trained with (scaled by len(split_seen) / K, `mnist.seen_subset`), which a rerun
+    would scale again."""
+    cfg = dict(m["config"])
+    if cfg.get("seen") and m.get("split_seen") and cfg["seen"] != len(m["split_seen"]):
+        factor = len(m["split_seen"]) / cfg["seen"]
+        cfg["batch_size"], cfg["epochs"] = round(cfg["batch_size"] / factor), round(cfg["epochs"] / factor)
+    return cfg
+
+
 def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation: bool = True,
              overrides: dict | None = None) -> dict:
     """Re-run the finished run (a copy) with ``probe`` as the standardised probe (``cached``: pool
@@ -66,7 +77,8 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation:
             setattr(owner, name, value)
         try:
             t0 = time.time()
-            cfg = resolve_preset({"run": config_from_dict(invariance.InvarianceConfig, m["config"])}, "run", overrides)
+            cfg = resolve_preset({"run": config_from_dict(invariance.InvarianceConfig, requested_config(m))}, "run",
+                                 overrides)
             metrics = exp.run(cfg, out=out, seed=m["seed"],
                               progress=False, model=m["model"], split=m["split"], data_dir=data_dir)
             wall = time.time() - t0
