@@ -10,7 +10,11 @@ batched torch solve. ``embedding``: "old" encodes every context image for every 
 of every set. ``validation``: "old" validates a snapshot by encoding every val set, "new" from
 features computed once per val image (`Trainer._val_context_features`), both with the above.
 Writes each way's eval_seconds, the seconds inside the standardised probe and inside validation,
-and the run's train_seconds_total, hence the evaluation / training ratio each way.
+and the run's train_seconds_total, hence the evaluation / training ratio each way. The run's
+training time was measured at another time, under other load; ``--train-estimate STEPS`` also
+times STEPS training steps of the run's model at its shapes right after (`bench.Stepper`) and
+estimates its training as steps x the median step + epochs x the new way's mean validation: an
+evaluation / training ratio measured under the same load.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation:
     m = json.loads((run / "metrics.json").read_text())
     exp = get_experiment(f"mnist-{m['axis']}")
     spent = {"probe": 0.0, "validation": 0.0}
+    calls = {"probe": 0, "validation": 0}
 
     def timed(key, fn):
         def wrapped(*a, **kw):
@@ -61,6 +66,7 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation:
                 return fn(*a, **kw)
             finally:
                 spent[key] += time.time() - t0
+                calls[key] += 1
         return wrapped
 
     patches = [(invariance, "standardised_probes", timed("probe", probe)),
@@ -86,11 +92,38 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation:
             for owner, name, value in saved:
                 setattr(owner, name, value)
     return {"eval_seconds": metrics["eval_seconds"], "standardised_probe_seconds": round(spent["probe"], 1),
-            "validation_seconds": round(spent["validation"], 1),
+            "validation_seconds": round(spent["validation"], 1), "validations": calls["validation"],
             "wall_seconds": round(wall, 1), "train_seconds_total": metrics["train_seconds_total"],
             "eval_over_train": round(metrics["eval_seconds"] / metrics["train_seconds_total"], 3),
             "mean_unseen_accuracy": metrics["mean_unseen_accuracy"],
             "learning_curve_val_loss": [p["val_loss"] for p in metrics["learning_curve"]]}
+
+
+def train_estimate(run: Path, validation_seconds: float, steps: int) -> dict:
+    """The run's training time estimated under the current load: ``steps`` timed steps of its model
+    at its shapes (long preset: K distributions x B queries, N contexts from its pool), median x the
+    run's steps, plus its epochs x ``validation_seconds`` (one validation, measured the new way)."""
+    import statistics
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench import Stepper, make_data
+    from metavae.models import make_model
+
+    m = json.loads((run / "metrics.json").read_text())
+    cfg = m["config"]
+    K, (B, N, pool) = len(m["seen"]), (cfg["batch_size"], cfg["context_size"], cfg.get("context_pool"))
+    torch.manual_seed(0)
+    model = make_model(m["model"], "mlp", (28, 28), n_distributions=K, z_dim=cfg["z_dim"])
+    stepper = Stepper(model, make_data(K, (28, 28), 400, torch.device("cpu")), B, N, torch.device("cpu"),
+                      pool=pool if getattr(model, "uses_context", False) else None)
+    for _ in range(steps + 1):
+        stepper.timed()
+    step = statistics.median(stepper.times[1:])
+    total_steps, epochs = m["history"][-1]["step"], len(m["history"])
+    seconds = total_steps * step + epochs * validation_seconds
+    return {"timed_steps": steps, "median_step_seconds": round(step, 4), "steps": total_steps, "epochs": epochs,
+            "validation_seconds_each": round(validation_seconds, 2), "train_seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -100,6 +133,8 @@ def main() -> None:
     p.add_argument("--compare", choices=("probe", "embedding", "validation"), default="probe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an evaluation-only setting to change, e.g. test_context_sizes=[] (repeatable)")
+    p.add_argument("--train-estimate", type=int, default=0, metavar="STEPS",
+                   help="also time STEPS training steps now and estimate the training time under the same load")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     sets = parse_overrides(args.set)
@@ -110,6 +145,11 @@ def main() -> None:
               "settings": sets, "old": evaluate(args.run, args.data_dir, *ways[0], overrides=sets),
               "new": evaluate(args.run, args.data_dir, *ways[1], overrides=sets)}
     result["same_accuracy"] = result["old"]["mean_unseen_accuracy"] == result["new"]["mean_unseen_accuracy"]
+    if args.train_estimate:
+        new = result["new"]
+        est = train_estimate(args.run, new["validation_seconds"] / max(new["validations"], 1), args.train_estimate)
+        est["eval_over_train"] = {way: round(result[way]["eval_seconds"] / est["train_seconds"], 3) for way in ("old", "new")}
+        result["train_estimate"] = est
     out = args.out or args.run / "eval_time.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

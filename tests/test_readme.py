@@ -210,3 +210,43 @@ def test_experiment_reports_rebuild_from_committed_results():
              mnist_gap.report(load("mnist-gap/rotate-interleaved-full"))]
     for text in texts:  # no placeholder ({name}, {m[key]:.3f}) left unfilled
         assert text.startswith("# ") and not re.search(r"\{[A-Za-z_][\w.\[\]]*(:[^}]*)?\}", text), text[:80]
+
+
+def test_readme_verdict_on_context_is_what_the_committed_regime_map_says():
+    """The README's section on whether conditioning on D helps is typed prose; each of its claims is
+    checked here against results/mnist-report/regimes.json (rebuilt from results/ by the report,
+    test above), so a result that contradicts a sentence fails until the sentence is rewritten."""
+    import json
+
+    text = README.read_text()
+    section = text[text.index("## Does conditioning on a context set help?"):text.index("## Results and documentation")]
+    rj = json.loads((README.parent / "results" / "mnist-report" / "regimes.json").read_text())
+
+    def word(at, model, other):
+        return _verdict(rj["verdict"], at, model, other)
+
+    assert "Not in the range measured so far" in section
+    assert rj["context_vs_no_context"] and all(c["verdict"] != "higher" for c in rj["context_vs_no_context"])
+    assert word("K=10, N=10", "metavae", "vae") == "lower" and word("K=10, N=10", "vhe", "vae") == "lower"
+    assert word("K=10, N=10", "metavae", "metavae-nocontext") == "level"
+    assert word("K=10, N=10", "vhe", "metavae-nocontext") == "lower"
+    for model in ("metavae", "vhe"):
+        assert word("K=10, N=10", model, "random-projection") == "higher"
+        assert word("K=10, N=10", model, "pixels") == "lower"
+    k = {int(key): v["standardised"]["mean"] for key, v in rj["k"]["metavae"].items()}
+    assert {1, 2, 5, 10} <= set(k) and max(k.values()) - min(k.values()) < 0.01  # "move the MetaVAE little"
+    assert word("K=1", "metavae", "vhe") == "higher" and rj["k"]["vhe"]["1"]["standardised"]["n"] == 1
+    assert all(word(f"K={n}", "metavae", "vhe") == "level" for n in (2, 5, 10))
+    assert rj["pooling"]["metavae"]["verdict"] == "level"
+    n = {int(key): v["standardised"]["mean"] for key, v in rj["n"]["metavae"].items()}
+    vae = next(c["no_context"]["mean"] for c in rj["context_vs_no_context"] if c["control"] == "vae" and c["K"] == 10)
+    assert n[50] > n[1] and max(n.values()) < vae  # "help the MetaVAE a little, not up to the VAE"
+
+
+def _verdict(lines: list, at: str, model: str, other: str) -> str:
+    """The bold word of the generated verdict line '- AT: MODEL ... against OTHER ...: **word**.'"""
+    for line in lines:
+        head, _, rest = line[2:].partition(": ")
+        if head == at and rest.startswith(f"{model} ") and f" against {other} " in rest:
+            return rest.rsplit("**", 2)[1]
+    raise AssertionError(f"no verdict line for {at}: {model} against {other}")

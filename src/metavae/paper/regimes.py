@@ -184,6 +184,25 @@ def figure(path: Path, k_data: dict, n_data: dict, curves: dict, controls: dict)
     save_figure(fig, path)
 
 
+def context_vs_no_context(found: dict, k_data: dict) -> list:
+    """Every measured comparison of a model conditioned on D (the MetaVAE, the VHE) with a
+    no-context control trained on the same seen values: [{"model", "control", "K", "context",
+    "no_context", "verdict"}] (standardised probe; `compare`'s rule). The README's verdict is
+    checked against these (tests/test_readme.py)."""
+    out = []
+    for model in REGIME_MODELS:
+        for k, accs in k_data.get(model, {}).items():
+            controls = [(K_CONTROL, k_data.get(K_CONTROL, {}).get(k, {}).get("standardised"))]
+            if k == 10:
+                controls.append(("metavae-nocontext", _acc(found.get((AXIS, SPLIT, "metavae-nocontext"), []),
+                                                           "standardised")))
+            for control, b in controls:
+                if b is not None:
+                    out.append({"model": model, "control": control, "K": k, "context": accs["standardised"],
+                                "no_context": b, "verdict": compare(accs["standardised"], b)})
+    return out
+
+
 def verdict(found: dict, k_data: dict) -> list:
     """The claims, each worded by its numbers (standardised probe; `compare`'s rule)."""
     std = {m: _acc(found.get((AXIS, SPLIT, m), []), "standardised") for m in ABLATIONS + CONTROLS}
@@ -305,6 +324,8 @@ def write(found: dict, out: Path, runs: Path | None = None) -> dict:
     data = {"k": {m: {str(k): v for k, v in d.items()} for m, d in k_data.items()},
             "n": {m: {str(n): v for n, v in d.items()} for m, d in n_data.items()},
             "equal_time": {m: c for m, c in curves.items()},
-            "pooling": {m: {"unpooled": u, "pooled": p, "verdict": compare(u, p)} for m, (u, p) in pooling_pairs(found).items()}}
+            "pooling": {m: {"unpooled": u, "pooled": p, "verdict": compare(u, p)} for m, (u, p) in pooling_pairs(found).items()},
+            "context_vs_no_context": context_vs_no_context(found, k_data),
+            "verdict": verdict(found, k_data)}
     atomic_write_text(json.dumps(data, indent=2) + "\n", out / "regimes.json")
     return data
