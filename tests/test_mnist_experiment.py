@@ -30,6 +30,10 @@ def test_contiguous_run_writes_metrics_in_the_issue_layout(shared_mnist, tmp_pat
     assert len(m["data_record"]["train_sha256"]) == 64
     steps = [p["step"] for p in m["learning_curve"]]
     assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 2  # the untrained model is the first point
+    last = m["learning_curve"][-1]  # the final snapshot holds the selected (best, only) epoch's weights:
+    assert last["step"] == m["history"][-1]["step"] and last["val_loss"] == m["history"][-1]["val_loss"]
+    for probe, acc in last["accuracy"].items():
+        assert acc == {v: m["accuracy"][probe][v] for v in acc}  # scored once, by the headline's probes
     assert (out / "accuracy.png").exists() and (out / "probe_vs_steps.png").exists()
     assert (out / "checkpoints" / "best.pt").exists() and (out / "checkpoints" / "worst.pt").exists()
 

@@ -226,14 +226,17 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
         worst = load_checkpoint(trainer.out / "worst.pt")
         model.load_state_dict(worst["model"])
         selected = model.state_dict()
-    result = summarise_probes(probe_unseen(model, data, unseen, cfg, seed, device, progress,
-                                           sample_c=hierarchical and cfg.selection == "reference"))
+    selected_probes = probe_unseen(model, data, unseen, cfg, seed, device, progress,
+                                   sample_c=hierarchical and cfg.selection == "reference")
+    result = summarise_probes(selected_probes)
     result["selection"] = cfg.selection
     saved = {k: v.detach().clone() for k, v in selected.items()}
     curve, values = [], curve_values(unseen)
     total = max(trainer.cfg.snapshot_steps) if trainer.cfg.snapshot_steps else 0
     # a snapshot at an epoch's end has that epoch's val loss already (validation draws from a fixed seed)
     validated = {h["step"]: h["val_loss"] for h in trainer.state.history if h.get("val_loss") is not None}
+    # the snapshot holding the selected (best) weights is scored by the headline's probes already
+    best_step = next((h["step"] for h in trainer.state.history if h["epoch"] == trainer.state.best_epoch), None)
     for step in trainer.cfg.snapshot_steps:
         path = trainer.snapshot_path(step)
         if path is None or not path.exists():
@@ -246,7 +249,8 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
             result["untrained"] = untrained
             scored = {p: {v: untrained["accuracy"][p][str(v)] for v in values} for p in PROBES}
         else:
-            per = probe_unseen(model, data, values, cfg, seed, device, progress)
+            reuse = cfg.selection == "best" and step == best_step
+            per = selected_probes if reuse else probe_unseen(model, data, values, cfg, seed, device, progress)
             scored = {p: {v: per[v][p] for v in values} for p in PROBES}
         point["accuracy"] = {p: {str(v): a for v, a in scored[p].items()} for p in PROBES}
         point["mean_accuracy"] = {p: float(np.mean(list(scored[p].values()))) for p in PROBES}
