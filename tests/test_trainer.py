@@ -144,3 +144,11 @@ def test_validation_is_a_function_of_the_weights(tmp_path):
     hist = trainer.fit()
     assert trainer.validate() == min(h["val_loss"] for h in hist)
     assert trainer.validate() == trainer.validate()
+
+
+def test_point_features_beyond_the_budget_are_not_kept():
+    """A part whose features would exceed the budget gives None: validation then encodes each set."""
+    data = MetaDataset([torch.randn(50, 3) for _ in range(2)], val_fraction=0.0, test_fraction=0.0)
+    part = data.part("train")
+    assert part.point_features(lambda x: x, max_bytes=2 * 50 * 3 * 4) is not None
+    assert part.point_features(lambda x: x, max_bytes=2 * 50 * 3 * 4 - 1) is None

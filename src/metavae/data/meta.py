@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -37,6 +38,8 @@ _FAULT_AROUND = 64 << 10  # Linux maps up to 64 KB around a faulting file page (
 # Values above this overflow float32 arithmetic (a square exceeds float32's 3.4e38): refused as too
 # large, before training could report the overflow as divergence.
 MAX_MAGNITUDE = 1e18
+# Per-point features kept for a whole part (`Part.point_features`: validation) stay below this.
+FEATURE_BYTES = 1 << 30
 
 
 def gather_members(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -404,11 +407,12 @@ class Part:
         return PooledContext(as_float(self.gather(pool, rows)), index)
 
     @torch.no_grad()
-    def point_features(self, fn, chunk: int = 2048) -> torch.Tensor | None:
+    def point_features(self, fn, chunk: int = 2048, max_bytes: int | None = FEATURE_BYTES) -> torch.Tensor | None:
         """``fn`` of every point, distribution by distribution in chunks of ``chunk`` points:
         (n_distributions, n_max, F), zero in padded slots. ``fn`` maps points (1, M, *event) to
         features (1, M, F), or to None (then this returns None: the model keeps no such features).
-        Reads through `gather`, so a memory-mapped part is never read whole."""
+        Reads through `gather`, so a memory-mapped part is never read whole. None too where the
+        features would exceed ``max_bytes`` (a large part: its sets are then encoded as drawn)."""
         out = None
         for k, n in enumerate(self.lengths.tolist()):
             row = torch.tensor([k])
@@ -418,7 +422,10 @@ class Part:
                 if f is None:
                     return None
                 if out is None:
-                    out = f.new_zeros((self.n_distributions, self.n_max, f.shape[-1]))
+                    shape = (self.n_distributions, self.n_max, f.shape[-1])
+                    if max_bytes is not None and math.prod(shape) * f.element_size() > max_bytes:
+                        return None
+                    out = f.new_zeros(shape)
                 out[k, start:start + f.shape[1]] = f[0]
         return out
 
