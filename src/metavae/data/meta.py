@@ -50,6 +50,15 @@ def gather_members(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values[rows, index.reshape(K, B * N)].reshape(K, B, N, *values.shape[2:])
 
 
+@torch.no_grad()
+def map_points(fn, points: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``fn`` (a per-point network: (M, *event) -> (M, F)) of points (K, P, *event) -> (K, P, F),
+    ``chunk`` points at a time, uint8 images read as floats chunk by chunk (`as_float`)."""
+    K, P = points.shape[:2]
+    flat = points.reshape(K * P, *points.shape[2:])
+    return torch.cat([fn(as_float(flat[i:i + chunk])) for i in range(0, K * P, chunk)]).reshape(K, P, -1)
+
+
 @dataclass
 class PooledContext:
     """Context sets drawn from one pool per distribution: ``pool`` (K, P, *event) holds P distinct

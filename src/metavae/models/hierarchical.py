@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.meta import PooledContext, as_float
+from ..data.meta import PooledContext, map_points
 from ..distributions import LOG_2PI, Bernoulli, GaussianLatent, draw, gaussian_kl, gaussian_log_prob
 from ..nets.conv import DEFAULT_CHANNELS, GROUPS, ConvDecoderTrunk, ConvEncoder, FCResBlock, image_shape, reference_init
 from ..nets.sets import AttentionPool, MeanPool
@@ -186,10 +186,7 @@ class HierarchicalVAE(Saveable, nn.Module):
         sets it joins. None where the statistic needs the sets themselves or the model takes no context."""
         if not self.uses_context or not hasattr(self.statistic, "pooled"):
             return None
-        K, P = pool.shape[:2]
-        flat = pool.reshape(K * P, *pool.shape[2:])
-        feats = [self.statistic.pre(self.element_features(as_float(flat[i:i + chunk]))) for i in range(0, K * P, chunk)]
-        return torch.cat(feats).reshape(K, P, -1)
+        return map_points(lambda x: self.statistic.pre(self.element_features(x)), pool, chunk)
 
     def prior_components(self) -> torch.Tensor:
         """VampPrior components (M, 2 c_dim): the statistic network on each pseudo-dataset."""

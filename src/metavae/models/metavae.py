@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.meta import PooledContext, as_float
+from ..data.meta import PooledContext, map_points
 from ..distributions import Bernoulli, draw, make_latent
 from ..nets.mlp import BatchedMLP, ScaledBank, mlp
 from .. import objectives
@@ -121,10 +121,7 @@ class MetaVAE(Saveable, nn.Module):
         needs the sets themselves (centred inference, or no pooled path)."""
         if self.center or not self.uses_context or not hasattr(self.summary, "pooled"):
             return None
-        K, P = pool.shape[:2]
-        flat = pool.reshape(K * P, *pool.shape[2:])
-        feats = torch.cat([self.summary.pre(as_float(flat[i:i + chunk])) for i in range(0, K * P, chunk)])
-        return feats.reshape(K, P, -1)
+        return map_points(self.summary.pre, pool, chunk)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -137,17 +137,16 @@ def embed_images(model, images: torch.Tensor, context_size: int, generator: torc
     model.eval()
     part = Part([images], None, "embed").to(device)
     uses_context = getattr(model, "uses_context", True)
-    # Models that pool per-element features (the MetaVAE) encode each image once for every context
-    # it joins: the same contexts, the same sums, ~N times less work (docs/performance.md).
+    # Models that pool per-element features (the MetaVAE, the VHEs) encode each image once for every
+    # context it joins: the same contexts, the same sums, ~N times less work (docs/performance.md).
     cached = uses_context and not sample_c and getattr(model, "pool_features", None) is not None
-    pool = as_float(part.data) if cached else None
-    features = model.pool_features(pool) if cached else None
+    features = part.point_features(model.pool_features, max_bytes=None) if cached else None
     out = []
     for start in range(0, len(images), chunk):
         idx = torch.arange(start, min(start + chunk, len(images)), device=part.data.device).unsqueeze(0)
         x = as_float(part.gather(idx))
         if features is not None:
-            ctx = PooledContext(pool, part.sample_context(idx, context_size, generator), features)
+            ctx = PooledContext(None, part.sample_context(idx, context_size, generator), features)
         else:
             ctx = as_float(part.gather(part.sample_context(idx, context_size, generator))) if uses_context else None
         z = model.embed(x, ctx, sample_c=True) if sample_c else model.embed(x, ctx)
