@@ -226,6 +226,13 @@ def test_readme_verdict_on_context_is_what_the_committed_regime_map_says():
         return _verdict(rj["verdict"], at, model, other)
 
     assert "Not in the range measured so far" in section
+    from metavae.paper.mnist import PRESETS
+    from metavae.paper.regimes import MARGIN
+
+    # the section's typed settings: the margin, the pool, the test context sizes
+    assert "the 0.01 margin" in section and MARGIN == 0.01
+    assert "a pool of 50" in section and PRESETS["long"].context_pool == 50
+    assert "(N = 1 to 50)" in section and {int(n) for n in rj["n"]["vhe"]} == {1, 2, 5, 10, 50}
     assert rj["context_vs_no_context"] and all(c["verdict"] != "higher" for c in rj["context_vs_no_context"])
     assert word("K=10, N=10", "metavae", "vae") == "lower" and word("K=10, N=10", "vhe", "vae") == "lower"
     assert word("K=10, N=10", "metavae", "metavae-nocontext") == "level"
