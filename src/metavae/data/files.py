@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .meta import FINITE_CHECK_CHUNK, as_float, check_points
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
