@@ -9,9 +9,9 @@ batched torch solve. ``embedding``: "old" encodes every context image for every 
 "new" encodes each image once (`pool_features`), both with the torch probe and the validation
 of every set. ``validation``: "old" validates a snapshot by encoding every val set, "new" from
 features computed once per val image (`Trainer._val_context_features`), both with the above.
-Writes each way's eval_seconds, the seconds inside the standardised probe and inside validation,
-and the run's train_seconds_total, hence the evaluation / training ratio each way. The run's
-training time was measured at another time, under other load; ``--train-estimate STEPS`` also
+Writes each way's eval_seconds, the seconds inside the standardised probe, the reference probe, the
+embeddings and validation, and the run's train_seconds_total, hence the evaluation / training ratio
+each way. The run's training time was measured at another time, under other load; ``--train-estimate STEPS`` also
 times STEPS training steps of the run's model at its shapes right after (`bench.Stepper`) and
 estimates its training as steps x the median step + epochs x the new way's mean validation: an
 evaluation / training ratio measured under the same load.
@@ -31,6 +31,7 @@ from metavae.models import MetaVAE
 from metavae.models.hierarchical import HierarchicalVAE
 from metavae.training.trainer import Trainer
 from metavae.paper import get_experiment, invariance
+from metavae.paper.mnist import requested_config
 from metavae.settings import config_from_dict, parse_overrides, resolve_preset
 from metavae.probes import sklearn_standardised_probe, standardised_probes
 
@@ -39,25 +40,14 @@ def old_probes(problems, cs):
     return [sklearn_standardised_probe(*p, cs=cs) for p in problems]
 
 
-def requested_config(m: dict) -> dict:
-    """The config the run was asked for: a run on K of the split's seen values records the batch size
-    and epochs it trained with (scaled by len(split_seen) / K, `mnist.seen_subset`), which a rerun
-    would scale again."""
-    cfg = dict(m["config"])
-    if cfg.get("seen") and m.get("split_seen") and cfg["seen"] != len(m["split_seen"]):
-        factor = len(m["split_seen"]) / cfg["seen"]
-        cfg["batch_size"], cfg["epochs"] = round(cfg["batch_size"] / factor), round(cfg["epochs"] / factor)
-    return cfg
-
-
 def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation: bool = True,
              overrides: dict | None = None) -> dict:
     """Re-run the finished run (a copy) with ``probe`` as the standardised probe (``cached``: pool
     features computed once per value; ``cached_validation``: val features once per image); its timings."""
     m = json.loads((run / "metrics.json").read_text())
     exp = get_experiment(f"mnist-{m['axis']}")
-    spent = {"probe": 0.0, "validation": 0.0}
-    calls = {"probe": 0, "validation": 0}
+    spent = {"probe": 0.0, "validation": 0.0, "reference": 0.0, "embedding": 0.0}
+    calls = dict.fromkeys(spent, 0)
 
     def timed(key, fn):
         def wrapped(*a, **kw):
@@ -70,7 +60,9 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation:
         return wrapped
 
     patches = [(invariance, "standardised_probes", timed("probe", probe)),
-               (Trainer, "validate", timed("validation", Trainer.validate))]
+               (Trainer, "validate", timed("validation", Trainer.validate)),
+               (invariance, "fit_probe", timed("reference", invariance.fit_probe)),
+               (invariance, "embed_images", timed("embedding", invariance.embed_images))]
     if not cached:
         patches += [(cls, "pool_features", lambda self, pool, chunk=1024: None) for cls in (MetaVAE, HierarchicalVAE)]
     if not cached_validation:
@@ -93,6 +85,8 @@ def evaluate(run: Path, data_dir, probe, cached: bool = True, cached_validation:
                 setattr(owner, name, value)
     return {"eval_seconds": metrics["eval_seconds"], "standardised_probe_seconds": round(spent["probe"], 1),
             "validation_seconds": round(spent["validation"], 1), "validations": calls["validation"],
+            "reference_probe_seconds": round(spent["reference"], 1), "reference_probes": calls["reference"],
+            "embedding_seconds": round(spent["embedding"], 1),
             "wall_seconds": round(wall, 1), "train_seconds_total": metrics["train_seconds_total"],
             "eval_over_train": round(metrics["eval_seconds"] / metrics["train_seconds_total"], 3),
             "mean_unseen_accuracy": metrics["mean_unseen_accuracy"],

@@ -38,6 +38,16 @@ def test_contiguous_run_writes_metrics_in_the_issue_layout(shared_mnist, tmp_pat
     assert (out / "checkpoints" / "best.pt").exists() and (out / "checkpoints" / "worst.pt").exists()
 
 
+def test_a_run_on_fewer_seen_values_records_the_config_it_was_asked_for(shared_mnist, tmp_path):
+    out = tmp_path / "seen2"
+    assert main(["run", "mnist-rotate", "--model", "metavae-nocontext", "--data-dir", str(shared_mnist),
+                 "--out", str(out), "--set", "seen=2"] + TINY) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["seen"]) == 2 and len(m["split_seen"]) == 10
+    assert (m["config"]["epochs"], m["config"]["batch_size"], m["config"]["seen"]) == (1, 50, 2)  # as asked
+    assert m["trained_with"] == {"batch_size": 250, "epochs": 5} and m["epochs_trained"] == 5  # what it took
+
+
 def test_interleaved_metavae_measures_table1_and_report_gathers(shared_mnist, tmp_path):
     runs = tmp_path / "runs"
     out = runs / "mnist-rotate" / "interleaved" / "metavae"

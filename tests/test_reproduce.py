@@ -50,6 +50,24 @@ def test_a_finished_run_of_other_settings_is_refused(tmp_path):
         R.finished(task)
 
 
+def test_a_finished_run_on_fewer_seen_values_counts_as_finished_in_either_record(tmp_path):
+    """A run with seen=K trains with batch size and epochs scaled by 10 / K; its metrics.json records
+    the config it was asked for (older runs recorded the scaled one): a resumed queue takes both as
+    its own and still refuses a run asked for with other epochs."""
+    task = R.plan("mnist-table2", tmp_path, "long", overrides={"seen": 2})[0]
+    epochs, batch = task.settings["epochs"], task.settings["batch_size"]
+    record = {"mean_unseen_accuracy": {}, "split_seen": list(range(10)), "trained_with": {"epochs": 5 * epochs}}
+    task.out.mkdir(parents=True)
+    for m in (dict(record, config=dict(task.settings)),  # as runs record it now
+              {"mean_unseen_accuracy": {}, "split_seen": list(range(10)),  # as they did before
+               "config": dict(task.settings, epochs=5 * epochs, batch_size=5 * batch)}):
+        (task.out / "metrics.json").write_text(json.dumps(m))
+        assert R.finished(task)
+    (task.out / "metrics.json").write_text(json.dumps(dict(record, config=dict(task.settings, epochs=epochs + 1))))
+    with pytest.raises(ValueError, match="other settings"):
+        R.finished(task)
+
+
 def _fake(tmp_path, name, seconds=0.0, fail=False):
     """A task whose command counts its launches, sleeps, then writes a finished metrics.json (or fails)."""
     out = tmp_path / name

@@ -167,7 +167,7 @@ def _chunks(prepared: list, k: int) -> list:
     chunks = []
     for d, idx in groups.items():
         n = max(max(len(prepared[i]["train_y"]), len(prepared[i]["test_y"])) for i in idx)
-        per_problem = 8 * n * ((d + 1) * (N_SPLITS + 2) + 6 * k)  # features of folds and whole + softmax work
+        per_problem = 8 * n * ((d + 1) * (N_SPLITS + 4) + 6 * k)  # features (and transposed) of folds and whole + softmax work
         size = max(1, MEMORY // per_problem)
         chunks += [idx[s:s + size] for s in range(0, len(idx), size)]
     return chunks
@@ -227,6 +227,7 @@ class _Multinomial:
         self.M = evecs @ torch.diag_embed(evals ** -0.5) @ evecs.transpose(1, 2)
         self.M_inv = evecs @ torch.diag_embed(evals ** 0.5) @ evecs.transpose(1, 2)
         self.x = torch.bmm(self.raw, self.M)
+        self.xt = self.x.transpose(1, 2).contiguous()  # the gradient's matmul runs ~30% faster on a contiguous copy
         self.Q = self.M @ torch.diag_embed(pen.expand(B, D1)) @ self.M * lam[:, None, None]  # penalty on V, C n folded in
         self._cache = (None, None)
 
@@ -242,8 +243,8 @@ class _Multinomial:
         if self._cache[0] != key:
             full = len(rows) == len(self.x)
             pick = (lambda t: t) if full else (lambda t: t.index_select(0, rows))
-            self._cache = (key, tuple(pick(t) for t in (self.x, self.y, self.real, self.n, self.Q, self.M_inv,
-                                                          self.absent, self.free)))
+            self._cache = (key, tuple(pick(t) for t in (self.x, self.xt, self.y, self.real, self.n, self.Q,
+                                                          self.M_inv, self.absent, self.free)))
         return self._cache[1]
 
     def logits(self, w: torch.Tensor, x: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,7 @@ class _Multinomial:
         """sklearn's scaled objective mean CE + ||W||^2 / (2 C n), its gradient in V, and the max
         |gradient| in W (the stopping test sklearn applies) for problems ``rows``. Softmax over a
         2-D (rows, K) view: torch reduces a short last dim of 3-D slowly."""
-        x, y, real, n, Q, M_inv, absent, free = self._rows(rows)
+        x, xt, y, real, n, Q, M_inv, absent, free = self._rows(rows)
         B, D1, K = len(v), x.shape[2], self.k
         z = self.logits(v, x, absent).view(-1, K)
         m = z.amax(1, keepdim=True)
@@ -268,7 +269,7 @@ class _Multinomial:
         QV = torch.bmm(Q, V)
         f = (ce * weight).sum(1) + 0.5 * (V * QV).sum((1, 2))
         p.scatter_add_(1, label, torch.full(label.shape, -1.0, dtype=p.dtype)).view(B, -1, K).mul_(weight[..., None])
-        G = (torch.bmm(x.transpose(1, 2), p.view(B, -1, K)) + QV) * free[:, None, :]
+        G = (torch.bmm(xt, p.view(B, -1, K)) + QV) * free[:, None, :]
         return f, G.reshape(B, -1), torch.bmm(M_inv, G).abs().amax((1, 2))
 
     def accuracy(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, counts: Sequence) -> list:

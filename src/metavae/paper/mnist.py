@@ -95,6 +95,19 @@ def seen_subset(seen, cfg: InvarianceConfig) -> tuple:
     return subset, dataclasses.replace(cfg, batch_size=round(cfg.batch_size * factor), epochs=round(cfg.epochs * factor))
 
 
+def requested_config(m: dict) -> dict:
+    """The config a run's metrics.json says it was asked for. A run on K of the split's seen values
+    records that config and, under ``trained_with``, the scaled batch size and epochs it trained with
+    (`seen_subset`); runs made before then recorded the scaled values as their config, which a rerun
+    or a resumed queue would take for other settings (or scale again): they are undone here."""
+    cfg = dict(m.get("config") or {})
+    if "trained_with" in m or not cfg.get("seen") or not m.get("split_seen") or cfg["seen"] == len(m["split_seen"]):
+        return cfg
+    factor = len(m["split_seen"]) / cfg["seen"]
+    cfg["batch_size"], cfg["epochs"] = round(cfg["batch_size"] / factor), round(cfg["epochs"] / factor)
+    return cfg
+
+
 def probe_context_sizes(model, data: dict, unseen, cfg: InvarianceConfig, seed: int, device, progress) -> dict:
     """Both probes' mean unseen accuracy with test contexts of each size in ``cfg.test_context_sizes``
     (the trained weights unchanged): how much the embedding gains from a larger set D."""
@@ -153,7 +166,7 @@ def make_run(key: str):
             raise ValueError(f"unknown model '{model}'; choose from {', '.join(model_names() + CONTROLS)}")
         split = T.resolve_split(split)
         seen, unseen = T.get_split(axis, split)
-        split_seen = list(seen)
+        split_seen, requested = list(seen), cfg
         seen, cfg = seen_subset(seen, cfg)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +177,10 @@ def make_run(key: str):
         metrics = {"model": model, "label": run_label(model, cfg, label_reference(cfg), LABELLED_SETTINGS), "split": split,
                    "axis": key, "data": label, "data_record": record, "seen": list(seen), "unseen": list(unseen),
                    "train_images_per_value": len(tr_x), "test_images_per_value": len(te_x), "seed": seed,
-                   "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": config_dict(cfg)}
+                   "probes": {"reference": PROBE, "standardised": STANDARDISED_PROBE}, "config": config_dict(requested)}
         if cfg.seen is not None:
             metrics["split_seen"] = split_seen
+            metrics["trained_with"] = {"batch_size": cfg.batch_size, "epochs": cfg.epochs}
         if model in CONTROLS:  # no training: the same probes on the same images
             control = make_control(model, tuple(tr_x.shape[1:]), cfg.z_dim)
             metrics.update(summarise_probes(probe_unseen(control, data, unseen, cfg, seed, device, progress)),

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import get_experiment, get_report
 from ..settings import resolve_preset
 from .invariance import CONTROLS, training_settings
+from .mnist import requested_config
 
 # Table -> (family, axes' experiments, split, models, controls)
 TABLES = {
@@ -91,7 +92,7 @@ def finished(task: Task) -> bool:
         return False
     if not isinstance(m, dict) or not isinstance(m.get("mean_unseen_accuracy"), dict):
         return False
-    if not matches(m.get("config", {}), task.settings):
+    if not matches(requested_config(m), task.settings):
         raise ValueError(f"{path} holds a run of other settings than this queue's; choose another --runs")
     return True
 
@@ -117,7 +118,7 @@ def committed_seconds(results: Path = RESULTS) -> list:
         if train is None:
             continue
         key = (f"{family}-{m['axis']}", m.get("split"), m["model"])
-        out.append((key, m.get("config", {}), float(train) + float(m.get("eval_seconds") or 0.0),
+        out.append((key, requested_config(m), float(train) + float(m.get("eval_seconds") or 0.0),
                     "eval_seconds" in m))
     return out
 
