@@ -112,6 +112,34 @@ def test_an_interrupted_queue_resumes_where_it_stopped(tmp_path):
     assert [_launches(t) for t in tasks] == [1, 2, 1]
 
 
+def test_every_launch_adds_its_wall_time_and_each_runs_to_the_ledger(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    tasks = [_fake(runs, "a", seconds=0.3), _fake(runs, "bad", fail=True)]
+    monkeypatch.setattr(R, "plan", lambda *a, **k: tasks)
+
+    def report(folder, out):
+        (folder / "mnist-report").mkdir(parents=True, exist_ok=True)
+        (folder / "mnist-report" / "report.md").write_text("report\n")
+
+    monkeypatch.setattr(R, "get_report", lambda family: report)
+    ledger = runs / "reproduce-mnist-table2.json"
+    for launch in (1, 2):
+        with pytest.raises(ValueError, match="1 run\\(s\\) failed"):
+            R.reproduce("mnist-table2", runs, progress=False)
+        data = json.loads(ledger.read_text())
+        assert len(data["launches"]) == launch
+        assert data["runs"]["a"] == {"wall_seconds": data["launches"][0]["runs"]["a"], "launches": 1, "finished": True}
+        assert data["runs"]["a"]["wall_seconds"] >= 0.3 and data["runs"]["bad"]["launches"] == launch
+        assert not data["runs"]["bad"]["finished"]
+        assert data["wall_seconds"] == pytest.approx(sum(x["seconds"] for x in data["launches"]), abs=0.11)
+    assert "over 2 launches" in capsys.readouterr().err
+    ledger.write_text("{not json")  # a damaged ledger is set aside, never fatal
+    with pytest.raises(ValueError, match="failed"):
+        R.reproduce("mnist-table2", runs, progress=False)
+    assert "unreadable" in capsys.readouterr().err and (runs / "reproduce-mnist-table2.json.unreadable").exists()
+    assert len(json.loads(ledger.read_text())["launches"]) == 1
+
+
 def test_reproduce_runs_a_tiny_table_then_reports(tmp_path, shared_mnist, capsys, monkeypatch):
     """One real run of the queue (the others' absence is the report's "missing runs"), for speed."""
     monkeypatch.setenv("METAVAE_DATA", str(tmp_path / "cache"))
@@ -129,3 +157,6 @@ def test_reproduce_runs_a_tiny_table_then_reports(tmp_path, shared_mnist, capsys
     stamp = first.stat().st_mtime
     assert main(argv) == 0  # everything finished: nothing reruns
     assert first.stat().st_mtime == stamp
+    ledger = json.loads((tmp_path / "runs" / "reproduce-mnist-table1.json").read_text())
+    assert [list(launch["runs"]) for launch in ledger["launches"]] == [["mnist-rotate interleaved metavae seed 0"], []]
+    assert ledger["runs"]["mnist-rotate interleaved metavae seed 0"]["finished"]

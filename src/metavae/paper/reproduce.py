@@ -6,6 +6,8 @@ interleaved MetaVAE. Each run is a ``metavae run`` subprocess with one thread, w
 ``RUNS/EXPERIMENT/SPLIT/MODEL/seed-S`` (controls, which no seed changes: ``.../MODEL``), the layout
 ``metavae report`` reads. A run whose metrics.json is there is done; an interrupted run resumes from
 its checkpoints when the queue is started again. The queue ends by running the family's report.
+Every launch adds its wall time, and each run's, to ``RUNS/reproduce-TABLE.json`` (`Ledger`), so a
+table made over several launches still has its whole wall time and per-run times.
 """
 from __future__ import annotations
 
@@ -167,9 +169,54 @@ def _env() -> dict:
     return env
 
 
-def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0.5) -> list:
+class Ledger:
+    """The queue's wall-clock record across launches, ``RUNS/reproduce-TABLE.json``: each launch
+    (start, jobs, seconds, the seconds of each run it worked on, finished or stopped) and the sums:
+    the table's wall time over all launches and each run's. An unreadable file is set aside
+    (renamed ``.unreadable``) with a notice, not fatal: it only records times."""
+
+    def __init__(self, runs: Path, table: str):
+        self.path = Path(runs) / f"reproduce-{table}.json"
+        self.data = {"table": table, "launches": []}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                if not isinstance(data, dict) or not isinstance(data.get("launches"), list):
+                    raise ValueError("not a reproduce ledger")
+                self.data = data
+            except (OSError, ValueError) as e:
+                aside = self.path.with_name(self.path.name + ".unreadable")
+                self.path.replace(aside)
+                print(f"metavae: notice: {self.path} was unreadable ({e}); moved to {aside.name}, starting a new "
+                      "record of this queue's times", file=sys.stderr)
+
+    def add_launch(self, started: float, jobs: int, seconds: float, run_seconds: dict, tasks: list) -> None:
+        """Record one launch and rewrite the sums (atomically)."""
+        from ..io import write_json
+
+        self.data["launches"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                                      "jobs": jobs, "seconds": round(seconds, 1),
+                                      "runs": {k: round(v, 1) for k, v in run_seconds.items()}})
+        per_run = {}
+        for launch in self.data["launches"]:
+            for name, secs in launch["runs"].items():
+                entry = per_run.setdefault(name, {"wall_seconds": 0.0, "launches": 0})
+                entry["wall_seconds"] = round(entry["wall_seconds"] + secs, 1)
+                entry["launches"] += 1
+        for t in tasks:
+            if t.name in per_run:
+                per_run[t.name]["finished"] = finished(t)
+        self.data["runs"] = per_run
+        self.data["wall_seconds"] = round(sum(launch["seconds"] for launch in self.data["launches"]), 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.data, self.path)
+
+
+def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0.5,
+              run_seconds: dict | None = None) -> list:
     """Run the tasks not yet finished, at most ``jobs`` at once, each logging to OUT/reproduce.log.
-    Returns the names of the runs that failed. Interrupted, the running children are stopped (they
+    Returns the names of the runs that failed. ``run_seconds`` (a dict) receives the wall seconds of
+    each run started, stopped ones included. Interrupted, the running children are stopped (they
     resume from their checkpoints next time) and KeyboardInterrupt goes on up."""
     from tqdm.auto import tqdm
 
@@ -177,7 +224,8 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     todo = [t for t in tasks if not finished(t)]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="reproduce", unit="run", disable=not progress)
-    running, failed = {}, []
+    running, failed, started = {}, [], {}
+    run_seconds = {} if run_seconds is None else run_seconds
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -185,6 +233,7 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
                 t.out.mkdir(parents=True, exist_ok=True)
                 log = open(t.out / "reproduce.log", "ab")
                 running[t.name] = (t, subprocess.Popen(t.argv, stdout=log, stderr=subprocess.STDOUT, env=_env()), log)
+                started[t.name] = time.time()
                 bar.set_postfix_str(", ".join(running))
             time.sleep(poll)
             for name, (t, proc, log) in list(running.items()):
@@ -192,15 +241,17 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
                     continue
                 log.close()
                 del running[name]
+                run_seconds[name] = time.time() - started[name]
                 if proc.returncode != 0 or not finished(t):
                     failed.append(name)
                     bar.write(f"[reproduce] {name} failed (exit {proc.returncode}); see {t.out / 'reproduce.log'}")
                 bar.update(1)
     finally:
-        for t, proc, log in running.values():
+        for name, (t, proc, log) in running.items():
             proc.terminate()
             proc.wait()
             log.close()
+            run_seconds[name] = time.time() - started[name]
         bar.close()
     return failed
 
@@ -213,10 +264,15 @@ def reproduce(table: str, runs: Path, preset: str | None = None, seeds=(0,), job
     if dry:
         print(dry_run(tasks, jobs, committed_seconds()))
         return 0
-    t0 = time.time()
-    failed = run_queue(tasks, jobs, progress)
+    ledger, t0, run_seconds = Ledger(runs, table), time.time(), {}
+    try:
+        failed = run_queue(tasks, jobs, progress, run_seconds=run_seconds)
+    finally:
+        ledger.add_launch(t0, jobs, time.time() - t0, run_seconds, tasks)
+    n = len(ledger.data["launches"])
     print(f"[metavae] reproduce {table}: {len(tasks) - len(failed)} of {len(tasks)} run(s) finished; "
-          f"this launch took {fmt_seconds(time.time() - t0)}", file=sys.stderr)
+          f"this launch took {fmt_seconds(time.time() - t0)}, the queue {fmt_seconds(ledger.data['wall_seconds'])} "
+          f"over {n} launch{'es' if n > 1 else ''} (each run's time: {ledger.path})", file=sys.stderr)
     family = TABLES[table][0]
     get_report(family)(runs, None)
     print((Path(runs) / f"{family}-report" / "report.md").read_text())
