@@ -33,6 +33,18 @@ def test_dry_run_lists_the_table_queue(tmp_path, capsys):
     assert all(("min" in line or " h " in line or "unknown" in line) for line in lines[:-1])
 
 
+def test_estimates_come_from_the_same_run_else_the_same_model_on_other_axes():
+    tasks = {t.name: t for t in R.plan("mnist-table2", "runs", "long")}
+    rotate, shear = tasks["mnist-rotate contiguous ns seed 0"], tasks["mnist-shear contiguous ns seed 0"]
+    committed = [(rotate.key, dict(rotate.settings), 3600.0, True),
+                 (("mnist-rotate", "contiguous", "ns"), dict(rotate.settings, epochs=99), 1.0, True),  # other settings
+                 (("mnist-scale", "contiguous", "vhe"), dict(rotate.settings), 60.0, False)]
+    assert R.estimate(rotate, committed) == (3600.0, True, False)
+    assert R.estimate(shear, committed) == (3600.0, True, True)  # the NS on rotate stands in for shear
+    assert R.estimate(tasks["mnist-shear contiguous metavae seed 0"], committed) is None
+    assert R.estimate(R.plan("norb-table2", "runs")[3], committed) is None  # another family never stands in
+
+
 def test_table1_is_the_interleaved_metavae_and_bad_input_is_refused(tmp_path, capsys):
     assert [t.name for t in R.plan("norb-table1", tmp_path, seeds=(3,))] == [
         f"norb-{a} interleaved metavae seed 3" for a in ("elevation", "azimuth", "lighting")]

@@ -125,14 +125,19 @@ def committed_seconds(results: Path = RESULTS) -> list:
     return out
 
 
-def estimate(task: Task, committed: list) -> tuple:
-    """(seconds, whether evaluation is included) from the committed runs of the same experiment,
-    split, model and settings (mean over seeds); None where there is none, or only a control whose
-    evaluation time was not recorded."""
-    times = [(s, e) for key, config, s, e in committed if key == task.key and matches(config, task.settings)]
-    if not times or (task.key[2] in CONTROLS and not all(e for _, e in times)):
-        return None
-    return sum(s for s, _ in times) / len(times), all(e for _, e in times)
+def estimate(task: Task, committed: list) -> tuple | None:
+    """(seconds, whether evaluation is included, whether taken from other axes) from the committed runs
+    of the same experiment, split, model and settings (mean over seeds); failing those, from the same
+    family, split, model and settings on its other axes; None where there is neither, or only a
+    control whose evaluation time was not recorded."""
+    family = task.key[0].split("-")[0]
+    for other_axes in (False, True):
+        times = [(s, e) for key, config, s, e in committed
+                 if (key[0].split("-")[0] == family and key[1:] == task.key[1:] if other_axes else key == task.key)
+                 and matches(config, task.settings)]
+        if times and not (task.key[2] in CONTROLS and not all(e for _, e in times)):
+            return sum(s for s, _ in times) / len(times), all(e for _, e in times), other_axes
+    return None
 
 
 def fmt_seconds(s: float) -> str:
@@ -149,15 +154,17 @@ def dry_run(tasks: list, jobs: int, committed: list) -> str:
             text = "unknown"
             unknown += 0 if done else 1
         else:
-            text = fmt_seconds(est[0]) + ("" if est[1] else " (train only)")
+            text = (fmt_seconds(est[0]) + ("" if est[1] else " (train only)")
+                    + (" (other axes)" if est[2] else ""))
             total += 0.0 if done else est[0]
         cmd = " ".join(a for a in t.argv[3:])
-        lines.append(f"{i:3d}. [{'done' if done else 'to do'}] {t.name:44s} {text:>18s}   metavae {cmd}")
+        lines.append(f"{i:3d}. [{'done' if done else 'to do'}] {t.name:44s} {text:>32s}   metavae {cmd}")
     todo = sum(not finished(t) for t in tasks)
     lines.append(f"{todo} of {len(tasks)} run(s) to do; estimated {fmt_seconds(total)} of runs"
                  + (f" plus {unknown} of unknown time" if unknown else "")
                  + f", about {fmt_seconds(total / max(1, min(jobs, todo)))} of wall time with --jobs {jobs}"
-                 + " (estimates: the committed runs in results/, train_seconds + eval_seconds where recorded)")
+                 + " (estimates: the committed runs in results/, train_seconds + eval_seconds where recorded; "
+                   "a run never committed on its axis, the same model on the others)")
     return "\n".join(lines)
 
 
