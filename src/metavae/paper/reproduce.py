@@ -212,7 +212,10 @@ class Ledger:
                 entry["launches"] += 1
         for t in tasks:
             if t.name in per_run:
-                per_run[t.name]["finished"] = finished(t)
+                try:
+                    per_run[t.name]["finished"] = finished(t)
+                except ValueError:  # a metrics.json of other settings: said when the queue starts
+                    per_run[t.name]["finished"] = False
         self.data["runs"] = per_run
         self.data["wall_seconds"] = round(sum(launch["seconds"] for launch in self.data["launches"]), 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
