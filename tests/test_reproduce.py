@@ -45,6 +45,18 @@ def test_estimates_come_from_the_same_run_else_the_same_model_on_other_axes():
     assert R.estimate(R.plan("norb-table2", "runs")[3], committed) is None  # another family never stands in
 
 
+def test_a_setting_a_run_predates_is_taken_at_its_default():
+    """A run made before `amp` existed trained in fp32 (amp's default): it is a finished fp32 run and
+    an estimate for fp32 runs, never for a bf16 queue."""
+    fp32 = R.plan("mnist-table1", "runs", "long")[0]
+    bf16 = R.plan("mnist-table1", "runs", "long", overrides={"amp": "bf16"})[0]
+    old = {k: v for k, v in fp32.settings.items() if k != "amp"}
+    assert fp32.defaults["amp"] is None and bf16.settings["amp"] == "bf16"
+    assert R.matches(old, fp32.settings, fp32.defaults) and not R.matches(old, bf16.settings, bf16.defaults)
+    committed = [(fp32.key, old, 600.0, True)]
+    assert R.estimate(fp32, committed) == (600.0, True, False) and R.estimate(bf16, committed) is None
+
+
 def test_table1_is_the_interleaved_metavae_and_bad_input_is_refused(tmp_path, capsys):
     assert [t.name for t in R.plan("norb-table1", tmp_path, seeds=(3,))] == [
         f"norb-{a} interleaved metavae seed 3" for a in ("elevation", "azimuth", "lighting")]

@@ -45,6 +45,7 @@ class Task:
     argv: list
     settings: dict = field(default_factory=dict)
     key: tuple = ()  # (experiment, split, model): what estimates are looked up by
+    defaults: dict = field(default_factory=dict)  # the settings' defaults: what a run made before a setting existed used
 
 
 def plan(table: str, runs: Path, preset: str | None = None, seeds=(0,), overrides: dict | None = None,
@@ -59,6 +60,7 @@ def plan(table: str, runs: Path, preset: str | None = None, seeds=(0,), override
         for name in experiments:
             exp = get_experiment(name)
             cfg = resolve_preset(exp.presets, preset, overrides)
+            defaults = _plain(training_settings(type(cfg)()))
             for model in models + (controls if i == 0 else ()):
                 control = model in CONTROLS
                 out = Path(runs) / name / split / model / ("" if control else f"seed-{seed}")
@@ -68,7 +70,7 @@ def plan(table: str, runs: Path, preset: str | None = None, seeds=(0,), override
                 argv += [a for k, v in (overrides or {}).items() for a in ("--set", f"{k}={v}")]
                 label = f"{name} {split} {model}" + ("" if control else f" seed {seed}")
                 settings = _plain(dict(training_settings(cfg), epochs=cfg.epochs))
-                tasks.append(Task(label, out, argv, settings, (name, split, model)))
+                tasks.append(Task(label, out, argv, settings, (name, split, model), defaults))
     return tasks
 
 
@@ -77,9 +79,13 @@ def _plain(settings: dict) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def matches(config: dict, settings: dict) -> bool:
-    """Whether a metrics.json ``config`` was trained under ``settings`` (keys it predates are ignored)."""
-    return all(config[k] == v for k, v in settings.items() if k in config)
+def matches(config: dict, settings: dict, defaults: dict | None = None) -> bool:
+    """Whether a metrics.json ``config`` was trained under ``settings``. A setting the config
+    predates is taken at its default (``defaults``; the setting did not exist, so the run had the
+    behaviour its default keeps), and ignored where no default is known."""
+    defaults = defaults or {}
+    return all((config[k] if k in config else defaults[k]) == v for k, v in settings.items()
+               if k in config or k in defaults)
 
 
 def finished(task: Task) -> bool:
@@ -94,7 +100,7 @@ def finished(task: Task) -> bool:
         return False
     if not isinstance(m, dict) or not isinstance(m.get("mean_unseen_accuracy"), dict):
         return False
-    if not matches(requested_config(m), task.settings):
+    if not matches(requested_config(m), task.settings, task.defaults):
         raise ValueError(f"{path} holds a run of other settings than this queue's; choose another --runs")
     return True
 
@@ -111,8 +117,8 @@ def committed_seconds(results: Path = RESULTS) -> list:
             m = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(m, dict) or "axis" not in m or m.get("label", m.get("model")) != m.get("model"):
-            continue  # not an invariance run, or a variant ("metavae (amp bf16)") of its model
+        if not isinstance(m, dict) or "axis" not in m:
+            continue  # not an invariance run (a variant, "metavae (amp bf16)", is told apart by its config)
         family = DATA_FAMILY.get(m.get("data"))
         if family is None:  # another data set (e.g. "idx:FOLDER"): its times say nothing of this queue
             continue
@@ -134,7 +140,7 @@ def estimate(task: Task, committed: list) -> tuple | None:
     for other_axes in (False, True):
         times = [(s, e) for key, config, s, e in committed
                  if (key[0].split("-")[0] == family and key[1:] == task.key[1:] if other_axes else key == task.key)
-                 and matches(config, task.settings)]
+                 and matches(config, task.settings, task.defaults)]
         if times and not (task.key[2] in CONTROLS and not all(e for _, e in times)):
             return sum(s for s, _ in times) / len(times), all(e for _, e in times), other_axes
     return None
