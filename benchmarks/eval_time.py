@@ -106,7 +106,8 @@ def train_estimate(run: Path, validation_seconds: float, steps: int) -> dict:
 
     m = json.loads((run / "metrics.json").read_text())
     cfg = m["config"]
-    K, (B, N, pool) = len(m["seen"]), (cfg["batch_size"], cfg["context_size"], cfg.get("context_pool"))
+    B = m.get("trained_with", {}).get("batch_size", cfg["batch_size"])  # a run on K seen values: the scaled batch
+    K, (N, pool) = len(m["seen"]), (cfg["context_size"], cfg.get("context_pool"))
     torch.manual_seed(0)
     model = make_model(m["model"], "mlp", (28, 28), n_distributions=K, z_dim=cfg["z_dim"])
     stepper = Stepper(model, make_data(K, (28, 28), 400, torch.device("cpu")), B, N, torch.device("cpu"),
