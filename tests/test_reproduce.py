@@ -164,6 +164,32 @@ def test_every_launch_adds_its_wall_time_and_each_runs_to_the_ledger(tmp_path, m
     assert len(json.loads(ledger.read_text())["launches"]) == 1
 
 
+def test_a_launch_stopped_by_sigterm_keeps_its_time_and_the_running_runs(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler, a session's end) stops the queue like Ctrl-C: the running child is
+    stopped and resumes next time, and the launch is in the ledger; progress reaches the ledger
+    while runs are still going."""
+    import os
+    import threading
+
+    runs = tmp_path / "runs"
+    tasks = [_fake(runs, "slow", seconds=60)]
+    monkeypatch.setattr(R, "plan", lambda *a, **k: tasks)
+    seen = []
+    queue = R.run_queue
+    monkeypatch.setattr(R, "run_queue", lambda *a, **k: queue(*a, **dict(k, every=0.2, poll=0.05)))
+    update = R.Ledger.update
+    monkeypatch.setattr(R.Ledger, "update", lambda self, *a: (seen.append(dict(a[1])), update(self, *a))[1])
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        R.reproduce("mnist-table2", runs, progress=False)
+    timer.join()
+    assert any(s.get("slow", 0) > 0 for s in seen[:-1])  # written while the run was still going
+    data = json.loads((runs / "reproduce-mnist-table2.json").read_text())
+    assert data["runs"]["slow"]["wall_seconds"] >= 1.0 and data["runs"]["slow"]["finished"] is False
+    assert data["launches"][0]["seconds"] >= 1.4 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_reproduce_runs_a_tiny_table_then_reports(tmp_path, shared_mnist, capsys, monkeypatch):
     """One real run of the queue (the others' absence is the report's "missing runs"), for speed."""
     monkeypatch.setenv("METAVAE_DATA", str(tmp_path / "cache"))

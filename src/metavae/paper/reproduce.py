@@ -203,13 +203,16 @@ class Ledger:
                 print(f"metavae: notice: {self.path} was unreadable ({e}); moved to {aside.name}, starting a new "
                       "record of this queue's times", file=sys.stderr)
 
-    def add_launch(self, started: float, jobs: int, seconds: float, run_seconds: dict, tasks: list) -> None:
-        """Record one launch and rewrite the sums (atomically)."""
-        from ..io import write_json
-
+    def begin(self, started: float, jobs: int) -> None:
+        """Record a new launch (written at once, so that a launch killed before its end still counts)."""
         self.data["launches"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                                      "jobs": jobs, "seconds": round(seconds, 1),
-                                      "runs": {k: round(v, 1) for k, v in run_seconds.items()}})
+                                      "jobs": jobs, "seconds": 0.0, "runs": {}})
+        self._write()
+
+    def update(self, seconds: float, run_seconds: dict, tasks: list) -> None:
+        """The current launch's seconds so far and each run's, and the sums over all launches."""
+        launch = self.data["launches"][-1]
+        launch["seconds"], launch["runs"] = round(seconds, 1), {k: round(v, 1) for k, v in run_seconds.items()}
         per_run = {}
         for launch in self.data["launches"]:
             for name, secs in launch["runs"].items():
@@ -224,16 +227,22 @@ class Ledger:
                     per_run[t.name]["finished"] = False
         self.data["runs"] = per_run
         self.data["wall_seconds"] = round(sum(launch["seconds"] for launch in self.data["launches"]), 1)
+        self._write()
+
+    def _write(self) -> None:
+        from ..io import write_json
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.data, self.path)
 
 
 def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0.5,
-              run_seconds: dict | None = None) -> list:
+              run_seconds: dict | None = None, on_progress=None, every: float = 60.0) -> list:
     """Run the tasks not yet finished, at most ``jobs`` at once, each logging to OUT/reproduce.log.
     Returns the names of the runs that failed. ``run_seconds`` (a dict) receives the wall seconds of
-    each run started, stopped ones included. Interrupted, the running children are stopped (they
-    resume from their checkpoints next time) and KeyboardInterrupt goes on up."""
+    each run started, stopped ones included; ``on_progress(seconds)`` is called with those seconds so
+    far (running runs' included) when a run ends and every ``every`` seconds. Interrupted, the running
+    children are stopped (they resume from their checkpoints next time) and KeyboardInterrupt goes on up."""
     from tqdm.auto import tqdm
 
     if jobs < 1:
@@ -242,6 +251,12 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="reproduce", unit="run", disable=not progress)
     running, failed, started = {}, [], {}
     run_seconds = {} if run_seconds is None else run_seconds
+    last = time.time()
+
+    def report():
+        if on_progress is not None:
+            on_progress(dict(run_seconds, **{name: time.time() - started[name] for name in running}))
+
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -262,6 +277,11 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
                     failed.append(name)
                     bar.write(f"[reproduce] {name} failed (exit {proc.returncode}); see {t.out / 'reproduce.log'}")
                 bar.update(1)
+                report()
+                last = time.time()
+            if time.time() - last >= every:
+                report()
+                last = time.time()
     finally:
         for name, (t, proc, log) in running.items():
             proc.terminate()
@@ -270,6 +290,21 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
             run_seconds[name] = time.time() - started[name]
         bar.close()
     return failed
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a job scheduler, a session's end) stops the queue as Ctrl-C does: the children are
+    stopped and the ledger written. Returns the function that puts the old handler back."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def reproduce(table: str, runs: Path, preset: str | None = None, seeds=(0,), jobs: int = 1,
@@ -281,10 +316,14 @@ def reproduce(table: str, runs: Path, preset: str | None = None, seeds=(0,), job
         print(dry_run(tasks, jobs, committed_seconds()))
         return 0
     ledger, t0, run_seconds = Ledger(runs, table), time.time(), {}
+    ledger.begin(t0, jobs)
+    stop = _stop_on_sigterm()
     try:
-        failed = run_queue(tasks, jobs, progress, run_seconds=run_seconds)
+        failed = run_queue(tasks, jobs, progress, run_seconds=run_seconds,
+                           on_progress=lambda secs: ledger.update(time.time() - t0, secs, tasks))
     finally:
-        ledger.add_launch(t0, jobs, time.time() - t0, run_seconds, tasks)
+        stop()
+        ledger.update(time.time() - t0, run_seconds, tasks)
     n = len(ledger.data["launches"])
     print(f"[metavae] reproduce {table}: {len(tasks) - len(failed)} of {len(tasks)} run(s) finished; "
           f"this launch took {fmt_seconds(time.time() - t0)}, the queue {fmt_seconds(ledger.data['wall_seconds'])} "
