@@ -237,20 +237,19 @@ class Ledger:
 
 
 def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0.5,
-              run_seconds: dict | None = None, on_progress=None, every: float = 60.0) -> list:
+              on_progress=None, every: float = 60.0) -> list:
     """Run the tasks not yet finished, at most ``jobs`` at once, each logging to OUT/reproduce.log.
-    Returns the names of the runs that failed. ``run_seconds`` (a dict) receives the wall seconds of
-    each run started, stopped ones included; ``on_progress(seconds)`` is called with those seconds so
-    far (running runs' included) when a run ends and every ``every`` seconds. Interrupted, the running
-    children are stopped (they resume from their checkpoints next time) and KeyboardInterrupt goes on up."""
+    Returns the names of the runs that failed. ``on_progress({run: wall seconds})`` gets the seconds of
+    every run started so far (running ones' up to now) when a run ends, every ``every`` seconds and
+    last when the queue stops. Interrupted, the running children are stopped (they resume from their
+    checkpoints next time) and KeyboardInterrupt goes on up."""
     from tqdm.auto import tqdm
 
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     todo = [t for t in tasks if not finished(t)]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="reproduce", unit="run", disable=not progress)
-    running, failed, started = {}, [], {}
-    run_seconds = {} if run_seconds is None else run_seconds
+    running, failed, started, run_seconds = {}, [], {}, {}
     last = time.time()
 
     def report():
@@ -288,6 +287,7 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
             proc.wait()
             log.close()
             run_seconds[name] = time.time() - started[name]
+        report()
         bar.close()
     return failed
 
@@ -315,15 +315,13 @@ def reproduce(table: str, runs: Path, preset: str | None = None, seeds=(0,), job
     if dry:
         print(dry_run(tasks, jobs, committed_seconds()))
         return 0
-    ledger, t0, run_seconds = Ledger(runs, table), time.time(), {}
+    ledger, t0 = Ledger(runs, table), time.time()
     ledger.begin(t0, jobs)
     stop = _stop_on_sigterm()
     try:
-        failed = run_queue(tasks, jobs, progress, run_seconds=run_seconds,
-                           on_progress=lambda secs: ledger.update(time.time() - t0, secs, tasks))
+        failed = run_queue(tasks, jobs, progress, on_progress=lambda secs: ledger.update(time.time() - t0, secs, tasks))
     finally:
         stop()
-        ledger.update(time.time() - t0, run_seconds, tasks)
     n = len(ledger.data["launches"])
     print(f"[metavae] reproduce {table}: {len(tasks) - len(failed)} of {len(tasks)} run(s) finished; "
           f"this launch took {fmt_seconds(time.time() - t0)}, the queue {fmt_seconds(ledger.data['wall_seconds'])} "
