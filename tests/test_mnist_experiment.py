@@ -155,6 +155,28 @@ def test_embedding_with_the_pool_features_computed_once_is_the_same(monkeypatch)
     assert not torch.allclose(other, plain, atol=1e-6)  # the contexts matter: the comparison can fail
 
 
+@pytest.mark.parametrize("kind,cached", [("metavae", True), ("metavae", False), ("vhe", True), ("ns", False)])
+def test_embedding_many_chunks_per_pass_is_the_same(monkeypatch, kind, cached):
+    """embed_images encodes up to EMBED_BATCH queries per forward pass, with the contexts still drawn
+    chunk by chunk: the embeddings of one chunk per pass, to float rounding."""
+    from metavae.models import make_model
+    from metavae.models.hierarchical import HierarchicalVAE
+    from metavae.models.metavae import MetaVAE
+    from metavae.paper import invariance
+
+    torch.manual_seed(0)
+    model = make_model(kind, event_shape=(1, 8, 8), n_distributions=3, z_dim=4).eval()
+    if not cached:
+        for cls in (MetaVAE, HierarchicalVAE):
+            monkeypatch.setattr(cls, "pool_features", lambda self, pool, chunk=1024: None)
+    images = torch.randint(0, 256, (257, 1, 8, 8), dtype=torch.uint8)
+    batched = invariance.embed_images(model, images, 5, torch.Generator().manual_seed(3), chunk=20)
+    monkeypatch.setattr(invariance, "EMBED_BATCH", 20)
+    one_by_one = invariance.embed_images(model, images, 5, torch.Generator().manual_seed(3), chunk=20)
+    assert batched.shape == (257, 4)
+    assert torch.allclose(batched, one_by_one, atol=1e-5), float((batched - one_by_one).abs().max())
+
+
 @pytest.mark.parametrize("kind", ["vhe", "vhe-vampprior"])
 def test_hierarchical_embedding_with_pool_features_is_the_same(monkeypatch, kind):
     """The VHEs' q(c | D) from statistic features computed once per image (`pool_features`) gives
