@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -131,14 +132,18 @@ def main() -> None:
                    help="an evaluation-only setting to change, e.g. test_context_sizes=[] (repeatable)")
     p.add_argument("--train-estimate", type=int, default=0, metavar="STEPS",
                    help="also time STEPS training steps now and estimate the training time under the same load")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: what each run of a `metavae reproduce` queue gets)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     sets = parse_overrides(args.set)
     ways = {"probe": ((old_probes, True, True), (standardised_probes, True, True)),
             "embedding": ((standardised_probes, False, False), (standardised_probes, True, False)),
             "validation": ((standardised_probes, True, False), (standardised_probes, True, True)),
             "none": ((standardised_probes, True, True),)}[args.compare]
-    result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(), "settings": sets}
+    result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(), "settings": sets,
+              "loadavg_at_start": list(os.getloadavg())}
     if args.compare != "none":
         result["old"] = evaluate(args.run, args.data_dir, *ways[0], overrides=sets)
     result["new"] = evaluate(args.run, args.data_dir, *ways[-1], overrides=sets)

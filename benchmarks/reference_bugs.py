@@ -11,8 +11,8 @@ together. Every cell uses the same contexts (the run's evaluation generator) and
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +22,9 @@ import torch
 from metavae.models import load
 from metavae.paper import mnist
 from metavae.paper.invariance import PROBES, InvarianceConfig, embed_images, fit_probes_many
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rescore_probe import run_parser  # noqa: E402
 
 CELLS = {"best, mean c": ("best.pt", False), "best, sampled c": ("best.pt", True),
          "worst, mean c": ("worst.pt", False), "worst, sampled c": ("worst.pt", True)}
@@ -67,11 +70,7 @@ def measure(run: Path, data_dir) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path)
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
+    args = run_parser(__doc__).parse_args()
     result = measure(args.run, args.data_dir)
     out = args.out or args.run / "reference_bugs.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,10 @@ from metavae.models import load
 from metavae.probes import sklearn_standardised_probe, standardised_probes
 
 
-def embed_unseen(run: Path, data_dir, whole: bool = False) -> tuple:
+def embed_unseen(run: Path, data_dir, whole: bool = False, checkpoint: str = "best.pt") -> tuple:
     """The run's metrics and {value: (train z, train y, test z, test y)} from its best checkpoint
-    (``whole``: every image of the split, as the long preset probes, instead of the run's own count)."""
+    (or ``checkpoint``, a path under checkpoints/; ``whole``: every image of the split, as the long
+    preset probes, instead of the run's own count)."""
     m = json.loads((run / "metrics.json").read_text())
     cfg = InvarianceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()})
     if whole:
@@ -35,7 +36,7 @@ def embed_unseen(run: Path, data_dir, whole: bool = False) -> tuple:
     (tr_x, tr_y), (te_x, te_y), _ = mnist._load(data_dir, cfg)
     unseen = [float(v) if axis == "scale" else int(v) for v in m["unseen"]]
     train_t, test_t = mnist._transformed(tr_x, axis, unseen), mnist._transformed(te_x, axis, unseen)
-    model = load(run / "checkpoints" / "best.pt")
+    model = load(run / "checkpoints" / checkpoint)
     gen = torch.Generator().manual_seed(m["seed"] + 5)  # probe_unseen's stream
     out = {}
     for v in unseen:
@@ -73,13 +74,19 @@ def rescore(run: Path, data_dir, whole: bool = False, converged: bool = True) ->
                         "sklearn_converged": round(conv_s, 2)}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a script that re-measures one finished run: RUN, --data-dir, --out."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("run", type=Path)
     p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def main() -> None:
+    p = run_parser(__doc__)
     p.add_argument("--whole", action="store_true", help="probe every image of the split (the long preset's size)")
     p.add_argument("--no-converged", action="store_true", help="skip the (slow) converged scikit-learn fits")
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     result = rescore(args.run, args.data_dir, args.whole, not args.no_converged)
     out = args.out or args.run / "rescore_probe.json"

@@ -171,7 +171,9 @@ def _chunks(prepared: list, k: int) -> list:
     chunks = []
     for d, idx in groups.items():
         n = max(max(len(prepared[i]["train_y"]), len(prepared[i]["test_y"])) for i in idx)
-        per_problem = 8 * n * ((d + 1) * (N_SPLITS + 4) + 6 * k)  # features (and transposed) of folds and whole + softmax work
+        # float64 features of the folds, their held-out rows, the whole set and the test set, with room to
+        # spare, plus the softmax work
+        per_problem = 8 * n * ((d + 1) * (N_SPLITS + 4) + 6 * k)
         size = max(1, MEMORY // per_problem)
         chunks += [idx[s:s + size] for s in range(0, len(idx), size)]
     return chunks

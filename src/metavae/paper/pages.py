@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 from ..io import atomic_write_text
+from .common import markdown_table
 
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}", re.S)
 LET = re.compile(r"let\s+([A-Za-z_]\w*)\s*=(.+)", re.S)
@@ -81,7 +82,8 @@ def render(template: str, results: Path, source: str = "template") -> str:
 
     names = {"R": read, "J": lines, "B": lambda path: json.loads((results.parent / "benchmarks" / path).read_text()),
              "T": lambda name: tables[name]().strip(), "PAPER": _paper, "span": span, "sig": sig,
-             "median": statistics.median, "mean": statistics.mean, "stdev": statistics.stdev,
+             "markdown_table": markdown_table, "median": statistics.median, "mean": statistics.mean,
+             "stdev": statistics.stdev,
              **{f.__name__: f for f in (abs, min, max, len, sum, round, sorted, all, any, int, str, zip, enumerate,
                                         range, dict, list, format, isinstance)}}
 
