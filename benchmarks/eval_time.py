@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import metavae
 from metavae.models import MetaVAE
 from metavae.models.hierarchical import HierarchicalVAE
 from metavae.training.trainer import Trainer
@@ -143,7 +144,7 @@ def main() -> None:
             "validation": ((standardised_probes, True, False), (standardised_probes, True, True)),
             "none": ((standardised_probes, True, True),)}[args.compare]
     result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(), "settings": sets,
-              "loadavg_at_start": list(os.getloadavg())}
+              "loadavg_at_start": list(os.getloadavg()), "library": str(Path(metavae.__file__).parent)}
     if args.compare != "none":
         result["old"] = evaluate(args.run, args.data_dir, *ways[0], overrides=sets)
     result["new"] = evaluate(args.run, args.data_dir, *ways[-1], overrides=sets)

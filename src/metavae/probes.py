@@ -12,7 +12,7 @@ kept to check agreement (tests, benchmarks/rescore_probe.py).
 Agreement is with scikit-learn *converged*: the original's fits (max_iter=300, tol=1e-4) stop short
 of their own tolerance on real embeddings (300 of the ~1,100-1,700 steps scikit-learn needs at C=10
 on a quick-preset MNIST run), which moved test accuracies by up to 0.01; this solve stops at that
-tolerance, scikit-learn's gradient test, however many steps it takes (docs/performance.md gives the
+tolerance, scikit-learn's gradient test, however many steps it takes (docs/status.md gives the
 re-scored runs).
 
 The objective is scikit-learn's (>= 1.1, checked against 1.9): for each problem
@@ -252,7 +252,7 @@ class _Multinomial:
         """sklearn's scaled objective mean CE + ||W||^2 / (2 C n), its gradient in V, and the max
         |gradient| in W (the stopping test sklearn applies) for problems ``rows``, one problem at a
         time on views of the stacked features: the line search evaluates ever-changing subsets of
-        problems, which a batched product would first have to copy out (most of its time)."""
+        problems, which a batched product would first have to copy out."""
         out = [self._fg_one(int(b), vb) for b, vb in zip(rows, v)]
         return tuple(torch.stack(t) for t in zip(*out))
 
