@@ -41,6 +41,11 @@ def test_unpooled_and_subset_runs_are_variants_not_seeds_of_the_default_run():
     subset = dataclasses.replace(long, seen=2)
     assert run_label("vhe", subset, label_reference(subset), LABELLED_SETTINGS) == "vhe (seen 2)"
     assert run_label("metavae", InvarianceConfig(), label_reference(InvarianceConfig()), LABELLED_SETTINGS) == "metavae"
+    bf16 = dataclasses.replace(long, amp="bf16")
+    assert run_label("metavae", bf16, label_reference(bf16), LABELLED_SETTINGS) == "metavae (amp bf16)"
+    # the controls train nothing: a training setting does not make them a variant
+    assert [run_label(c, bf16, label_reference(bf16), LABELLED_SETTINGS) for c in ("pixels", "random-projection")] == \
+        ["pixels", "random-projection"]
 
 
 def _run(model, acc, seen=None, seed=0):

@@ -514,7 +514,11 @@ VARIANT_SETTINGS = ("init", "free_bits", "selection", "pooling", "amp")  # setti
 def run_label(model: str, cfg, default_cfg, variants: tuple = VARIANT_SETTINGS) -> str:
     """The model's name in tables, with the ``variants`` settings that differ from ``default_cfg``
     (the experiment's reference preset): 'metavae (init xavier)'. Runs of one label are averaged
-    over seeds, so every setting that changes the trained weights on purpose must be a variant."""
+    over seeds, so every setting that changes the trained weights on purpose must be a variant.
+    A control (`CONTROLS`) trains nothing, so no training setting makes it a variant: the pixels of
+    a queue run with ``--set amp=bf16`` are the same pixels."""
+    if model in CONTROLS:
+        return model
     extras = [f"{k} {getattr(cfg, k, None)}" for k in variants if getattr(cfg, k, None) != getattr(default_cfg, k, None)]
     return model + (f" ({', '.join(extras)})" if extras else "")
 
