@@ -252,7 +252,9 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
     running, failed, started, run_seconds = {}, [], {}, {}
     last = time.time()
 
-    def report():
+    def report():  # running runs count up to now, stopped ones included
+        nonlocal last
+        last = time.time()
         if on_progress is not None:
             on_progress(dict(run_seconds, **{name: time.time() - started[name] for name in running}))
 
@@ -277,16 +279,13 @@ def run_queue(tasks: list, jobs: int = 1, progress: bool = True, poll: float = 0
                     bar.write(f"[reproduce] {name} failed (exit {proc.returncode}); see {t.out / 'reproduce.log'}")
                 bar.update(1)
                 report()
-                last = time.time()
             if time.time() - last >= every:
                 report()
-                last = time.time()
     finally:
         for name, (t, proc, log) in running.items():
             proc.terminate()
             proc.wait()
             log.close()
-            run_seconds[name] = time.time() - started[name]
         report()
         bar.close()
     return failed
