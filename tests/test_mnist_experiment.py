@@ -38,6 +38,34 @@ def test_contiguous_run_writes_metrics_in_the_issue_layout(shared_mnist, tmp_pat
     assert (out / "checkpoints" / "best.pt").exists() and (out / "checkpoints" / "worst.pt").exists()
 
 
+def test_curve_snapshots_are_epoch_ends_whose_validation_training_already_ran(shared_mnist, tmp_path, monkeypatch):
+    from metavae.paper.invariance import snapshot_epochs
+    from metavae.training.trainer import Trainer
+
+    assert snapshot_epochs(10) == [1, 3] and snapshot_epochs(5) == [1, 2] and snapshot_epochs(100) == [6, 25]
+    assert snapshot_epochs(1) == [] and snapshot_epochs(2) == [1]
+    calls = []
+    validate = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda self: calls.append(self.state.step) or validate(self))
+    out = tmp_path / "three-epochs"
+    args = [a if a != "epochs=1" else "epochs=3" for a in TINY]
+    assert main(["run", "mnist-shear", "--data-dir", str(shared_mnist), "--out", str(out)] + args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    per_epoch = m["history"][0]["step"]
+    assert [p["step"] for p in m["learning_curve"]] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
+    by_step = {h["step"]: h["val_loss"] for h in m["history"]}
+    assert all(p["val_loss"] == by_step[p["step"]] for p in m["learning_curve"][1:])
+    # three epochs' validations in training, then one in evaluation (the untrained weights, loaded after training)
+    assert len(calls) == 4 and calls.count(3 * per_epoch) == 2 and calls[-1] == 3 * per_epoch
+    # a run made under the earlier rule (a snapshot inside an epoch) keeps its points when re-scored
+    snaps = out / "checkpoints" / "snapshots"
+    (snaps / f"step-{per_epoch + 1:07d}.pt").write_bytes((snaps / f"step-{per_epoch:07d}.pt").read_bytes())
+    assert main(["run", "mnist-shear", "--data-dir", str(shared_mnist), "--out", str(out)] + args) == 0
+    curve = json.loads((out / "metrics.json").read_text())["learning_curve"]
+    assert [p["step"] for p in curve] == [0, per_epoch, per_epoch + 1, 2 * per_epoch, 3 * per_epoch]
+    assert curve[2]["accuracy"] == curve[1]["accuracy"]  # the same weights, the same probes
+
+
 def test_a_run_on_fewer_seen_values_records_the_config_it_was_asked_for(shared_mnist, tmp_path):
     out = tmp_path / "seen2"
     assert main(["run", "mnist-rotate", "--model", "metavae-nocontext", "--data-dir", str(shared_mnist),

@@ -4,9 +4,10 @@ The standardised probe standardises features on the train embeddings, picks C of
 multinomial logistic regression by 3-fold stratified cross-validation on those train embeddings
 (the smaller C on ties), refits on the whole train set and scores the test set. scikit-learn does
 that with 13 separate L-BFGS fits per problem; evaluating a run needs it for many problems (every
-unseen value at every snapshot), so here every problem, fold and C is solved at once in float64
-torch: every (problem, fold) a member of one zero-padded batch, warm-started along C, each solved
-by L-BFGS in preconditioned variables. `sklearn_standardised_probe` is the scikit-learn original,
+unseen value at every snapshot), so here every problem, fold and C is solved at once in torch:
+every (problem, fold) a member of one zero-padded batch, warm-started along C, each solved by
+L-BFGS in preconditioned variables. The two products with the N examples' features run in float32
+(`PRECISION`, twice as fast); weights, gradients, the objective's sum and the scores stay float64. `sklearn_standardised_probe` is the scikit-learn original,
 kept to check agreement (tests, benchmarks/rescore_probe.py).
 
 Agreement is with scikit-learn *converged*: the original's fits (max_iter=300, tol=1e-4) stop short
@@ -33,6 +34,9 @@ N_SPLITS = 3
 # without its max_iter=300 cap, which stopped it short of this on real embeddings
 TOL = 1e-4
 MAX_ITER = 500
+# the features' products' precision: float32 moved test accuracies by at most 0.0004 from float64 on 16
+# long-preset problems (benchmarks/probe_tol_rotate_long_metavae.json), at half the time
+PRECISION = torch.float32
 MEMORY = 2 ** 29  # bytes of float64 features and logits held at once; problems beyond it go in further chunks
 
 
@@ -130,7 +134,7 @@ def _backtrack(fg, w, f, g, stat, d, gd, t, active, c1: float = 1e-4, tries: int
 
 
 def standardised_probes(problems: Sequence, cs: Sequence = STANDARDISED_CS, tol: float = TOL,
-                        max_iter: int = MAX_ITER) -> list:
+                        max_iter: int = MAX_ITER, precision: torch.dtype = PRECISION) -> list:
     """(chosen C, test accuracy) of the standardised probe for each problem ``(train_x, train_y,
     test_x, test_y)``, all solved together (chunked to bound memory). Same rule as
     `sklearn_standardised_probe`: features standardised on the whole train set, C from ``cs`` (in
@@ -140,7 +144,7 @@ def standardised_probes(problems: Sequence, cs: Sequence = STANDARDISED_CS, tol:
     classes = np.unique(np.concatenate([p["train_y"] for p in prepared]))
     out = [None] * len(prepared)
     for chunk in _chunks(prepared, len(classes)):
-        for i, result in zip(chunk, _solve_chunk([prepared[i] for i in chunk], classes, cs, tol, max_iter)):
+        for i, result in zip(chunk, _solve_chunk([prepared[i] for i in chunk], classes, cs, tol, max_iter, precision)):
             out[i] = result
     return out
 
@@ -207,21 +211,24 @@ class _Multinomial:
     features stay as they are (W = M V is formed per evaluation, a (D+1)^2 K product, instead of
     transforming N x (D+1) features for every C: most of the time at D = 784, the pixels)."""
 
-    def __init__(self, arrays: list, labels: list, C, k: int):
+    def __init__(self, arrays: list, labels: list, C, k: int, precision: torch.dtype = PRECISION):
         n = max(len(a) for a in arrays)
         # features transposed (B, D+1, N): both products of an evaluation run fastest on this layout
-        self.xt = _stack(arrays, n, True).transpose(1, 2).contiguous()
+        xt = _stack(arrays, n, True).transpose(1, 2).contiguous()
         self.y = _stack(labels, n, False)
         real = (torch.arange(n)[None] < torch.tensor([len(a) for a in arrays])[:, None]).to(torch.float64)
         self.n = real.sum(1)
         self.weight = real / self.n[:, None]  # each example's weight in the mean CE (0: padding)
-        self.moment = torch.bmm(self.xt, self.xt.transpose(1, 2)) / self.n[:, None, None]
+        self.moment = torch.bmm(xt, xt.transpose(1, 2)) / self.n[:, None, None]
+        self.xt = xt.to(precision)  # the N-long products' operands
+        self.weight_x = self.weight.to(precision)
         present = torch.zeros(len(arrays), k, dtype=torch.bool)
         for i, lab in enumerate(labels):
             present[i, torch.as_tensor(np.unique(lab))] = True
         first = torch.zeros_like(present).scatter(1, present.to(torch.long).argmax(1, keepdim=True), True)
         self.free = present & ~(first & (present.sum(1, keepdim=True) == 2))
         self.absent = torch.where(present, 0.0, -1e30).to(torch.float64)
+        self.absent_x = self.absent.to(precision)
         self.penalised = torch.ones(self.xt.shape[1], 1, dtype=torch.float64)
         self.penalised[-1] = 0.0  # the intercept
         self.k = k
@@ -259,9 +266,9 @@ class _Multinomial:
     def _fg_one(self, b: int, v: torch.Tensor) -> tuple:
         """`fg` of problem ``b``, classes first ((K, N) logits): the softmax reduces over the
         short class dim with the long example dim contiguous, several times faster than (N, K)."""
-        W = torch.mm(self.M[b], v.view(-1, self.k))  # (D+1, K)
+        W = torch.mm(self.M[b], v.view(-1, self.k))  # (D+1, K), float64
         xt = self.xt[b]
-        z = torch.mm(W.t(), xt).add_(self.absent[b][:, None])  # (K, N)
+        z = torch.mm(W.t().to(xt.dtype), xt).add_(self.absent_x[b][:, None])  # (K, N), features' precision
         m = z.amax(0)
         p = torch.exp(z - m)
         s = p.sum(0)
@@ -270,9 +277,9 @@ class _Multinomial:
         ce = m + s.log_() - z.gather(0, y)[0]
         weight = self.weight[b]
         PW = W * self.penalised
-        f = torch.dot(ce, weight) + 0.5 * self.lam[b] * torch.dot(PW.reshape(-1), W.reshape(-1))
-        p.scatter_add_(0, y, torch.full(y.shape, -1.0, dtype=p.dtype)).mul_(weight)
-        G = (torch.mm(xt, p.t()) + self.lam[b] * PW) * self.free[b]  # gradient in W (D+1, K)
+        f = torch.dot(ce.to(weight.dtype), weight) + 0.5 * self.lam[b] * torch.dot(PW.reshape(-1), W.reshape(-1))
+        p.scatter_add_(0, y, torch.full(y.shape, -1.0, dtype=p.dtype)).mul_(self.weight_x[b])
+        G = (torch.mm(xt, p.t()).to(weight.dtype) + self.lam[b] * PW) * self.free[b]  # gradient in W (D+1, K)
         return f, torch.mm(self.M[b], G).reshape(-1), G.abs().amax()
 
     def accuracy(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, counts: Sequence) -> list:
@@ -288,13 +295,14 @@ class _Multinomial:
         return _stack(arrays, m, True), _stack(labels, m, False)
 
 
-def _solve_chunk(problems: list, classes: np.ndarray, cs: tuple, tol: float, max_iter: int) -> list:
+def _solve_chunk(problems: list, classes: np.ndarray, cs: tuple, tol: float, max_iter: int,
+                 precision: torch.dtype = PRECISION) -> list:
     """Cross-validate C for every problem of the chunk (every fold a problem of the batch,
     warm-started along C), then refit each on its whole train set at its chosen C and score it."""
     V, K, d = len(problems), len(classes), problems[0]["train_x"].shape[1]
     code = [np.searchsorted(classes, p["train_y"]) for p in problems]
     fit = [(p["train_x"][a], c[a], p["train_x"][b], c[b]) for p, c in zip(problems, code) for a, b in p["folds"]]
-    folds = _Multinomial([f[0] for f in fit], [f[1] for f in fit], cs[0], K)
+    folds = _Multinomial([f[0] for f in fit], [f[1] for f in fit], cs[0], K, precision)
     held_x, held_y = folds.stack_eval([f[2] for f in fit], [f[3] for f in fit])
     w, solutions, scores = torch.zeros(len(fit), (d + 1) * K, dtype=torch.float64), [], []
     for c in cs:
@@ -305,7 +313,7 @@ def _solve_chunk(problems: list, classes: np.ndarray, cs: tuple, tol: float, max
         scores.append([np.mean(acc[v * N_SPLITS:(v + 1) * N_SPLITS]) for v in range(V)])
     del folds, held_x, held_y
     best = [int(np.argmax([scores[i][v] for i in range(len(cs))])) for v in range(V)]
-    whole = _Multinomial([p["train_x"] for p in problems], code, [cs[b] for b in best], K)
+    whole = _Multinomial([p["train_x"] for p in problems], code, [cs[b] for b in best], K, precision)
     w0 = torch.stack([solutions[b][v].mean(0) for v, b in enumerate(best)])
     w = whole.to_w(batched_lbfgs(whole.fg, whole.to_v(w0), tol, max_iter))
     test_code = []

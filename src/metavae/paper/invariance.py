@@ -95,8 +95,22 @@ class InvarianceConfig:
 
 # Settings that change only the evaluation: a finished run may be re-scored under other values.
 EVALUATION_ONLY = tuple(f.name for f in dataclasses.fields(ImageEvaluation)) + ("epochs",)
-# Weights kept for learning curves: after these fractions of the run's steps (0: untrained).
-SNAPSHOT_FRACTIONS = (0.0, 1 / 16, 1 / 4, 1.0)
+# Weights kept for learning curves: untrained, at the end of the epochs nearest these fractions of the
+# run, and at its end. At an epoch's end the validation loss is the one training computed (same fixed
+# draws), so a curve point costs its probes only (docs/reproduction.md §13).
+SNAPSHOT_FRACTIONS = (1 / 16, 1 / 4)
+
+
+def snapshot_epochs(epochs: int, fractions: Sequence = SNAPSHOT_FRACTIONS) -> list:
+    """The epochs (1 .. epochs - 1) whose ends are kept for a learning curve: each fraction's
+    nearest epoch, at least the first, moved one later where an earlier fraction took it
+    (10 epochs: 1 and 3; 5: 1 and 2; 100: 6 and 25; 1: none)."""
+    chosen = []
+    for f in fractions:
+        e = max(int(np.floor(f * epochs + 0.5)), 1, chosen[-1] + 1 if chosen else 1)
+        if e < epochs:
+            chosen.append(e)
+    return chosen
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple:
@@ -242,16 +256,15 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
     result["selection"] = cfg.selection
     saved = {k: v.detach().clone() for k, v in selected.items()}
     curve, values = [], curve_values(unseen)
-    total = max(trainer.cfg.snapshot_steps) if trainer.cfg.snapshot_steps else 0
+    # the snapshots the folder holds: a run made under an earlier snapshot rule keeps its own curve
+    kept = trainer.kept_snapshots()
+    total = trainer.state.step
     # a snapshot at an epoch's end has that epoch's val loss already (validation draws from a fixed seed)
     validated = {h["step"]: h["val_loss"] for h in trainer.state.history if h.get("val_loss") is not None}
     # the snapshot holding the selected (best) weights is scored by the headline's probes already
     best_step = next((h["step"] for h in trainer.state.history if h["epoch"] == trainer.state.best_epoch), None)
-    for step in trainer.cfg.snapshot_steps:
-        path = trainer.snapshot_path(step)
-        if path is None or not path.exists():
-            continue
-        model.load_state_dict(load_checkpoint(path)["model"])
+    for step in kept:
+        model.load_state_dict(load_checkpoint(trainer.snapshot_path(step))["model"])
         point = {"step": step, "fraction": step / total if total else 0.0,
                  "val_loss": validated[step] if step in validated else trainer.validate()}
         if step == 0:
@@ -389,16 +402,16 @@ def train_on_seen(model_name: str, arch: str, train_sets: list, val_sets: list, 
     """Build ``model_name`` and train it through the one Trainer on the seen distributions, with
     the seen values' test parts as validation (the reference's protocol). ``model_kwargs`` go to
     `make_model` (e.g. conv ``channels``, ``hidden``, ``c_dim``, ``n_components``). Keeps
-    snapshots at `SNAPSHOT_FRACTIONS` of the run (learning curves) and the reference's pick.
+    snapshots at 0, at the ends of `snapshot_epochs` and at the end (learning curves) and the reference's pick.
     Returns (model with the best weights, history, seconds, trainer)."""
     data = MetaDataset.from_parts(train=train_sets, val=val_sets, names=names)
     seed_everything(seed + INIT_STREAM.get(model_name, 0))
     event = tuple(train_sets[0].shape[1:])
     model = make_model(model_name, arch=arch, event_shape=event, n_distributions=len(train_sets),
                        **model_arguments(model_name, arch, cfg, model_kwargs))
-    steps = cfg.epochs * data.steps_per_epoch(cfg.batch_size)
-    tc = replace(cfg.train, seed=seed, device=device,
-                 snapshot_steps=tuple(sorted({round(f * steps) for f in SNAPSHOT_FRACTIONS})))
+    per_epoch = data.steps_per_epoch(cfg.batch_size)
+    snapshots = [0] + [e * per_epoch for e in snapshot_epochs(cfg.epochs)] + [cfg.epochs * per_epoch]
+    tc = replace(cfg.train, seed=seed, device=device, snapshot_steps=tuple(sorted(set(snapshots))))
     info = dict(run_info or {}, model=model_name, arch=arch, seed=seed, settings=training_settings(cfg))
     t0 = time.time()
     defaults = {f"settings.{k}": v for k, v in training_settings(type(cfg)()).items()}

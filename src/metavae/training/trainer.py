@@ -399,6 +399,14 @@ class Trainer:
     def snapshot_path(self, step: int) -> Path | None:
         return None if self.out is None else self.out / "snapshots" / f"step-{step:07d}.pt"
 
+    def kept_snapshots(self) -> list:
+        """The steps whose snapshots this run's folder holds (those of ``snapshot_steps`` reached, and
+        any a run made under another snapshot rule kept), in order."""
+        if self.out is None or not (self.out / "snapshots").is_dir():
+            return []
+        return sorted(int(p.stem.split("-")[1]) for p in (self.out / "snapshots").glob("step-*.pt")
+                      if p.stem.split("-")[1].isdigit())
+
     def _snapshot(self) -> None:
         """The weights after ``state.step`` steps, when that step is one of ``snapshot_steps``."""
         if self.out is None or self.rank != 0 or self.state.step not in self.cfg.snapshot_steps:
