@@ -53,6 +53,10 @@ def test_curve_snapshots_are_epoch_ends_whose_validation_training_already_ran(sh
     m = json.loads((out / "metrics.json").read_text())
     per_epoch = m["history"][0]["step"]
     assert [p["step"] for p in m["learning_curve"]] == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
+    # both probes at the ends (untrained, selected), the scale-invariant one in between (CURVE_PROBES)
+    assert [sorted(p["mean_accuracy"]) for p in m["learning_curve"]] == [["reference", "standardised"],
+                                                                          ["standardised"], ["standardised"],
+                                                                          ["reference", "standardised"]]
     by_step = {h["step"]: h["val_loss"] for h in m["history"]}
     assert all(p["val_loss"] == by_step[p["step"]] for p in m["learning_curve"][1:])
     # three epochs' validations in training, then one in evaluation (the untrained weights, loaded after training)

@@ -87,3 +87,27 @@ def test_pooling_verdict_is_worded_by_the_numbers(tmp_path, unpooled, word):
     assert data["pooling"]["metavae"]["verdict"] == word and "vhe" not in data["pooling"]
     text = (tmp_path / "regimes.md").read_text()
     assert f"metavae with each query's own contexts {unpooled:.3f}" in text and f"**{word}**" in text
+
+
+def test_a_variant_only_table_does_not_list_the_default_runs_as_missing(tmp_path):
+    from metavae.paper.invariance import gather_tables
+
+    acc = {"mean_unseen_accuracy": {"reference": 0.8, "standardised": 0.9}, "seed": 0}
+    found = {("rotate", "contiguous", "metavae (amp bf16)"): [acc], ("rotate", "contiguous", "vhe"): [acc]}
+    models = ("metavae", "vhe", "ns", "metavae (amp bf16)")
+    _, table2, missing = gather_tables(found, ("rotate",), models, "mnist", tmp_path)
+    contiguous = [m for m in missing if "contiguous" in m]
+    assert contiguous == ["metavae run mnist-rotate --split contiguous --model ns"]  # metavae's bf16 run stands in
+    assert table2["rotate"]["metavae"] is None and table2["rotate"]["metavae (amp bf16)"] is not None
+
+
+def test_equal_time_rows_show_a_probe_only_where_it_was_measured():
+    from metavae.paper.regimes import equal_time_rows
+
+    both = lambda r, s: {"reference": r, "standardised": s}  # noqa: E731
+    curves = {"metavae": [(0.0, both(0.5, 0.6)), (10.0, {"standardised": 0.8}), (30.0, both(0.85, 0.9))],
+              "vhe": [(0.0, both(0.4, 0.5)), (20.0, both(0.6, 0.7)), (40.0, both(0.8, 0.9))]}
+    rows = equal_time_rows(curves)
+    # the MetaVAE's reference probe was not run at 10 s: no value is made up between its ends
+    assert rows[0] == ["10", "-", "0.800", "0.500", "0.600"]
+    assert rows[1] == ["30", "0.850", "0.900", "0.700", "0.800"]

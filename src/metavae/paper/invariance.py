@@ -36,6 +36,10 @@ from ..training import Trainer, TrainConfig, load_checkpoint, seed_everything
 #   the embedding's scale, so it compares models whose latents have different spreads.
 PROBES = ("reference", "standardised")
 PROBE = "one-vs-rest liblinear logistic regression, C=1, tol=1e-4, max_iter=100 (sklearn <= 0.21 defaults)"
+# Probes of a learning curve's points between its ends (the untrained and the selected weights get
+# both): the standardised probe does not depend on the embedding's scale, which drifts as training
+# goes on, and the pinned liblinear fits are the largest part of a MetaVAE's evaluation (docs/reproduction.md §13).
+CURVE_PROBES = ("standardised",)
 STANDARDISED_PROBE = ("features standardised on the train embeddings; multinomial logistic regression, C from "
                       "{0.01, 0.1, 1, 10} by 3-fold cross-validation on the train embeddings")
 
@@ -123,14 +127,15 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     return float(clf.score(train_x, train_y)), float(clf.score(test_x, test_y))
 
 
-def fit_probes_many(problems: Sequence) -> list:
+def fit_probes_many(problems: Sequence, reference: bool = True) -> list:
     """Test accuracy under both probes for each ``(train_x, train_y, test_x, test_y)``:
-    [{"reference": a, "standardised": b, "standardised_C": C}]. The standardised probes of all
-    problems are one batched solve (`metavae.probes`); the reference probe stays liblinear."""
+    [{"reference": a, "standardised": b, "standardised_C": C}] (no "reference" without ``reference``).
+    The standardised probes of all problems are one batched solve (`metavae.probes`); the reference
+    probe stays liblinear."""
     problems = [(np.asarray(a, dtype=np.float64), np.asarray(b), np.asarray(c, dtype=np.float64), np.asarray(d))
                 for a, b, c, d in problems]
     standardised = standardised_probes(problems, STANDARDISED_CS)
-    return [{"reference": fit_probe(*p)[1], "standardised": acc, "standardised_C": c}
+    return [({"reference": fit_probe(*p)[1]} if reference else {}) | {"standardised": acc, "standardised_C": c}
             for p, (c, acc) in zip(problems, standardised)]
 
 
@@ -180,13 +185,14 @@ def embed_images(model, images: torch.Tensor, context_size: int, generator: torc
 
 
 def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, seed: int, device, progress=True,
-                 sample_c: bool = False) -> dict:
+                 sample_c: bool = False, reference: bool = True) -> dict:
     """Both probes per unseen value: embed the value's train part (contexts from its train part) and
     test part (contexts from its test part), fit on train, score on test. Every value is embedded
     first, then all are probed in one batched solve. Per value:
     {"reference", "standardised", "standardised_C", "spread"}; ``spread`` is the mean over
     dimensions of the standard deviation of the test embeddings across images (about 1 for a
-    latent dimension in use under an N(0, I) prior; near 0 when the posterior has collapsed)."""
+    latent dimension in use under an N(0, I) prior; near 0 when the posterior has collapsed).
+    ``reference=False``: the standardised probe only."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator(device=device).manual_seed(seed + 5)
@@ -197,7 +203,7 @@ def probe_unseen(model, data: dict, unseen: Sequence, cfg: InvarianceConfig, see
         zte = embed_images(model, te_x, cfg.context_size, gen, cfg.embed_chunk, device, sample_c)
         embedded[v] = (ztr.numpy(), tr_y.numpy(), zte.numpy(), te_y.numpy())
         spread[v] = float(zte.std(dim=0).mean())
-    probes = fit_probes_many(list(embedded.values()))
+    probes = fit_probes_many(list(embedded.values()), reference)
     return {v: dict(r, spread=spread[v]) for v, r in zip(embedded, probes)}
 
 
@@ -238,7 +244,8 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
     * the selected weights (``cfg.selection``: ``best`` = lowest val loss, embeddings at the mean of
       q(c | D); ``reference`` = the reference's pick, highest val loss, sampled c) on every unseen value;
     * ``untrained``: the step-0 snapshot (same seed, same init) on every unseen value;
-    * ``learning_curve``: validation loss and both probes on `curve_values` at each snapshot;
+    * ``learning_curve``: validation loss and probes on `curve_values` at each snapshot: both
+      probes untrained and at the selected weights, `CURVE_PROBES` at the others;
     * ``reference_selection`` (models with a context latent c, when the headline is ``best``):
       the reference's pick, to show how much the reference's baseline numbers owe to it.
     ``eval_seconds``: the wall time of all of it (beside the run's ``train_seconds``).
@@ -271,12 +278,13 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
             untrained = summarise_probes(probe_unseen(model, data, unseen, cfg, seed, device, progress))
             result["untrained"] = untrained
             scored = {p: {v: untrained["accuracy"][p][str(v)] for v in values} for p in PROBES}
-        else:
-            reuse = cfg.selection == "best" and step == best_step
-            per = selected_probes if reuse else probe_unseen(model, data, values, cfg, seed, device, progress)
-            scored = {p: {v: per[v][p] for v in values} for p in PROBES}
-        point["accuracy"] = {p: {str(v): a for v, a in scored[p].items()} for p in PROBES}
-        point["mean_accuracy"] = {p: float(np.mean(list(scored[p].values()))) for p in PROBES}
+        elif cfg.selection == "best" and step == best_step:
+            scored = {p: {v: selected_probes[v][p] for v in values} for p in PROBES}
+        else:  # between the ends the scale-invariant probe only (`CURVE_PROBES`)
+            per = probe_unseen(model, data, values, cfg, seed, device, progress, reference=False)
+            scored = {p: {v: per[v][p] for v in values} for p in CURVE_PROBES}
+        point["accuracy"] = {p: {str(v): a for v, a in by_value.items()} for p, by_value in scored.items()}
+        point["mean_accuracy"] = {p: float(np.mean(list(by_value.values()))) for p, by_value in scored.items()}
         curve.append(point)
     result["learning_curve"] = curve
     if hierarchical and cfg.selection == "best" and trainer.out is not None and (trainer.out / "worst.pt").exists():
@@ -303,8 +311,10 @@ def learning_curve_figure(path: Path, curves: dict, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for i, (label, curve) in enumerate(curves.items()):
         steps = [max(p["step"], 1) for p in curve]
-        for ax, probe in zip(axes[:2], PROBES):
-            ax.plot(steps, [p["mean_accuracy"][probe] for p in curve], "o-", color=f"C{i % 10}", label=label)
+        for ax, probe in zip(axes[:2], PROBES):  # a probe not measured at a point (`CURVE_PROBES`) skips it
+            xs = [s for s, p in zip(steps, curve) if probe in p["mean_accuracy"]]
+            ax.plot(xs, [p["mean_accuracy"][probe] for p in curve if probe in p["mean_accuracy"]], "o-",
+                    color=f"C{i % 10}", label=label)
         axes[2].plot(steps, [p["val_loss"] for p in curve], "o-", color=f"C{i % 10}", label=label)
     axes[2].set_yscale("log")  # an untrained decoder's loss can be 100x the trained one's
     for ax, name in zip(axes, [f"{PROBES[0]} probe accuracy", f"{PROBES[1]} probe accuracy", "validation loss (nats)"]):
@@ -501,7 +511,9 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
         for model in tuple(models) + CONTROLS:
             runs = found.get((axis, "contiguous", model), [])
             table2[axis][model] = table2_entry(runs)
-            if not runs and model not in CONTROLS and "(" not in model:  # variants ("metavae (init xavier)") are optional
+            # variants ("metavae (amp bf16)") are optional, and a model's variant run stands in for its default
+            variant = any(k[:2] == (axis, "contiguous") and k[2].startswith(model + " (") for k in found)
+            if not runs and not variant and model not in CONTROLS and "(" not in model:
                 missing.append(f"metavae run {experiment}-{axis} --split contiguous --model {model}{flag}")
         runs = [r for r in found.get((axis, "interleaved", "metavae"), []) if r.get("invariance_distance")]
         table1[axis] = ({a: float(np.mean([r["invariance_distance"][a] for r in runs])) for a in runs[0]["invariance_distance"]}

@@ -249,7 +249,8 @@ def _run_sections(m: dict) -> str:
         sections.append(render_report("mnist-run-curve", table=markdown_table(
             ["step", "fraction", "val loss"] + [f"{p} probe" for p in PROBES],
             [[c["step"], f"{c['fraction']:.3f}", f"{c['val_loss']:.2f}"]
-             + [f"{c['mean_accuracy'][p]:.3f}" for p in PROBES] for c in m["learning_curve"]])))
+             + [f"{c['mean_accuracy'][p]:.3f}" if p in c["mean_accuracy"] else "-" for p in PROBES]
+             for c in m["learning_curve"]])))
     if m.get("reference_selection"):
         sections.append(render_report("mnist-run-selection", r=m["reference_selection"]))
     if "invariance_distance" in m:

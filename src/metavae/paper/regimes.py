@@ -130,7 +130,10 @@ def time_curves(found: dict) -> dict:
 
 
 def equal_time_rows(curves: dict) -> list:
-    """At each MetaVAE snapshot's seconds, both models' probes (the VHE's interpolated between its snapshots)."""
+    """At each MetaVAE snapshot's seconds, both models' probes (the VHE's interpolated between its
+    snapshots; "-" past a curve's end, or where a probe was not measured at every snapshot, as the
+    reference probe is not between the ends of newer curves (`invariance.CURVE_PROBES`), unless it
+    was measured at that very point)."""
     if not all(m in curves for m in REGIME_MODELS):
         return []
     rows = []
@@ -139,7 +142,13 @@ def equal_time_rows(curves: dict) -> list:
         for model in REGIME_MODELS:
             ts = [s for s, _ in curves[model]]
             for p in PROBES:
-                row.append(f"{np.interp(t, ts, [a[p] for _, a in curves[model]]):.3f}" if t <= ts[-1] else "-")
+                at = [a[p] for s, a in curves[model] if s == t and p in a]
+                if at:
+                    row.append(f"{at[0]:.3f}")
+                elif t <= ts[-1] and all(p in a for _, a in curves[model]):
+                    row.append(f"{np.interp(t, ts, [a[p] for _, a in curves[model]]):.3f}")
+                else:
+                    row.append("-")
         rows.append(row)
     return rows
 
