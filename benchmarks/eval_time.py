@@ -123,6 +123,15 @@ def train_estimate(run: Path, validation_seconds: float, steps: int) -> dict:
             "validation_seconds_each": round(validation_seconds, 2), "train_seconds": round(seconds, 1)}
 
 
+def library_commit() -> str | None:
+    """The commit of the checkout the measured library was imported from (None outside git)."""
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(Path(metavae.__file__).parent), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
@@ -144,7 +153,8 @@ def main() -> None:
             "validation": ((standardised_probes, True, False), (standardised_probes, True, True)),
             "none": ((standardised_probes, True, True),)}[args.compare]
     result = {"run": str(args.run), "compare": args.compare, "threads": torch.get_num_threads(), "settings": sets,
-              "loadavg_at_start": list(os.getloadavg()), "library": str(Path(metavae.__file__).parent)}
+              "loadavg_at_start": list(os.getloadavg()), "library": str(Path(metavae.__file__).parent),
+              "commit": library_commit()}
     if args.compare != "none":
         result["old"] = evaluate(args.run, args.data_dir, *ways[0], overrides=sets)
     result["new"] = evaluate(args.run, args.data_dir, *ways[-1], overrides=sets)

@@ -264,8 +264,8 @@ def evaluate_run(model, trainer, data: dict, unseen: Sequence, cfg: InvarianceCo
     saved = {k: v.detach().clone() for k, v in selected.items()}
     curve, values = [], curve_values(unseen)
     # the snapshots the folder holds: a run made under an earlier snapshot rule keeps its own curve
-    kept = trainer.kept_snapshots()
     total = trainer.state.step
+    kept = [step for step in trainer.kept_snapshots() if step <= total]
     # a snapshot at an epoch's end has that epoch's val loss already (validation draws from a fixed seed)
     validated = {h["step"]: h["val_loss"] for h in trainer.state.history if h.get("val_loss") is not None}
     # the snapshot holding the selected (best) weights is scored by the headline's probes already
@@ -506,13 +506,16 @@ def gather_tables(found: dict, axes, models, experiment: str, out: Path, flag: s
     from ..io import atomic_write_text
 
     table2, table1, missing = {}, {}, []
+    variant_only = not any("(" not in k[2] and k[2] not in CONTROLS for k in found)
     for axis in axes:
         table2[axis] = {}
         for model in tuple(models) + CONTROLS:
             runs = found.get((axis, "contiguous", model), [])
             table2[axis][model] = table2_entry(runs)
-            # variants ("metavae (amp bf16)") are optional, and a model's variant run stands in for its default
-            variant = any(k[:2] == (axis, "contiguous") and k[2].startswith(model + " (") for k in found)
+            # variants ("metavae (amp bf16)") are optional; in a table made of variants only (a `reproduce
+            # --set amp=bf16` folder) a model's variant run stands in for its default one
+            variant = variant_only and any(k[:2] == (axis, "contiguous") and k[2].startswith(model + " (")
+                                           for k in found)
             if not runs and not variant and model not in CONTROLS and "(" not in model:
                 missing.append(f"metavae run {experiment}-{axis} --split contiguous --model {model}{flag}")
         runs = [r for r in found.get((axis, "interleaved", "metavae"), []) if r.get("invariance_distance")]
