@@ -7,8 +7,9 @@ that with 13 separate L-BFGS fits per problem; evaluating a run needs it for man
 unseen value at every snapshot), so here every problem, fold and C is solved at once in torch:
 every (problem, fold) a member of one zero-padded batch, warm-started along C, each solved by
 L-BFGS in preconditioned variables. The two products with the N examples' features run in float32
-(`PRECISION`, twice as fast); weights, gradients, the objective's sum and the scores stay float64. `sklearn_standardised_probe` is the scikit-learn original,
-kept to check agreement (tests, benchmarks/rescore_probe.py).
+(`PRECISION`, twice as fast); weights, gradients, the objective's sum and the scores stay float64.
+`sklearn_standardised_probe` is the scikit-learn original, kept to check agreement (tests,
+benchmarks/rescore_probe.py).
 
 Agreement is with scikit-learn *converged*: the original's fits (max_iter=300, tol=1e-4) stop short
 of their own tolerance on real embeddings (300 of the ~1,100-1,700 steps scikit-learn needs at C=10
@@ -34,8 +35,8 @@ N_SPLITS = 3
 # without its max_iter=300 cap, which stopped it short of this on real embeddings
 TOL = 1e-4
 MAX_ITER = 500
-# the features' products' precision: float32 moved test accuracies by at most 0.0004 from float64 on 16
-# long-preset problems (benchmarks/probe_tol_rotate_long_metavae.json), at half the time
+# the features' products' precision: on long-preset problems float32 stays as close to a float64 solve at a
+# tenth of the tolerance as float64 itself does (benchmarks/probe_tol_rotate_long_metavae.json), in about half the time
 PRECISION = torch.float32
 MEMORY = 2 ** 29  # bytes of float64 features and logits held at once; problems beyond it go in further chunks
 
