@@ -7,7 +7,7 @@ that with 13 separate L-BFGS fits per problem; evaluating a run needs it for man
 unseen value at every snapshot), so here every problem, fold and C is solved at once in torch:
 every (problem, fold) a member of one zero-padded batch, warm-started along C, each solved by
 L-BFGS in preconditioned variables. The two products with the N examples' features run in float32
-(`PRECISION`, twice as fast); weights, gradients, the objective's sum and the scores stay float64.
+(`PRECISION`, faster); weights, gradients, the objective's sum and the scores stay float64.
 `sklearn_standardised_probe` is the scikit-learn original, kept to check agreement (tests,
 benchmarks/rescore_probe.py).
 

@@ -53,7 +53,7 @@ def gather_members(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def mean_members(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``gather_members(features, index).mean(2)`` for features (K, P, F): each query's mean member
     feature (K, B, F), as one fused gather-and-average (``embedding_bag``) that never materialises
-    the (K, B, N, F) members, ~5x faster at evaluation's sizes (equal to float rounding)."""
+    the (K, B, N, F) members: several times faster at evaluation's sizes, equal to float rounding."""
     K, P, F = features.shape
     B, N = index.shape[1:]
     flat = (index + torch.arange(K, device=index.device).view(K, 1, 1) * P).reshape(K * B, N)

@@ -38,7 +38,8 @@ PROBES = ("reference", "standardised")
 PROBE = "one-vs-rest liblinear logistic regression, C=1, tol=1e-4, max_iter=100 (sklearn <= 0.21 defaults)"
 # Probes of a learning curve's points between its ends (the untrained and the selected weights get
 # both): the standardised probe does not depend on the embedding's scale, which drifts as training
-# goes on, and the pinned liblinear fits are the largest part of a MetaVAE's evaluation (docs/reproduction.md §13).
+# goes on, and the pinned liblinear fits were the largest part of a MetaVAE's evaluation before
+# (docs/performance.md §6).
 CURVE_PROBES = ("standardised",)
 STANDARDISED_PROBE = ("features standardised on the train embeddings; multinomial logistic regression, C from "
                       "{0.01, 0.1, 1, 10} by 3-fold cross-validation on the train embeddings")
