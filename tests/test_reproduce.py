@@ -43,6 +43,10 @@ def test_estimates_come_from_the_same_run_else_the_same_model_on_other_axes():
     assert R.estimate(shear, committed) == (3600.0, True, True)  # the NS on rotate stands in for shear
     assert R.estimate(tasks["mnist-shear contiguous metavae seed 0"], committed) is None
     assert R.estimate(R.plan("norb-table2", "runs")[3], committed) is None  # another family never stands in
+    # beside runs that record their evaluation (the newer code's), older runs that do not are left out
+    older = committed + [(rotate.key, dict(rotate.settings), 9000.0, False)]
+    assert R.estimate(rotate, older) == (3600.0, True, False)
+    assert R.estimate(rotate, [(rotate.key, dict(rotate.settings), 9000.0, False)]) == (9000.0, False, False)
 
 
 def test_a_setting_a_run_predates_is_taken_at_its_default():

@@ -135,12 +135,14 @@ def estimate(task: Task, committed: list) -> tuple | None:
     """(seconds, whether evaluation is included, whether taken from other axes) from the committed runs
     of the same experiment, split, model and settings (mean over seeds); failing those, from the same
     family, split, model and settings on its other axes; None where there is neither, or only a
-    control whose evaluation time was not recorded."""
+    control whose evaluation time was not recorded. Where some of those runs record their evaluation
+    time, only they count: they are the newer code's, whose training and evaluation are both faster."""
     family = task.key[0].split("-")[0]
     for other_axes in (False, True):
         times = [(s, e) for key, config, s, e in committed
                  if (key[0].split("-")[0] == family and key[1:] == task.key[1:] if other_axes else key == task.key)
                  and matches(config, task.settings, task.defaults)]
+        times = [t for t in times if t[1]] or times
         if times and not (task.key[2] in CONTROLS and not all(e for _, e in times)):
             return sum(s for s, _ in times) / len(times), all(e for _, e in times), other_axes
     return None
