@@ -129,7 +129,7 @@ def library_commit() -> str | None:
 
     done = subprocess.run(["git", "-C", str(Path(metavae.__file__).parent), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True)
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def main() -> None:

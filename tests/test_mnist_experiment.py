@@ -117,8 +117,8 @@ def test_probe_separates_separable_embeddings_and_not_noise():
     y = rng.integers(0, 10, 2000)
     good = np.eye(10)[y] * 5 + rng.normal(size=(2000, 10))
     noise = rng.normal(size=(2000, 10))
-    assert fit_probe(good[:1500], y[:1500], good[1500:], y[1500:])[1] > 0.9
-    assert fit_probe(noise[:1500], y[:1500], noise[1500:], y[1500:])[1] < 0.2
+    assert fit_probe(good[:1500], y[:1500], good[1500:], y[1500:]) > 0.9
+    assert fit_probe(noise[:1500], y[:1500], noise[1500:], y[1500:]) < 0.2
 
 
 def test_reference_probe_punishes_small_scale_and_standardised_does_not():

@@ -14,8 +14,8 @@ benchmarks/rescore_probe.py).
 Agreement is with scikit-learn *converged*: the original's fits (max_iter=300, tol=1e-4) stop short
 of their own tolerance on real embeddings (300 of the ~1,100-1,700 steps scikit-learn needs at C=10
 on a quick-preset MNIST run), which moved test accuracies by up to 0.01; this solve stops at that
-tolerance, scikit-learn's gradient test, however many steps it takes (docs/status.md gives the
-re-scored runs).
+tolerance, scikit-learn's gradient test, however many steps it takes (docs/performance.md §6
+gives the re-scored runs).
 
 The objective is scikit-learn's (>= 1.1, checked against 1.9): for each problem
 ``C * sum_i CE_i + 0.5 * ||W||^2`` with an unpenalised intercept, minimised in sklearn's scaling

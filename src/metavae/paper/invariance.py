@@ -118,14 +118,14 @@ def snapshot_epochs(epochs: int, fractions: Sequence = SNAPSHOT_FRACTIONS) -> li
     return chosen
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> tuple:
-    """(train accuracy, test accuracy) of the pinned reference probe."""
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Test accuracy of the pinned reference probe."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
     clf = OneVsRestClassifier(LogisticRegression(solver="liblinear", C=1.0, tol=1e-4, max_iter=100))
     clf.fit(train_x, train_y)
-    return float(clf.score(train_x, train_y)), float(clf.score(test_x, test_y))
+    return float(clf.score(test_x, test_y))
 
 
 def fit_probes_many(problems: Sequence, reference: bool = True) -> list:
@@ -136,7 +136,7 @@ def fit_probes_many(problems: Sequence, reference: bool = True) -> list:
     problems = [(np.asarray(a, dtype=np.float64), np.asarray(b), np.asarray(c, dtype=np.float64), np.asarray(d))
                 for a, b, c, d in problems]
     standardised = standardised_probes(problems, STANDARDISED_CS)
-    return [({"reference": fit_probe(*p)[1]} if reference else {}) | {"standardised": acc, "standardised_C": c}
+    return [({"reference": fit_probe(*p)} if reference else {}) | {"standardised": acc, "standardised_C": c}
             for p, (c, acc) in zip(problems, standardised)]
 
 
@@ -146,7 +146,7 @@ def fit_probes(train_x, train_y, test_x, test_y) -> dict:
 
 
 # Queries a model encodes in one forward pass when it embeds (contexts are still drawn chunk by chunk,
-# so the draws, and the embeddings, are those of one pass per chunk): larger products run ~25% faster.
+# so the draws, and the embeddings, are those of one pass per chunk): larger products run faster.
 EMBED_BATCH = 1000
 
 
@@ -313,9 +313,8 @@ def learning_curve_figure(path: Path, curves: dict, title: str) -> None:
     for i, (label, curve) in enumerate(curves.items()):
         steps = [max(p["step"], 1) for p in curve]
         for ax, probe in zip(axes[:2], PROBES):  # a probe not measured at a point (`CURVE_PROBES`) skips it
-            xs = [s for s, p in zip(steps, curve) if probe in p["mean_accuracy"]]
-            ax.plot(xs, [p["mean_accuracy"][probe] for p in curve if probe in p["mean_accuracy"]], "o-",
-                    color=f"C{i % 10}", label=label)
+            xs, ys = zip(*[(s, p["mean_accuracy"][probe]) for s, p in zip(steps, curve) if probe in p["mean_accuracy"]])
+            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=label)
         axes[2].plot(steps, [p["val_loss"] for p in curve], "o-", color=f"C{i % 10}", label=label)
     axes[2].set_yscale("log")  # an untrained decoder's loss can be 100x the trained one's
     for ax, name in zip(axes, [f"{PROBES[0]} probe accuracy", f"{PROBES[1]} probe accuracy", "validation loss (nats)"]):

@@ -404,8 +404,8 @@ class Trainer:
         any a run made under another snapshot rule kept), in order."""
         if self.out is None or not (self.out / "snapshots").is_dir():
             return []
-        return sorted(int(p.stem.split("-")[1]) for p in (self.out / "snapshots").glob("step-*.pt")
-                      if p.stem.split("-")[1].isdigit())
+        steps = (p.stem.removeprefix("step-") for p in (self.out / "snapshots").glob("step-*.pt"))
+        return sorted(int(step) for step in steps if step.isdigit())
 
     def _snapshot(self) -> None:
         """The weights after ``state.step`` steps, when that step is one of ``snapshot_steps``."""
